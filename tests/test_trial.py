@@ -35,7 +35,7 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
                  "--data", str(data_paths.root), "--output", str(out)])
     assert code == 0
     reports = read_metrics_log(out / "metrics.jsonl")
-    boundaries = [r for r in reports if not r["done"]]
+    boundaries = [r for r in reports if not r["trained"]]
     assert [r["boundary"] for r in boundaries] == ["epoch 1", "epoch 2", "epoch 3"]
     assert all("retain_kl" in r and "forget_neg_ce" in r for r in boundaries)  # the teacher's KL was computed
     results = json.loads((out / "evaluation_results.json").read_text())
@@ -67,7 +67,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive():
         reports = read_metrics_log(out / "metrics.jsonl")
-        if any(r.get("step", 0) >= 6 and not r["done"] for r in reports):  # two checkpoints written
+        if any(r.get("step", 0) >= 6 and not r["trained"] for r in reports):  # two checkpoints written
             workers = _train_workers()
             if workers:
                 killed = workers[-1].pid
@@ -84,5 +84,5 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     assert start >= 6  # it continued from a checkpoint instead of starting over
     assert min(r["step"] for r in resumed) > start
     assert reports[-1]["done"] and reports[-1]["step"] == 18
-    boundaries = [r["step"] for r in reports if not r["done"]]
+    boundaries = [r["step"] for r in reports if not r["trained"]]
     assert boundaries.count(3) == 1  # epoch 1 was never trained twice

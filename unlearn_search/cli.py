@@ -145,6 +145,49 @@ def cmd_trial(args) -> None:
     print(_headline(result.evaluation))
 
 
+def cmd_search(args) -> None:
+    import dataclasses
+
+    from unlearn_search.search import SearchOptions, load_space, run_search
+    from unlearn_search.search.driver import prepare_output
+    from unlearn_search.tracking import MLflowTracker, check_reachable, default_tracking_uri, study_plots
+
+    space = load_space(args.space)
+    options = SearchOptions(model=args.model, data=args.data, output=Path(args.output) if args.output else None,
+                            address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                            time_budget_s=args.time_budget, seed=args.seed, storage=args.storage,
+                            resume=args.resume, dashboard_host=args.dashboard_host,
+                            dashboard_port=args.dashboard_port, num_cpus=args.num_cpus,
+                            final_mmlu_limit=args.final_mmlu_limit, verbose=args.verbose)
+    output = prepare_output(space, options)  # refuses to overwrite an earlier search before anything starts
+    tracking_uri = args.tracking_uri or default_tracking_uri(output)
+    check_reachable(tracking_uri)
+    settings = {**space.settings, "space": space.name, "sampler": space.search.sampler,
+                "pruner": space.search.pruner, "num_samples": options.num_samples or space.search.num_samples,
+                "model": args.model, "seed": args.seed,
+                "objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives)}
+    tracker = MLflowTracker(tracking_uri, args.experiment or f"unlearn-search/{space.name}", output,
+                            f"search-{space.name}", settings)
+
+    def on_start(url):
+        print(f"Ray dashboard: {url}" if url else "Ray dashboard: not available", flush=True)
+        print(f"MLflow tracking: {tracking_uri}", flush=True)
+
+    outcome = run_search(space, dataclasses.replace(options, output=output), [tracker], on_start)
+    names = [o.metric for o in space.objectives] if space.multi_objective else [space.objectives[0].metric]
+    plots = study_plots(outcome.storage, outcome.study_name, output / "plots", names)
+    tracker.log_outcome(outcome, plots)
+    print(outcome.table)
+    print(f"search {space.name}: {len(outcome.rows)} trials in {outcome.seconds:.0f} s -> {output}")
+    if outcome.best is None:
+        print("no trial finished above the MMLU threshold: no best trial")
+        return
+    print(f"best trial {outcome.best['trial_id']}: aggregate {outcome.best['aggregate']:.4f} (search evaluation); "
+          f"exported to {outcome.best_dir}")
+    print("full evaluation of the best trial:")
+    print(_headline(outcome.best_evaluation))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from unlearn_search.data.locate import LUME_URL
 
@@ -186,6 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
     trial.set_defaults(split="train")
     _add_data(trial)
     trial.set_defaults(func=cmd_trial)
+
+    search = commands.add_parser("search", help="search a YAML space with Ray Tune + Optuna; MLflow tracking")
+    search.add_argument("--space", required=True, help="a YAML search space, e.g. search_spaces/sugd.yaml")
+    search.add_argument("--model", default="small", help="a local Hugging Face directory, or tiny / small")
+    search.add_argument("--output", help="search directory (default: outputs/<space name>)")
+    search.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
+    search.add_argument("--num-samples", type=int, help="trials (default: the space's search.num_samples)")
+    search.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's)")
+    search.add_argument("--time-budget", type=float, help="seconds before no new trial starts")
+    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the output)")
+    search.add_argument("--experiment", help="MLflow experiment (default: unlearn-search/<space name>)")
+    search.add_argument("--storage", help="Optuna storage URL (default: SQLite under the output)")
+    search.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    search.add_argument("--resume", action="store_true", help="continue the interrupted search in OUTPUT")
+    search.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
+    search.add_argument("--dashboard-host", default="127.0.0.1")
+    search.add_argument("--dashboard-port", type=int)
+    search.add_argument("--final-mmlu-limit", type=int, default=None,
+                        help="MMLU questions per subject in the best trial's re-evaluation (default: all)")
+    search.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    _add_data(search)
+    search.set_defaults(func=cmd_search)
 
     methods = commands.add_parser("methods", help="list every loss and schedule with its knobs and defaults")
     methods.set_defaults(func=cmd_methods)

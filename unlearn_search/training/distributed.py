@@ -61,6 +61,17 @@ class DeepSpeedBackend:
         return self.engine(input_ids=batch["input_ids"].to(self.device),
                            attention_mask=batch["attention_mask"].to(self.device)).logits
 
+    def all_finite(self, value: float) -> bool:
+        """Whether every rank's loss is finite: all ranks stop at the same step or none does."""
+        import math
+
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if math.isfinite(value) else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
     def backward_step(self, loss: torch.Tensor) -> float:
         self.engine.backward(loss)
         self.engine.step()

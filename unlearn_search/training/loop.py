@@ -143,7 +143,8 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
                             forget_loss_bound=forget_loss_bound)
         output = method.loss(inputs)
         value = float(output.loss.detach())
-        if not math.isfinite(value):
+        agree = getattr(backend, "all_finite", None)
+        if not (agree(value) if agree else math.isfinite(value)):
             raise DivergedError(f"loss is {value} at step {index + 1} ({step.phase}): the run diverged; "
                                 f"lower lr or the forget weight, or set forget_loss_bound")
         # A bounded ascent with no retain term can leave nothing to differentiate this step.

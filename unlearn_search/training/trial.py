@@ -73,7 +73,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     from unlearn_search.training.config import trial_config
     from unlearn_search.training.distributed import (DeepSpeedBackend, deepspeed_config, full_state_dict,
                                                      shard_steps, teacher_config, teacher_reference)
-    from unlearn_search.training.loop import run
+    from unlearn_search.training.loop import DivergedError, run
     from unlearn_search.training.unlearn import prepare
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -107,7 +107,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
             if progress.get("final"):  # the run had finished: nothing left to train
-                ray.train.report({"step": progress["step"], "done": True, "resumed_from": progress["step"]},
+                ray.train.report({"step": progress["step"], "trained": True, "resumed_from": progress["step"]},
                                  checkpoint=checkpoint if rank == 0 else None)
                 return
             engine.load_checkpoint(directory, tag="trial")
@@ -131,7 +131,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
     def on_boundary(report) -> None:
         refresh_eval_model()
         metrics = {**report.losses, "step": report.step, "boundary": report.boundary, "steps_total": len(steps),
-                   "resumed_from": -1 if resumed_from is None else resumed_from, "done": False}
+                   "progress": 100.0 * report.step / max(1, len(steps)),
+                   "resumed_from": -1 if resumed_from is None else resumed_from, "trained": False}
         if rank == 0:
             metrics.update(quick_scores(eval_model, prepared.tokenizer, eval_items, resources.eval_max_new_tokens))
         with tempfile.TemporaryDirectory() as directory:
@@ -141,8 +142,13 @@ def train_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     steps = shard_steps(prepared.steps, rank, world)
-    result = run(prepared.method, steps, prepared.data, DeepSpeedBackend(engine), reference,
-                 config.forget_loss_bound, on_boundary, progress=rank == 0, start_step=start_step)
+    try:
+        result = run(prepared.method, steps, prepared.data, DeepSpeedBackend(engine), reference,
+                     config.forget_loss_bound, on_boundary, progress=rank == 0, start_step=start_step)
+    except DivergedError as error:
+        # Deterministic: a retry would diverge again. End the run cleanly and write no model.
+        ray.train.report({"diverged": str(error), "trained": True})
+        return
     refresh_eval_model()
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
@@ -150,7 +156,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
             final.save_pretrained(Path(directory) / MODEL_DIR)
             prepared.tokenizer.save_pretrained(Path(directory) / MODEL_DIR)
             (Path(directory) / PROGRESS_FILE).write_text(json.dumps({"step": result.steps, "final": True}))
-        ray.train.report({"step": result.steps, "done": True,
+        # "trained", not "done": Tune reads a "done" key as the end of the trial, before its evaluation.
+        ray.train.report({"step": result.steps, "trained": True,
                           "resumed_from": -1 if resumed_from is None else resumed_from},
                          checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
 
@@ -237,6 +244,10 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     if result.error is not None:
         raise result.error
     history = read_metrics_log(log)
+    if history and history[-1].get("diverged"):
+        from unlearn_search.training.loop import DivergedError
+
+        raise DivergedError(history[-1]["diverged"])
     model_path = output / MODEL_DIR
     with result.checkpoint.as_directory() as directory:
         if model_path.exists():

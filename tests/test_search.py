@@ -1,0 +1,162 @@
+"""A real search end to end: run_search.py on the tiny target, a real MLflow server, the Ray dashboard.
+
+Two Tune trials (each a 2-worker Ray Train run with DeepSpeed ZeRO-3), Optuna TPE with SQLite
+storage, ASHA; then everything read back through the MLflow client and the Optuna storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = REPO / "tests" / "spaces" / "tiny_gd.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read(2000).decode(errors="replace")
+    except Exception as error:  # noqa: BLE001 - any failure means "not answering yet"
+        return getattr(error, "code", 0) or 0, str(error)
+
+
+def _tree_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(directory).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while _get(uri + "/health")[0] != 200:
+        if process.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield uri
+    os.killpg(process.pid, 15)
+    process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_target, data_paths, mlflow_server):
+    import mlflow
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    before = _tree_digest(tiny_target)
+    output = tmp_path / "search"
+    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
+               "--data", str(data_paths.root), "--output", str(output), "--tracking-uri", mlflow_server,
+               "--num-cpus", "2", "--final-mmlu-limit", "1", "--verbose", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines: list[str] = []
+    dashboard: dict = {}
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("Ray dashboard: http") and "url" not in dashboard:
+                dashboard["url"] = line.split(": ", 1)[1].strip()
+                # Asked while the search runs: the dashboard answers on 127.0.0.1.
+                dashboard["status"], dashboard["body"] = _get(dashboard["url"])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        process.wait(timeout=1200)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(timeout=30)
+    log = "".join(lines)
+    (tmp_path / "search.log").write_text(log)
+    assert process.returncode == 0, log[-5000:]
+
+    assert dashboard.get("url", "").startswith("http://127.0.0.1:"), log[-3000:]
+    assert dashboard["status"] == 200 and "Ray" in dashboard["body"], dashboard
+
+    # The Optuna study outlives the driver: both trials are in its SQLite storage, the first
+    # one being the published starting configuration.
+    study = optuna.load_study(study_name="tiny_gd", storage=f"sqlite:///{output / 'optuna.db'}")
+    assert len(study.trials) == 2
+    assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    first = min(study.trials, key=lambda t: t.number)
+    assert first.params["lr"] == pytest.approx(5e-4) and first.params["trainable"] == "full"
+
+    rows = json.loads((output / "trials.json").read_text())
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert len(rows) == 2 and completed
+    for row in completed:
+        assert 0.0 <= row["aggregate"] <= 1.0
+        evaluation = json.loads((Path(row["trial_output"]) / "evaluation_results.json").read_text())
+        assert evaluation["aggregate-score"] == pytest.approx(row["aggregate"])
+
+    # The best trial: re-evaluated, exported as a Hugging Face checkpoint with its CSVs and JSON.
+    best = output / "best"
+    assert (best / "model" / "config.json").exists() and (best / "forget_0.csv").exists()
+    best_results = json.loads((best / "evaluation_results.json").read_text())
+    assert "aggregate-score" in best_results
+    assert "best trial" in log and "aggregate" in log
+
+    # MLflow, read back from the server: a parent run with one nested run per trial.
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("unlearn-search/tiny_gd")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("unlearn_search.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    by_trial = {c.data.tags["trial_id"]: c for c in children}
+    for row in rows:
+        run = by_trial[row["trial_id"]]
+        assert float(run.data.params["lr"]) == pytest.approx(row["lr"])
+        assert run.data.params["method"] == "gd" and run.data.params["trainable"] == row["trainable"]
+        assert run.data.tags["status"] == row["status"]
+        history = client.get_metric_history(run.info.run_id, "task_aggregate")
+        assert len(history) >= 2  # at least one boundary report and the final evaluation
+        if row["status"] == "completed":
+            assert run.data.metrics["aggregate"] == pytest.approx(row["aggregate"])
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"evaluation_results.json", "forget_0.csv", "retain_0.csv"} <= artifacts
+    best_row = next(r for r in rows if r["trial_id"] == parent.data.tags["best_trial"])
+    assert parent.data.metrics["best.aggregate"] == pytest.approx(best_row["aggregate"])
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.txt", "plots", "best"} <= parent_artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "optimization_history.png" in plots
+    local = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="best/model/config.json",
+                                                tracking_uri=mlflow_server, dst_path=str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text())["model_type"] == "olmo"
+
+    # The input model directory is never written.
+    assert _tree_digest(tiny_target) == before

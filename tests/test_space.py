@@ -1,0 +1,175 @@
+"""Search spaces: every shipped space validates, and every kind of bad input gets its one clear error."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.search import load_space, parse_space
+from unlearn_search.search.results import (PASSES, best_trial, final_metrics, objective_value, pareto_front,
+                                           summary_table)
+from unlearn_search.search.space import Objective
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
+
+BASE = {
+    "name": "t",
+    "settings": {"method": "gd", "schedule": "joint"},
+    "params": {
+        "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
+        "epochs": {"distribution": "int", "low": 1, "high": 3},
+        "trainable": {"distribution": "categorical", "choices": ["full", "lora"]},
+        "lora_rank": {"distribution": "categorical", "choices": [8, 16], "when": {"trainable": "lora"}},
+    },
+    "starts": [{"lr": 1e-4, "epochs": 2, "trainable": "full"}],
+}
+
+
+def test_every_shipped_space_is_valid_and_covers_the_method_families():
+    names = {p.stem for p in SPACES}
+    assert {"sugd", "agad", "ga_kl", "gd", "npo", "flat", "random_label", "idk"} <= names
+    for path in SPACES:
+        space = load_space(path)
+        assert space.starts, f"{path.name}: a published starting configuration is evaluated first"
+        # Each start is a point the define-by-run space can produce.
+        study = optuna.create_study()
+        study.enqueue_trial(space.starts[0])
+        sampled = space.define_by_run()(study.ask())
+        for key, value in space.starts[0].items():
+            assert sampled[key] == value
+
+
+def test_conditional_parameter_is_sampled_only_when_its_condition_holds():
+    space = parse_space(copy.deepcopy(BASE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {"full": 0, "lora": 0}
+    for _ in range(30):
+        values = space.define_by_run()(study.ask())
+        seen[values["trainable"]] += 1
+        assert ("lora_rank" in values) == (values["trainable"] == "lora")
+        assert values["method"] == "gd" and 1e-5 <= values["lr"] <= 1e-3
+    assert seen["full"] and seen["lora"]
+
+
+def test_several_objectives_default_to_nsga2():
+    raw = copy.deepcopy(BASE)
+    raw["objectives"] = [{"metric": "forget_efficacy"}, {"metric": "retain_utility", "mode": "max"}]
+    space = parse_space(raw)
+    assert space.multi_objective and space.search.sampler == "nsga2"
+
+
+def _broken(edit):
+    raw = copy.deepcopy(BASE)
+    edit(raw)
+    return raw
+
+
+BAD = [
+    (lambda r: r.update(sampler="tpe"), "sampler: unknown key"),
+    (lambda r: r["params"]["lr"].update(low=0), "params.lr.low: expected a value > 0 for a log range"),
+    (lambda r: r["params"]["epochs"].update(low=3, high=1), "params.epochs: expected low < high"),
+    (lambda r: r["params"]["epochs"].update(low=2, high=2), "params.epochs: expected low < high"),
+    (lambda r: r["params"]["epochs"].update(low="one"), "params.epochs.low: expected an integer (got 'one')"),
+    (lambda r: r["params"]["epochs"].update(low=1.5), "params.epochs.low: expected an integer (got 1.5)"),
+    (lambda r: r["params"]["lr"].update(distribution="normal"), "params.lr.distribution: expected one of"),
+    (lambda r: r["params"]["lr"].update(scale=2), "params.lr.scale: unknown key"),
+    (lambda r: r["params"]["trainable"].update(choices=[]), "params.trainable.choices: expected a non-empty list"),
+    (lambda r: r["params"].update(colour={"distribution": "categorical", "choices": ["red"]}),
+     "params.colour: setting 'colour' is not known for method gd"),
+    (lambda r: r["params"]["lora_rank"].update(when={"optimizer": "adam"}), "params.lora_rank.when.optimizer: not a fixed"),
+    (lambda r: r["params"]["trainable"].update(when={"lora_rank": 8}), "the conditions form a cycle"),
+    (lambda r: r["settings"].update(method="unlearn_everything"), "settings: method 'unlearn_everything': expected one of"),
+    (lambda r: r["settings"].pop("method"), "settings.method: missing"),
+    (lambda r: r["settings"].update(lr=1e-4), "params.lr: also fixed in settings"),
+    (lambda r: r.update(starts=[{"lr": 1.0}]), "starts[0].lr: expected a value in [1e-05, 0.001]"),
+    (lambda r: r.update(starts=[{"beta": 1.0}]), "starts[0].beta: not a searched parameter"),
+    (lambda r: r.update(objective={"metric": "accuracy"}), "objective.metric: expected one of aggregate"),
+    (lambda r: r.update(objective={"metric": "aggregate", "mode": "up"}), "objective.mode: expected max or min"),
+    (lambda r: r.update(search={"sampler": "cma"}), "search.sampler: expected one of tpe"),
+    (lambda r: r.update(search={"num_samples": "many"}), "search.num_samples: expected an integer"),
+    (lambda r: r.update(search={"grace_period": 0}), "search.grace_period: expected a percent"),
+    (lambda r: r.update(search={"sampler": "nsga2"}), "search.sampler: nsga2 is for several objectives"),
+    (lambda r: r.update(search={"sampler": "grid"}), "search.sampler: grid cannot search conditional parameters"),
+    (lambda r: (r["params"].pop("lora_rank"), r.update(search={"sampler": "grid"})),
+     "params.lr: the grid sampler needs categorical"),
+    (lambda r: r.update(resources={"gpus": 1}), "resources.gpus: unknown key"),
+    (lambda r: r.update(resources={"offload": "yes"}), "resources.offload: expected true or false"),
+    (lambda r: r.update(evaluation={"split": "test"}), "evaluation.split: expected one of train"),
+]
+
+
+@pytest.mark.parametrize("edit,message", BAD)
+def test_bad_space_gets_one_clear_error_naming_the_key(edit, message):
+    with pytest.raises(UnlearnSearchError) as caught:
+        parse_space(_broken(edit))
+    text = str(caught.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_load_space_reports_the_file_and_yaml_line(tmp_path):
+    with pytest.raises(UnlearnSearchError, match="no such file"):
+        load_space(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nparams: {lr: [\n")
+    with pytest.raises(UnlearnSearchError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_space(bad)
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(UnlearnSearchError, match="not valid YAML"):  # safe-loaded: tags are refused
+        load_space(unsafe)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    assert load_space(good).name == "t"
+
+
+# ---------------------------------------------------------------- results (pure)
+
+EVALUATION = {
+    "forget-set": {"overall-regurgitation-score": 0.2, "overall-knowledge-score": 0.4},
+    "retain-set": {"overall-regurgitation-score": 0.9, "overall-knowledge-score": 0.7},
+    "harmonic-mean-task-aggregate": 0.6, "mia_loss_acc": 0.7, "mia_final_score": 0.6, "mmlu_average": 0.3,
+    "aggregate-score": 0.5, "mmlu_threshold": 0.25, "passes_utility_threshold": True,
+}
+
+
+def test_final_metrics_and_the_mmlu_constraint():
+    metrics = final_metrics(EVALUATION)
+    assert metrics["aggregate"] == 0.5 and metrics["mmlu"] == 0.3 and metrics["mia_score"] == 0.6
+    assert metrics["forget_efficacy"] == pytest.approx(1 - (0.2 + 0.4) / 2)
+    assert metrics["retain_utility"] == pytest.approx((0.9 + 0.7) / 2)
+    assert metrics[PASSES] == 1.0
+    assert objective_value(metrics, Objective("aggregate")) == 0.5
+    failing = final_metrics({**EVALUATION, "passes_utility_threshold": False})
+    assert failing[PASSES] == 0.0
+    assert objective_value(failing, Objective("aggregate")) == 0.0
+
+
+def test_best_trial_never_picks_a_trial_under_the_threshold():
+    rows = [
+        {"trial_id": "a", "status": "completed", "aggregate": 0.9, PASSES: 0.0},
+        {"trial_id": "b", "status": "completed", "aggregate": 0.6, PASSES: 1.0},
+        {"trial_id": "c", "status": "completed", "aggregate": 0.5, PASSES: 1.0},
+        {"trial_id": "d", "status": "pruned", "aggregate": None},
+        {"trial_id": "e", "status": "failed"},
+    ]
+    assert best_trial(rows, [Objective("aggregate")])["trial_id"] == "b"
+    assert best_trial(rows, [Objective("aggregate", "min")])["trial_id"] == "c"
+    assert best_trial(rows[:1], [Objective("aggregate")]) is None
+    table = summary_table(rows, ["lr"], "b")
+    assert "b *" in table and len(table.splitlines()) == 2 + len(rows)
+
+
+def test_pareto_front_by_hand():
+    rows = [{"id": 1, "f": 0.9, "r": 0.1}, {"id": 2, "f": 0.5, "r": 0.5}, {"id": 3, "f": 0.4, "r": 0.4},
+            {"id": 4, "f": 0.1, "r": 0.9}, {"id": 5, "f": 0.5, "r": 0.5}]
+    front = pareto_front(rows, [Objective("f"), Objective("r")])
+    assert sorted(r["id"] for r in front) == [1, 2, 4, 5]  # 3 is dominated by 2; equal points both stay
+    front = pareto_front(rows, [Objective("f", "min"), Objective("r")])
+    assert [r["id"] for r in front] == [4]  # lowest f and highest r: dominates every other point

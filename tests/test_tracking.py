@@ -1,0 +1,102 @@
+"""MLflow tracking of a search: nested runs in a real local store, an unreachable server refused at
+start, and logging calls kept (not dropped) when the server goes away mid-search."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.tracking import MLflowTracker, check_reachable, default_tracking_uri
+from unlearn_search.tracking.mlflow_tracking import PENDING_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def _trial(trial_id: str, tmp_path: Path, **config):
+    return SimpleNamespace(trial_id=trial_id, config=config, last_result={}, error_file=None)
+
+
+def test_nested_runs_params_metrics_and_artifacts_in_a_local_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = default_tracking_uri(tmp_path)
+    tracker = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"})
+    tracker.setup()
+    trial = _trial("t1", tmp_path, lr=1e-4, method="gd")
+    tracker.on_trial_start(0, [], trial)
+    for step, value in enumerate([0.2, 0.5], start=1):
+        tracker.on_trial_result(0, [], trial, {"task_aggregate": value, "training_iteration": step,
+                                               "boundary": "epoch", "done": False})
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "evaluation_results.json").write_text(json.dumps({"aggregate-score": 0.4}))
+    trial.last_result = {"aggregate": 0.4, "trial_output": str(tmp_path / "t1")}
+    tracker.on_trial_complete(0, [], trial)
+    failed = _trial("t2", tmp_path, lr=1e-3, method="gd")
+    failed.error_file = str(tmp_path / "error.txt")
+    Path(failed.error_file).write_text("Traceback ...\nDivergedError: loss is nan at step 3\n")
+    tracker.on_trial_start(0, [], failed)
+    tracker.on_trial_error(0, [], failed)
+    tracker.on_experiment_end([])
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("unlearn-search/unit").experiment_id])}
+    parent, one, two = runs["search-unit"], runs["t1"], runs["t2"]
+    assert one.data.tags["mlflow.parentRunId"] == parent.info.run_id == two.data.tags["mlflow.parentRunId"]
+    assert one.data.params["lr"] == "0.0001" and one.data.tags["status"] == "completed"
+    assert [m.value for m in client.get_metric_history(one.info.run_id, "task_aggregate")] == [0.2, 0.5]
+    assert "done" not in one.data.metrics
+    assert [a.path for a in client.list_artifacts(one.info.run_id)] == ["evaluation_results.json"]
+    assert two.info.status == "FAILED" and two.data.tags["failure_reason"] == "DivergedError: loss is nan at step 3"
+    # A resumed search continues the same parent run.
+    again = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"})
+    assert again.parent_id == parent.info.run_id and again.trial_runs["t1"] == one.info.run_id
+
+
+def test_unreachable_server_is_one_clear_error_before_anything_starts(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(UnlearnSearchError) as caught:
+        check_reachable(uri, timeout=2)
+    assert f"--tracking-uri {uri}: the MLflow server does not answer" in str(caught.value)
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "run_search.py"), "--space",
+                             str(REPO / "tests" / "spaces" / "tiny_gd.yaml"), "--model", "tiny",
+                             "--output", str(tmp_path / "out"), "--tracking-uri", uri],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("unlearn-search: error: --tracking-uri")
+    assert "Ray" not in result.stdout  # refused before Ray started
+
+
+def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    tracker = MLflowTracker(uri, "e", tmp_path, "search", {}, retries=2, retry_wait_s=0.01)
+    trial = _trial("t1", tmp_path, lr=1e-4)
+    import os
+
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
+    try:
+        tracker.setup()
+        tracker.on_trial_start(0, [], trial)
+        tracker.on_trial_result(0, [], trial, {"task_aggregate": 0.3, "training_iteration": 1})
+        assert len(tracker.pending) == 3  # queued in order, nothing dropped
+        tracker.on_experiment_end([])
+    finally:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    kept = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
+    assert [k["what"] for k in kept] == ["parent", "trial_start", "metrics"]
+    assert kept[2]["values"] == {"task_aggregate": 0.3} and "error" in kept[0]

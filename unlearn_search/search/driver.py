@@ -1,0 +1,312 @@
+"""The search driver: a Ray Tune ``Tuner`` over the trial runner, Optuna sampling, ASHA pruning.
+
+Each Tune trial is a thin driver that launches one Ray Train run (``training.trial.run_trial``):
+its workers report quick metrics at every schedule boundary (forwarded to Tune, where the
+pruner compares them), then the trial's full evaluation is reported once as its result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.search.results import (OBJECTIVE, PASSES, best_trial, final_metrics, objective_value,
+                                           summary_table)
+from unlearn_search.search.space import PROGRESS, PRUNING_METRIC, SearchSpace
+
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+BEST_DIR = "best"
+STATE_FILE = "search.json"
+TRIAL_DRIVER_MEMORY = 512 * 2**20
+
+
+@dataclass
+class SearchOptions:
+    """Where and how a search runs; the space file says what is searched."""
+
+    model: str = "small"
+    data: str | None = None
+    output: Path | None = None  # default outputs/<space name>
+    address: str | None = None
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    time_budget_s: float | None = None
+    seed: int = 0
+    storage: str | None = None  # Optuna storage URL; default SQLite under the output
+    resume: bool = False
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int | None = None
+    num_cpus: int | None = None
+    final_mmlu_limit: int | None = None  # the best trial's re-evaluation: all of MMLU by default
+    final_split: str = "all"
+    final_max_new_tokens: int = 256  # the official setting
+    verbose: int = 1
+
+
+@dataclass
+class SearchOutcome:
+    output: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    best_dir: Path | None
+    best_evaluation: dict | None
+    seconds: float
+    dashboard_url: str | None
+    study_name: str
+    storage: str
+    table: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _trial_evaluation(space: SearchSpace, threshold: float | None):
+    from unlearn_search.evaluation import EvalConfig
+
+    ev = space.evaluation
+    return EvalConfig(split=ev.split, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                      mmlu_shots=ev.mmlu_shots, mmlu_limit_per_subject=ev.mmlu_limit, mmlu_threshold=threshold)
+
+
+def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
+    """One Tune trial: a Ray Train run of the sampled settings, then its full evaluation."""
+    import ray.tune
+
+    from unlearn_search.training.trial import Resources, run_trial
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    output = Path(context["output"]) / TRIALS_DIR / trial_id
+    # resume=True: a trial Tune restarts (a restored search) continues its own Ray Train run.
+    result = run_trial(context["model_dir"], context["data_root"], config, output, Resources(**context["resources"]),
+                       context["evaluation"], name="train", storage=output / "ray", resume=True)
+    metrics = final_metrics(result.evaluation)
+    objectives = context["objectives"]
+    if len(objectives) == 1:
+        metrics[OBJECTIVE] = objective_value(metrics, objectives[0])
+    metrics.update({PROGRESS: 100.0, "seconds": result.seconds, "trial_output": str(output)})
+    ray.tune.report(metrics)
+
+
+class _OptunaSearch:
+    """Factory for Ray's ``OptunaSearch`` that ignores intermediate results without the objective.
+
+    Intermediate reports carry the quick metrics the pruner needs; the objective arrives once,
+    with the full evaluation, so Optuna sees exactly one value per trial.
+    """
+
+    @staticmethod
+    def create(space: SearchSpace, storage, study_name: str, seed: int):
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        class _Search(OptunaSearch):
+            def on_trial_result(self, trial_id: str, result: dict) -> None:
+                metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+                if all(m in result for m in metrics):
+                    super().on_trial_result(trial_id, result)
+
+        sampler = {
+            "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+            "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+            "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
+        }[space.search.sampler]()
+        if space.multi_objective:
+            metric, mode = [o.metric for o in space.objectives], [o.mode for o in space.objectives]
+        else:
+            metric, mode = OBJECTIVE, space.objectives[0].mode
+        return _Search(space.define_by_run(), metric=metric, mode=mode, sampler=sampler, study_name=study_name,
+                       storage=storage, seed=seed, points_to_evaluate=[dict(s) for s in space.starts] or None)
+
+
+def _scheduler(space: SearchSpace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    s = space.search
+    if s.pruner == "asha":
+        # Progress is a percent of training, so rungs compare trials at the same fraction of their
+        # schedule whatever their chunk counts; max_t above 100 so that the final report (the
+        # full evaluation, also at 100) is never cut.
+        return ASHAScheduler(time_attr=PROGRESS, metric=PRUNING_METRIC, mode="max", max_t=101,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.pruner == "median":
+        return MedianStoppingRule(time_attr=PROGRESS, metric=PRUNING_METRIC, mode="max",
+                                  grace_period=s.grace_period, min_samples_required=2)
+    return FIFOScheduler()
+
+
+def _state(output: Path) -> dict:
+    path = output / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:
+    """The search's output directory; a finished or interrupted search there is never overwritten."""
+    output = Path(options.output or Path("outputs") / space.name).resolve()
+    state = _state(output)
+    if options.resume:
+        if not (output / TUNE_DIR).exists():
+            raise UnlearnSearchError(f"--resume: no search to resume in {output} (expected {output / TUNE_DIR})")
+        if state.get("space") != space.name:
+            raise UnlearnSearchError(f"--resume: {output} holds search {state.get('space')!r}, not {space.name!r}")
+    elif (output / TUNE_DIR).exists():
+        raise UnlearnSearchError(f"--output {output}: already holds a search (use --resume to continue it, "
+                                 f"or another --output)")
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: Path) -> float:
+    """The original model's MMLU on the search's questions (computed once, kept in the output)."""
+    path = output / "original_mmlu.json"
+    ev = space.evaluation
+    key = {"model": str(model_dir), "shots": ev.mmlu_shots, "limit": ev.mmlu_limit}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["mmlu_average"]
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.evaluation.mmlu import evaluate_mmlu
+    from unlearn_search.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    scores = evaluate_mmlu(model, tokenizer, paths_from_root(data_root).mmlu, ev.mmlu_shots, ev.mmlu_limit,
+                           max(1, ev.batch_size // 4))
+    path.write_text(json.dumps({"key": key, "mmlu_average": scores["average"]}, indent=2))
+    return scores["average"]
+
+
+def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | None = None,
+               on_start=None) -> SearchOutcome:
+    """Run (or resume) a search; returns every trial's row, the best trial and its export.
+
+    ``callbacks`` are Ray Tune callbacks (tracking); ``on_start(dashboard_url)`` is called once
+    the Ray cluster is up.
+    """
+    import optuna
+    import ray.tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    from unlearn_search.data import resolve_data
+    from unlearn_search.models import resolve_model
+    from unlearn_search.training.cluster import init_ray
+    from unlearn_search.training.trial import Resources
+
+    started = time.time()
+    output = prepare_output(space, options)
+    paths = resolve_data(options.data)
+    model_dir = resolve_model(options.model, paths)
+    threshold = space.evaluation.mmlu_threshold
+    if threshold is None:
+        from unlearn_search.evaluation.evaluate import DEFAULT_THRESHOLD_FRACTION
+
+        threshold = DEFAULT_THRESHOLD_FRACTION * original_mmlu(model_dir, paths.root, space, output)
+    study_name = space.name
+    storage_url = options.storage or f"sqlite:///{output / 'optuna.db'}"
+    (output / STATE_FILE).write_text(json.dumps({"space": space.name, "source": str(space.source or ""),
+                                                 "model": str(model_dir), "storage": storage_url,
+                                                 "study": study_name, "mmlu_threshold": threshold}, indent=2))
+    if space.source:
+        shutil.copyfile(space.source, output / "space.yaml")
+
+    # Intermediate reports carry the quick metrics, the final one the full evaluation: they differ.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    context = init_ray(options.address, num_cpus=options.num_cpus, dashboard=True,
+                       dashboard_host=options.dashboard_host, dashboard_port=options.dashboard_port)
+    dashboard_url = getattr(context, "dashboard_url", None)
+    if dashboard_url and not dashboard_url.startswith("http"):
+        dashboard_url = f"http://{dashboard_url}"
+    if on_start:
+        on_start(dashboard_url)
+
+    resources = dataclasses.asdict(space.resources)
+    trial_context = {"model_dir": str(model_dir), "data_root": str(paths.root), "output": str(output),
+                     "resources": dataclasses.asdict(Resources(**resources)),
+                     "evaluation": _trial_evaluation(space, threshold), "objectives": list(space.objectives)}
+    # The trial itself waits on its Ray Train run, whose workers hold the CPUs and GPUs, then
+    # evaluates; it reserves only memory so that it never blocks its own workers' placement.
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(search_trial, context=trial_context),
+                                        {"memory": TRIAL_DRIVER_MEMORY})
+    if options.resume:
+        tuner = Tuner.restore(str(output / TUNE_DIR), trainable=trainable, resume_unfinished=True,
+                              resume_errored=False, restart_errored=False)
+    else:
+        storage = optuna.storages.RDBStorage(storage_url) if "://" in storage_url else storage_url
+        search = _OptunaSearch.create(space, storage, study_name, options.seed)
+        tune_config = TuneConfig(search_alg=search, scheduler=_scheduler(space),
+                                 num_samples=options.num_samples or space.search.num_samples,
+                                 max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,
+                                 time_budget_s=options.time_budget_s or space.search.time_budget_s)
+        run_config = RunConfig(name=TUNE_DIR, storage_path=str(output), callbacks=callbacks or [],
+                               failure_config=FailureConfig(max_failures=0),
+                               checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=options.verbose)
+        tuner = Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    grid = tuner.fit()
+
+    rows = trial_rows(grid, space)
+    best = best_trial(rows, space.objectives)
+    best_dir, best_evaluation = None, None
+    if best is not None:
+        best_dir, best_evaluation = export_best(best, model_dir, paths.root, space, threshold, options, output)
+    table = summary_table(rows, [p.name for p in space.params], best["trial_id"] if best else None)
+    (output / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    (output / "summary.txt").write_text(table + "\n")
+    return SearchOutcome(output, rows, best, best_dir, best_evaluation, time.time() - started, dashboard_url,
+                         study_name, storage_url, table)
+
+
+def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
+    """One flat row per trial: id, status (completed, pruned, failed), parameters, final metrics."""
+    rows = []
+    searched = [p.name for p in space.params]
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        config = dict(result.config or {})
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        if result.error is not None:
+            status = "failed"
+        elif "aggregate" in metrics:
+            status = "completed"
+        else:
+            status = "pruned"
+        row = {"trial_id": trial_id, "status": status, "path": result.path}
+        row.update({name: config.get(name) for name in searched})
+        row["settings"] = config
+        for key in ("aggregate", "task_aggregate", "mia_score", "mia_auc", "mmlu", "forget_efficacy",
+                    "retain_utility", "forget_regurgitation", "forget_knowledge", "retain_regurgitation",
+                    "retain_knowledge", PASSES, OBJECTIVE, "trial_output", PROGRESS):
+            if key in metrics:
+                row[key] = metrics[key]
+        row["seconds"] = metrics.get("time_total_s")
+        if result.error is not None:
+            row["error"] = str(result.error).strip().splitlines()[-1][:500] if str(result.error).strip() else repr(result.error)
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial_id"])
+    return rows
+
+
+def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, threshold: float,
+                options: SearchOptions, output: Path) -> tuple[Path, dict]:
+    """Re-evaluate the best trial with the full evaluation and export it as a checkpoint."""
+    from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.training.trial import MODEL_DIR, evaluate_checkpoint
+
+    best_dir = output / BEST_DIR
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    best_dir.mkdir(parents=True)
+    source = Path(best["trial_output"]) / MODEL_DIR
+    shutil.copytree(source, best_dir / MODEL_DIR)
+    ev = space.evaluation
+    config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,
+                        mmlu_shots=ev.mmlu_shots, mmlu_limit_per_subject=options.final_mmlu_limit,
+                        mmlu_threshold=threshold, progress=options.verbose > 0)
+    evaluation = evaluate_checkpoint(best_dir / MODEL_DIR, model_dir, data_root, config, best_dir)
+    (best_dir / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))
+    return best_dir, evaluation

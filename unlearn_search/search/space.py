@@ -1,0 +1,429 @@
+"""Search spaces: the YAML schema, its strict validation, and the Optuna define-by-run space.
+
+A space file names the fixed trial settings, the searched parameters with their
+distributions (optionally conditional on other settings), the published configurations
+evaluated first, the objective(s), the sampler and pruner, the budget and each trial's
+resources. Every setting keeps the name ``unlearn-search methods`` gives it, which is also
+its MLflow param name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unlearn_search.errors import UnlearnSearchError
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+PRUNERS = ("asha", "median", "none")
+EVAL_SPLITS = ("train", "validation", "all")
+# What a finished trial reports (see ``search.results.final_metrics``); any can be an objective.
+OBJECTIVE_METRICS = ("aggregate", "task_aggregate", "mia_score", "mmlu", "forget_efficacy", "retain_utility",
+                     "forget_regurgitation", "forget_knowledge", "retain_regurgitation", "retain_knowledge")
+# Reported at every schedule boundary on a fixed item subset; what the pruner compares.
+PRUNING_METRIC = "task_aggregate"
+PROGRESS = "progress"  # percent of the trial's training steps done: comparable across schedules
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    distribution: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    when: dict[str, tuple] = field(default_factory=dict)
+
+    def suggest(self, trial) -> Any:
+        if self.distribution == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.distribution == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step,
+                                   log=self.distribution == "loguniform")
+
+    def grid(self) -> list:
+        if self.distribution == "categorical":
+            return list(self.choices)
+        if self.distribution == "int" and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.distribution == "uniform" and self.step:
+            count = int(round((self.high - self.low) / self.step))
+            return [self.low + i * self.step for i in range(count + 1)]
+        raise UnlearnSearchError(f"params.{self.name}: the grid sampler needs categorical, int or stepped uniform "
+                                 f"parameters (got {self.distribution})")
+
+    def active(self, values: dict[str, Any]) -> bool:
+        return all(values.get(key) in allowed for key, allowed in self.when.items())
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: str = "max"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    sampler: str = "tpe"
+    pruner: str = "asha"
+    grace_period: float = 25.0  # percent of training before a trial can be pruned
+    reduction_factor: float = 2.0
+    num_samples: int = 8
+    max_concurrent: int = 1
+    time_budget_s: float | None = None
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    workers: int = 2
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    zero_stage: int = 3
+    offload: bool = False
+    max_failures: int = 2
+    checkpoints_to_keep: int = 1
+    eval_items: int = 64
+    eval_max_new_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class SearchEvaluation:
+    """The full evaluation every finished trial gets (the best trial is re-evaluated on everything)."""
+
+    split: str = "train"  # the split the trial unlearned: SemEval scored the set that was unlearned
+    max_new_tokens: int = 128
+    batch_size: int = 32
+    mmlu_shots: int = 5
+    mmlu_limit: int | None = 4  # questions per subject during the search; the best trial gets all
+    mmlu_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    settings: dict[str, Any]
+    params: tuple[Param, ...]
+    starts: tuple[dict[str, Any], ...]
+    objectives: tuple[Objective, ...]
+    search: SearchSettings
+    resources: TrialResources
+    evaluation: SearchEvaluation
+    description: str = ""
+    source: Path | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def define_by_run(self):
+        return DefineByRun(self.settings, self.params)
+
+    def grid(self) -> dict[str, list]:
+        if any(p.when for p in self.params):
+            raise UnlearnSearchError("search.sampler: grid cannot search conditional parameters (remove 'when')")
+        return {p.name: p.grid() for p in self.params}
+
+
+class DefineByRun:
+    """Optuna define-by-run space: samples active parameters and returns them with the fixed settings.
+
+    A class rather than a closure so that Tune can pickle it into its experiment checkpoint.
+    """
+
+    def __init__(self, settings: dict[str, Any], params: tuple[Param, ...]):
+        self.settings, self.params = dict(settings), params
+
+    def __call__(self, trial) -> dict[str, Any]:
+        values = dict(self.settings)
+        for param in self.params:
+            if param.active(values):
+                values[param.name] = param.suggest(trial)
+        return values
+
+
+# ---------------------------------------------------------------- validation
+
+TOP_KEYS = {"name", "description", "settings", "params", "starts", "objective", "objectives", "search",
+            "resources", "evaluation"}
+PARAM_KEYS = {"distribution", "low", "high", "step", "log", "choices", "when"}
+
+
+def _fail(path: str, expected: str, got: Any = ...) -> UnlearnSearchError:
+    suffix = "" if got is ... else f" (got {got!r})"
+    return UnlearnSearchError(f"{path}: expected {expected}{suffix}")
+
+
+def _mapping(value: Any, path: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, "a mapping", value)
+    for key in value:
+        if not isinstance(key, str):
+            raise _fail(f"{path}", "string keys", key)
+    return value
+
+
+def _number(value: Any, path: str, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise _fail(path, "an integer" if integer else "a finite number", value)
+    if integer and not float(value).is_integer():
+        raise _fail(path, "an integer", value)
+    return value
+
+
+def _dataclass_from(cls, raw: Any, path: str):
+    """A dataclass from a mapping, each value checked against its field's default type."""
+    import dataclasses
+
+    raw = _mapping(raw, path)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise UnlearnSearchError(f"{path}.{key}: unknown key (expected one of {', '.join(fields)})")
+        default = fields[key].default
+        if value is None and (default is None or key in ("mmlu_limit", "mmlu_threshold", "time_budget_s")):
+            values[key] = None
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise _fail(f"{path}.{key}", "true or false", value)
+            values[key] = value
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise _fail(f"{path}.{key}", "a string", value)
+            values[key] = value
+        else:
+            integer = isinstance(default, int) and fields[key].type in ("int", "int | None")
+            values[key] = _number(value, f"{path}.{key}", integer)
+            if values[key] < 0:
+                raise _fail(f"{path}.{key}", "a value >= 0", value)
+            if integer:
+                values[key] = int(values[key])
+    return cls(**values)
+
+
+def _param(name: str, raw: Any, known: set[str]) -> Param:
+    path = f"params.{name}"
+    raw = _mapping(raw, path)
+    for key in raw:
+        if key not in PARAM_KEYS:
+            raise UnlearnSearchError(f"{path}.{key}: unknown key (expected one of {', '.join(sorted(PARAM_KEYS))})")
+    distribution = raw.get("distribution")
+    if distribution not in DISTRIBUTIONS:
+        raise _fail(f"{path}.distribution", f"one of {', '.join(DISTRIBUTIONS)}", distribution)
+    when = {}
+    for key, allowed in _mapping(raw.get("when"), f"{path}.when").items():
+        if key not in known:
+            raise UnlearnSearchError(f"{path}.when.{key}: not a fixed setting or a searched parameter "
+                                     f"(expected one of {', '.join(sorted(known)) or 'none'})")
+        when[key] = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+    if distribution == "categorical":
+        extra = {"low", "high", "step", "log"} & set(raw)
+        if extra:
+            raise UnlearnSearchError(f"{path}.{sorted(extra)[0]}: not used by a categorical parameter (expected choices)")
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _fail(f"{path}.choices", "a non-empty list", choices)
+        for i, choice in enumerate(choices):
+            if not (choice is None or isinstance(choice, (str, int, float, bool))):
+                raise _fail(f"{path}.choices[{i}]", "a string, number, boolean or null", choice)
+        if len(set(map(repr, choices))) != len(choices):
+            raise _fail(f"{path}.choices", "distinct values", choices)
+        return Param(name, distribution, choices=tuple(choices), when=when)
+    if "choices" in raw:
+        raise UnlearnSearchError(f"{path}.choices: only categorical parameters take choices (expected low and high)")
+    integer = distribution == "int"
+    for key in ("low", "high"):
+        if key not in raw:
+            raise UnlearnSearchError(f"{path}.{key}: missing (a {distribution} parameter needs low and high)")
+    low, high = _number(raw["low"], f"{path}.low", integer), _number(raw["high"], f"{path}.high", integer)
+    if low >= high:
+        raise _fail(f"{path}", f"low < high", f"low={low}, high={high}")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise _fail(f"{path}.log", "true or false", log)
+    if log and distribution != "int":
+        raise UnlearnSearchError(f"{path}.log: only int parameters take log (use distribution: loguniform)")
+    if (distribution == "loguniform" or log) and low <= 0:
+        raise _fail(f"{path}.low", "a value > 0 for a log range", low)
+    step = raw.get("step")
+    if step is not None:
+        step = _number(step, f"{path}.step", integer)
+        if step <= 0 or step > high - low:
+            raise _fail(f"{path}.step", f"a value in (0, {high - low}]", step)
+        if distribution == "loguniform" or log:
+            raise UnlearnSearchError(f"{path}.step: a log range takes no step")
+    return Param(name, distribution, float(low) if not integer else int(low), float(high) if not integer else int(high),
+                 step, log, when=when)
+
+
+def _objectives(raw: dict) -> tuple[Objective, ...]:
+    if "objective" in raw and "objectives" in raw:
+        raise UnlearnSearchError("objectives: give either objective (one) or objectives (several), not both")
+    items = raw.get("objectives") if "objectives" in raw else [raw.get("objective", {"metric": "aggregate"})]
+    path = "objectives" if "objectives" in raw else "objective"
+    if not isinstance(items, list) or not items:
+        raise _fail(path, "a non-empty list of {metric, mode}", items)
+    result = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]" if path == "objectives" else path
+        if isinstance(item, str):
+            item = {"metric": item}
+        item = _mapping(item, where)
+        for key in item:
+            if key not in ("metric", "mode"):
+                raise UnlearnSearchError(f"{where}.{key}: unknown key (expected metric, mode)")
+        metric, mode = item.get("metric"), item.get("mode", "max")
+        if metric not in OBJECTIVE_METRICS:
+            raise _fail(f"{where}.metric", f"one of {', '.join(OBJECTIVE_METRICS)}", metric)
+        if mode not in ("max", "min"):
+            raise _fail(f"{where}.mode", "max or min", mode)
+        result.append(Objective(metric, mode))
+    if len({o.metric for o in result}) != len(result):
+        raise UnlearnSearchError(f"{path}: each metric at most once")
+    return tuple(result)
+
+
+def _check_settings(settings: dict[str, Any], path: str) -> None:
+    from unlearn_search.training.config import trial_config
+
+    try:
+        trial_config(settings)
+    except UnlearnSearchError as error:
+        raise UnlearnSearchError(f"{path}: {error}") from None
+
+
+def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
+    """Validate a parsed YAML document into a ``SearchSpace``; any problem is one clear error."""
+    raw = _mapping(raw, "space")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise UnlearnSearchError(f"{key}: unknown key (expected one of {', '.join(sorted(TOP_KEYS))})")
+    name = raw.get("name", source.stem if source else "search")
+    if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise _fail("name", "a name of letters, digits, - and _", name)
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise _fail("description", "a string", description)
+    settings = dict(_mapping(raw.get("settings"), "settings"))
+    if "method" not in settings:
+        raise UnlearnSearchError("settings.method: missing (expected a loss from 'unlearn-search methods')")
+    _check_settings(settings, "settings")
+
+    params_raw = _mapping(raw.get("params"), "params")
+    if not params_raw:
+        raise UnlearnSearchError("params: expected at least one searched parameter")
+    known = set(settings) | set(params_raw)
+    params = []
+    for name_, spec in params_raw.items():
+        if name_ in settings:
+            raise UnlearnSearchError(f"params.{name_}: also fixed in settings (expected one or the other)")
+        param = _param(name_, spec, known)
+        if name_ in param.when:
+            raise UnlearnSearchError(f"params.{name_}.when: a parameter cannot depend on itself")
+        params.append(param)
+    params = _in_dependency_order(params)
+    # Every parameter must be a setting the method and schedule know: check each at a value it can take.
+    for param in params:
+        for choice in (param.choices or (param.low, param.high)):
+            _check_settings({**settings, param.name: choice}, f"params.{param.name}")
+
+    starts = []
+    starts_raw = raw.get("starts") or []
+    if not isinstance(starts_raw, list):
+        raise _fail("starts", "a list of parameter assignments", starts_raw)
+    by_name = {p.name: p for p in params}
+    for i, start in enumerate(starts_raw):
+        start = _mapping(start, f"starts[{i}]")
+        for key, value in start.items():
+            if key not in by_name:
+                raise UnlearnSearchError(f"starts[{i}].{key}: not a searched parameter "
+                                         f"(expected one of {', '.join(by_name)})")
+            _check_start_value(by_name[key], value, f"starts[{i}].{key}")
+        _check_settings({**settings, **start}, f"starts[{i}]")
+        starts.append(dict(start))
+
+    objectives = _objectives(raw)
+    search = _dataclass_from(SearchSettings, raw.get("search"), "search")
+    if search.sampler not in SAMPLERS:
+        raise _fail("search.sampler", f"one of {', '.join(SAMPLERS)}", search.sampler)
+    if search.pruner not in PRUNERS:
+        raise _fail("search.pruner", f"one of {', '.join(PRUNERS)}", search.pruner)
+    if search.num_samples < 1 or search.max_concurrent < 1:
+        raise UnlearnSearchError("search.num_samples, search.max_concurrent: expected values >= 1")
+    if not 0 < search.grace_period <= 100:
+        raise _fail("search.grace_period", "a percent of training in (0, 100]", search.grace_period)
+    if search.reduction_factor <= 1:
+        raise _fail("search.reduction_factor", "a value > 1", search.reduction_factor)
+    if search.time_budget_s is not None and search.time_budget_s <= 0:
+        raise _fail("search.time_budget_s", "a positive number of seconds or null", search.time_budget_s)
+    if len(objectives) > 1 and search.sampler == "tpe" and "sampler" not in (raw.get("search") or {}):
+        search = SearchSettings(**{**search.__dict__, "sampler": "nsga2"})
+    if len(objectives) == 1 and search.sampler == "nsga2":
+        raise UnlearnSearchError("search.sampler: nsga2 is for several objectives (expected tpe, random or grid)")
+    resources = _dataclass_from(TrialResources, raw.get("resources"), "resources")
+    if resources.workers < 1 or resources.cpus_per_worker <= 0:
+        raise UnlearnSearchError("resources.workers, resources.cpus_per_worker: expected values >= 1 and > 0")
+    if resources.zero_stage not in (0, 1, 2, 3):
+        raise _fail("resources.zero_stage", "0, 1, 2 or 3", resources.zero_stage)
+    evaluation = _dataclass_from(SearchEvaluation, raw.get("evaluation"), "evaluation")
+    if evaluation.split not in EVAL_SPLITS:
+        raise _fail("evaluation.split", f"one of {', '.join(EVAL_SPLITS)}", evaluation.split)
+    space = SearchSpace(name, settings, tuple(params), tuple(starts), objectives, search, resources, evaluation,
+                        description, source)
+    if search.sampler == "grid":
+        space.grid()
+    return space
+
+
+def _in_dependency_order(params: list[Param]) -> list[Param]:
+    """Parameters ordered so that each comes after those its ``when`` refers to (YAML order otherwise)."""
+    ordered, placed, pending = [], set(), list(params)
+    names = {p.name for p in params}
+    while pending:
+        ready = [p for p in pending if all(k not in names or k in placed for k in p.when)]
+        if not ready:
+            raise UnlearnSearchError(f"params.{pending[0].name}.when: the conditions form a cycle "
+                                     f"({', '.join(p.name for p in pending)})")
+        ordered.append(ready[0])
+        placed.add(ready[0].name)
+        pending.remove(ready[0])
+    return ordered
+
+
+def _check_start_value(param: Param, value: Any, path: str) -> None:
+    if param.distribution == "categorical":
+        if value not in param.choices:
+            raise _fail(path, f"one of {list(param.choices)}", value)
+        return
+    number = _number(value, path, param.distribution == "int")
+    if not param.low <= number <= param.high:
+        raise _fail(path, f"a value in [{param.low}, {param.high}]", value)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a YAML search space (safe-loaded)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnlearnSearchError(f"--space {path}: no such file (expected a YAML search space, "
+                                 f"e.g. search_spaces/sugd.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UnlearnSearchError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+    try:
+        return parse_space(raw, path)
+    except UnlearnSearchError as error:
+        raise UnlearnSearchError(f"{path}: {error}") from None

@@ -1,0 +1,257 @@
+"""MLflow tracking of a search: one parent run, one nested run per trial, plots on the parent.
+
+Everything is logged from the search driver (a Ray Tune callback), never from workers, so
+an unreachable tracking server never slows or breaks training. A call that fails is queued
+and retried at the next event and at the end; what still cannot be logged is written to
+``mlflow_pending.jsonl`` in the search output and reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from unlearn_search.errors import UnlearnSearchError
+
+PARENT_FILE = "mlflow.json"
+PENDING_FILE = "mlflow_pending.jsonl"
+TRIAL_ARTIFACTS = ("evaluation_results.json", "forget_0.csv", "retain_0.csv", "metrics.jsonl")
+# Bookkeeping keys Tune adds to every result; not worth a metric series each.
+SKIPPED_METRICS = {"timestamp", "time_this_iter_s", "time_since_restore", "iterations_since_restore", "pid",
+                   "done", "trained", "training_iteration", "resumed_from", "steps_total", "step"}
+
+
+def default_tracking_uri(output: Path) -> str:
+    return f"sqlite:///{Path(output).resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """One clear error, before anything starts, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, urllib.error.URLError) as error:
+        reason = getattr(error, "reason", error)
+        raise UnlearnSearchError(f"--tracking-uri {uri}: the MLflow server does not answer ({reason}); "
+                                 f"expected a running server (mlflow server --host 127.0.0.1) or omit the "
+                                 f"option for a local store under the output") from None
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    values = {}
+    for key, value in metrics.items():
+        if key in SKIPPED_METRICS or key.startswith("config/"):
+            continue
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            values[key.replace("/", ".")] = float(value)
+    return values
+
+
+def _param_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+class MLflowTracker(Callback):
+    """Ray Tune callback: a nested MLflow run per trial under the search's parent run.
+
+    It keeps only plain data (URIs, ids, paths) between events so that Tune can pickle it into
+    its experiment checkpoint; a resumed search continues the same parent and trial runs.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, output: Path, parent_name: str,
+                 parent_params: dict[str, Any], retries: int = 3, retry_wait_s: float = 1.0):
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.output = Path(output).resolve()
+        self.parent_name, self.parent_params = parent_name, parent_params
+        self.retries, self.retry_wait_s = retries, retry_wait_s
+        self.pending: list[dict] = []
+        self._client = None
+        state = self._load()
+        self.parent_id: str | None = state.get("parent_id")
+        self.trial_runs: dict[str, str] = state.get("trial_runs", {})
+
+    # ---------------------------------------------------------------- plumbing
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _load(self) -> dict:
+        path = self.output / PARENT_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _save(self) -> None:
+        (self.output / PARENT_FILE).write_text(json.dumps(
+            {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "parent_id": self.parent_id,
+             "trial_runs": self.trial_runs}, indent=2))
+
+    def _call(self, what: str, **kwargs) -> bool:
+        """Run one logging call now, or queue it; earlier queued calls go first."""
+        self.pending.append({"what": what, **kwargs})
+        return self.flush()
+
+    def flush(self, final: bool = False) -> bool:
+        while self.pending:
+            call = self.pending[0]
+            for attempt in range(self.retries if final else 1):
+                try:
+                    self._apply(call)
+                    break
+                except Exception as error:  # any client failure: keep the call, try again later
+                    call["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                    if final and attempt + 1 < self.retries:
+                        time.sleep(self.retry_wait_s)
+            else:
+                if final:
+                    with open(self.output / PENDING_FILE, "a") as handle:
+                        for left in self.pending:
+                            handle.write(json.dumps(left, default=str) + "\n")
+                    count, self.pending = len(self.pending), []
+                    print(f"unlearn-search: MLflow at {self.tracking_uri} did not take {count} logging calls; "
+                          f"they are kept in {self.output / PENDING_FILE}")
+                return False
+            self.pending.pop(0)
+        return True
+
+    def _apply(self, call: dict) -> None:
+        what, client = call["what"], self.client
+        if what == "trial_start":
+            self._trial_run(call["trial_id"], call["params"])
+        elif what == "metrics":
+            run_id = self._trial_run(call["trial_id"], None)
+            from mlflow.entities import Metric
+
+            stamp = int(call["time"] * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, stamp, call["step"]) for k, v in call["values"].items()])
+        elif what == "trial_end":
+            run_id = self._trial_run(call["trial_id"], None)
+            client.set_tag(run_id, "status", call["status"])
+            if call.get("reason"):
+                client.set_tag(run_id, "failure_reason", call["reason"][:5000])
+            directory = Path(call["directory"]) if call.get("directory") else None
+            for name in TRIAL_ARTIFACTS:
+                if directory and (directory / name).exists():
+                    client.log_artifact(run_id, str(directory / name))
+            client.set_terminated(run_id, "FAILED" if call["status"] == "failed" else
+                                  "KILLED" if call["status"] == "pruned" else "FINISHED")
+        elif what == "parent":
+            self._parent()
+        else:  # pragma: no cover
+            raise ValueError(what)
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            location = (self.output / "mlartifacts").as_uri()
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def _parent(self) -> str:
+        if self.parent_id is None:
+            run = self.client.create_run(self._experiment_id(), run_name=self.parent_name,
+                                         tags={"unlearn_search.role": "search"})
+            self.parent_id = run.info.run_id
+            from mlflow.entities import Param
+
+            self.client.log_batch(self.parent_id, params=[Param(k, _param_value(v))
+                                                          for k, v in self.parent_params.items()])
+            self._save()
+        return self.parent_id
+
+    def _trial_run(self, trial_id: str, params: dict | None) -> str:
+        if trial_id not in self.trial_runs:
+            parent = self._parent()
+            run = self.client.create_run(self._experiment_id(), run_name=trial_id,
+                                         tags={"mlflow.parentRunId": parent, "trial_id": trial_id,
+                                               "unlearn_search.role": "trial", "status": "running"})
+            self.trial_runs[trial_id] = run.info.run_id
+            self._save()
+            if params:
+                from mlflow.entities import Param
+
+                self.client.log_batch(run.info.run_id,
+                                      params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
+        return self.trial_runs[trial_id]
+
+    # ---------------------------------------------------------------- Tune events
+
+    def setup(self, **info) -> None:
+        self._call("parent")
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if trial.trial_id not in self.trial_runs:
+            self._call("trial_start", trial_id=trial.trial_id, params=dict(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        values = _numeric(result)
+        if values:
+            self._call("metrics", trial_id=trial.trial_id, values=values,
+                       step=int(result.get("training_iteration", 0)), time=time.time())
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        status = "completed" if "aggregate" in result else "pruned"
+        self._call("trial_end", trial_id=trial.trial_id, status=status, directory=result.get("trial_output"))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        reason = ""
+        error_file = getattr(trial, "error_file", None)
+        if error_file and Path(error_file).exists():
+            lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
+            reason = lines[-1] if lines else ""
+        self._call("trial_end", trial_id=trial.trial_id, status="failed", reason=reason, directory=None)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.flush(final=True)
+
+    # ---------------------------------------------------------------- the search's own results
+
+    def log_outcome(self, outcome, plots: list[Path]) -> None:
+        """Best trial (params, metrics, model, evaluation), summary table and plots on the parent."""
+        self.flush(final=True)
+        parent, client = self._parent(), self.client
+        for row in outcome.rows:
+            run_id = self.trial_runs.get(row["trial_id"])
+            if run_id:
+                client.set_tag(run_id, "status", row["status"])
+        client.log_text(parent, outcome.table + "\n", "summary.txt")
+        client.log_artifact(parent, str(outcome.output / "trials.json"))
+        for plot in plots:
+            client.log_artifact(parent, str(plot), "plots")
+        client.log_metric(parent, "trials_completed", sum(r["status"] == "completed" for r in outcome.rows))
+        client.log_metric(parent, "search_seconds", outcome.seconds)
+        if outcome.best is not None:
+            client.set_tag(parent, "best_trial", outcome.best["trial_id"])
+            for key, value in _numeric({k: v for k, v in outcome.best.items() if k != "seconds"}).items():
+                client.log_metric(parent, f"best.{key}", value)
+            if outcome.best_evaluation is not None:
+                from unlearn_search.search.results import final_metrics
+
+                for key, value in _numeric(final_metrics(outcome.best_evaluation)).items():
+                    client.log_metric(parent, f"best_full.{key}", value)
+            client.log_artifacts(parent, str(outcome.best_dir), "best")
+        client.set_terminated(parent, "FINISHED")

@@ -1,0 +1,58 @@
+"""Plots of a search from its Optuna study (Optuna's own visualization, rendered with matplotlib)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+
+def study_plots(storage: str, study_name: str, directory: Path, objective_names: list[str]) -> list[Path]:
+    """Optimization history, parameter importances, parallel coordinates and, with several
+    objectives, the Pareto front, as PNG files; a plot the study cannot support yet (too few
+    finished trials) is skipped with a note rather than failing the search."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        return []
+    multi = len(study.directions) > 1
+    plots = {}
+    if multi:
+        plots["pareto_front"] = lambda: ovm.plot_pareto_front(study, target_names=objective_names)
+        for i, name in enumerate(objective_names):
+            plots[f"optimization_history_{name}"] = lambda i=i, name=name: ovm.plot_optimization_history(
+                study, target=lambda t: t.values[i], target_name=name)
+            plots[f"param_importances_{name}"] = lambda i=i, name=name: ovm.plot_param_importances(
+                study, target=lambda t: t.values[i], target_name=name)
+            plots[f"parallel_coordinate_{name}"] = lambda i=i, name=name: ovm.plot_parallel_coordinate(
+                study, target=lambda t: t.values[i], target_name=name)
+    else:
+        name = objective_names[0]
+        plots["optimization_history"] = lambda: ovm.plot_optimization_history(study, target_name=name)
+        plots["param_importances"] = lambda: ovm.plot_param_importances(study, target_name=name)
+        plots["parallel_coordinate"] = lambda: ovm.plot_parallel_coordinate(study, target_name=name)
+    written = []
+    for name, make in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = make()
+        except (ValueError, RuntimeError, ZeroDivisionError) as error:
+            (directory / f"{name}.skipped.txt").write_text(f"{name}: not drawn ({error})\n")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure.set_size_inches(9, 5.5)
+        figure.tight_layout()
+        path = directory / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
