@@ -183,3 +183,15 @@ def test_method_forgets_and_keeps_retain(run, tiny_target, data_paths, memorized
     assert after["retain_knowledge"] >= before["retain_knowledge"] - tolerance, after
     if run == "sugd":  # the winning schedule also removes the answers to questions
         assert after["forget_knowledge"] <= before["forget_knowledge"] - 0.5, after
+
+
+def test_docs_methods_table_is_the_registry():
+    from pathlib import Path
+
+    from unlearn_search.cli import methods_markdown
+    from unlearn_search.methods import METHODS, SCHEDULES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert text == methods_markdown(), "docs/methods.md is stale: unlearn-search methods --markdown > docs/methods.md"
+    for name in list(METHODS) + list(SCHEDULES):
+        assert f"| `{name}` |" in text

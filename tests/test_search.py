@@ -160,3 +160,62 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
 
     # The input model directory is never written.
     assert _tree_digest(tiny_target) == before
+
+
+@pytest.mark.slow
+def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_path, tiny_target, data_paths):
+    import signal
+    import sqlite3
+
+    import optuna
+
+    output = tmp_path / "search"
+    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
+               "--data", str(data_paths.root), "--output", str(output), "--num-cpus", "2",
+               "--final-mmlu-limit", "1", "--verbose", "0", "--num-samples", "3"]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    database = output / "optuna.db"
+
+    def completed() -> int:
+        if not database.exists():
+            return 0
+        try:
+            with sqlite3.connect(database) as connection:
+                return connection.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+    deadline = time.time() + 900
+    while completed() < 1:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        time.sleep(2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, at once
+    first.wait(timeout=60)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    done_before = {t.number: t.params for t in optuna.load_study(study_name="tiny_gd", storage=f"sqlite:///{database}").trials
+                   if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(done_before) >= 1
+
+    # A fresh start on the same output is refused: nothing already done can be overwritten.
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 2 and "already holds a search (use --resume" in refused.stderr
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=1500)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    study = optuna.load_study(study_name="tiny_gd", storage=f"sqlite:///{database}")
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 3, [(t.number, t.state) for t in study.trials]
+    for number, params in done_before.items():  # kept, with the same parameters, and not run again
+        assert study.trials[number].state == optuna.trial.TrialState.COMPLETE and study.trials[number].params == params
+    rows = json.loads((output / "trials.json").read_text())
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
+    assert all(r["status"] in ("completed", "pruned") for r in rows)
+    # MLflow (the default local store): still one parent run, one nested run per trial.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("unlearn-search/tiny_gd").experiment_id])
+    assert sum(r.data.tags.get("unlearn_search.role") == "search" for r in runs) == 1
+    assert sorted(r.data.tags["trial_id"] for r in runs if r.data.tags.get("trial_id")) == sorted(r["trial_id"] for r in rows)

@@ -66,6 +66,7 @@ def batches(indices: list[int], size: int) -> list[tuple[int, ...]]:
 class Joint(Schedule):
     name = "joint"
     summary = "each step pairs a forget batch with the next retain batch (retain cycled)"
+    reference_paper = "the usual paired forget/retain loop (TOFU, open-unlearning)"
 
     def plan(self, n_forget, n_retain, batch_size, epochs, seed):
         rng = random.Random(seed)
@@ -99,6 +100,7 @@ class SUGD(Schedule):
 
     name = "sugd"
     summary = "forget chunks in order, each item followed by positive_ratio weighted retain items"
+    reference_paper = "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
     knobs = (Knob("chunk_size", 32, "forget items per chunk"),
              Knob("positive_ratio", 7, "retain items after each forget item"),
              Knob("positive_factor", 0.5, "weight of each retain item (forget items weigh -1)"),
@@ -144,6 +146,7 @@ class AGAD(Schedule):
 
     name = "agad"
     summary = "gradient ascent per forget chunk, alternating with descent on sampled retain items"
+    reference_paper = "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
     knobs = (Knob("chunk_size", 64, "forget items per chunk"),
              Knob("interleaving", 1.0, "annealing phases per forgetting phase (0: none, 0.5: every 2nd)"),
              Knob("annealing", 0.25, "fraction of the retain set sampled for each annealing phase"),

@@ -200,6 +200,11 @@ class MLflowTracker(Callback):
     # ---------------------------------------------------------------- Tune events
 
     def setup(self, **info) -> None:
+        # A restored search unpickles this callback as it was at the last experiment checkpoint;
+        # the file holds every run created since.
+        state = self._load()
+        self.parent_id = state.get("parent_id", self.parent_id)
+        self.trial_runs.update(state.get("trial_runs", {}))
         self._call("parent")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
