@@ -25,6 +25,7 @@ TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 BEST_DIR = "best"
 STATE_FILE = "search.json"
+RESULT_FILE = "result.json"  # a finished trial's final metrics, in its own directory
 TRIAL_DRIVER_MEMORY = 512 * 2**20
 
 
@@ -82,14 +83,24 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
     trial_id = ray.tune.get_context().get_trial_id()
     output = Path(context["output"]) / TRIALS_DIR / trial_id
+    saved = output / RESULT_FILE
+    if saved.exists():
+        # Finished before the driver died, but Tune's experiment checkpoint had not caught up:
+        # report the same result again instead of training the trial a second time.
+        ray.tune.report(json.loads(saved.read_text()))
+        return
     # resume=True: a trial Tune restarts (a restored search) continues its own Ray Train run.
     result = run_trial(context["model_dir"], context["data_root"], config, output, Resources(**context["resources"]),
-                       context["evaluation"], name="train", storage=output / "ray", resume=True)
+                       context["evaluation"], name="train", storage=output / "ray", resume=True,
+                       teacher_cache_dir=Path(context["output"]) / "teacher_cache")
     metrics = final_metrics(result.evaluation)
     objectives = context["objectives"]
     if len(objectives) == 1:
         metrics[OBJECTIVE] = objective_value(metrics, objectives[0])
     metrics.update({PROGRESS: 100.0, "seconds": result.seconds, "trial_output": str(output)})
+    partial = saved.with_suffix(".tmp")
+    partial.write_text(json.dumps(metrics, indent=2))
+    partial.replace(saved)
     ray.tune.report(metrics)
 
 
@@ -108,8 +119,12 @@ class _OptunaSearch:
         class _Search(OptunaSearch):
             def on_trial_result(self, trial_id: str, result: dict) -> None:
                 metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-                if all(m in result for m in metrics):
+                if not all(m in result for m in metrics):
+                    return
+                try:
                     super().on_trial_result(trial_id, result)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # a resumed search re-reporting a trial the study already holds
 
         sampler = {
             "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),

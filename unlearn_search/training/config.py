@@ -29,6 +29,8 @@ class TrialConfig:
     lora_dropout: float = 0.0
     train_split: str = "train"
     refusals: str | None = None
+    teacher: str = "live"  # live: a frozen ZeRO-3 teacher on the workers; cached: its outputs, computed once
+    teacher_top_k: int | None = None  # cached teacher: None picks full log-probs for small vocabularies
     seed: int = 0
     method_params: dict[str, Any] = field(default_factory=dict)
     schedule_params: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +82,10 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     config = TrialConfig(**own, method_params=method_params, schedule_params=schedule_params)
     if config.trainable not in TRAINABLE:
         raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")
+    if config.teacher not in ("live", "cached"):
+        raise UnlearnSearchError(f"teacher {config.teacher!r}: expected live or cached")
+    if config.teacher_top_k is not None and config.teacher_top_k < 1:
+        raise UnlearnSearchError(f"teacher_top_k={config.teacher_top_k}: expected a positive integer or null (auto)")
     if config.lr <= 0 or config.epochs < 1 or config.batch_size < 1:
         raise UnlearnSearchError("lr, epochs and batch_size: expected positive values")
     get_method(method, **method_params)

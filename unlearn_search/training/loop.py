@@ -7,6 +7,7 @@ a DeepSpeed engine on Ray Train workers), so every method runs the same way in b
 from __future__ import annotations
 
 import math
+import time
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
@@ -119,6 +120,7 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
     window: list[dict[str, float]] = []
     bar = tqdm(range(start_step, len(steps)), desc=f"unlearning ({method.name})", disable=not progress)
     for index in bar:
+        step_started = time.perf_counter()
         step = steps[index]
         batches = {"forget": data.batch("forget", step.forget), "retain": data.batch("retain", step.retain),
                    "alternative": data.batch("alternative", step.forget)}
@@ -149,7 +151,8 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
                                 f"lower lr or the forget weight, or set forget_loss_bound")
         # A bounded ascent with no retain term can leave nothing to differentiate this step.
         grad_norm = backend.backward_step(output.loss) if output.loss.requires_grad else 0.0
-        record = {"loss": value, "grad_norm": grad_norm, **output.parts}
+        record = {"loss": value, "grad_norm": grad_norm, **output.parts,
+                  "step_seconds": time.perf_counter() - step_started}
         losses.append(record)
         window.append(record)
         bar.set_postfix(loss=f"{value:.3f}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -93,9 +94,14 @@ def train_worker(cfg: dict[str, Any]) -> None:
         model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
         config=deepspeed_config(resources.zero_stage, resources.offload, config.lr, config.weight_decay,
                                 config.max_grad_norm, micro_batch))
-    reference = None
-    if prepared.method.uses_reference():
+    reference, teacher_parameters = None, 0
+    if prepared.method.uses_reference() and cfg.get("teacher_cache"):
+        from unlearn_search.training.teacher_cache import TeacherCache
+
+        reference = TeacherCache.load(Path(cfg["teacher_cache"]))
+    elif prepared.method.uses_reference():
         teacher = load_model(model_dir)
+        teacher_parameters = sum(p.numel() for p in teacher.parameters())
         teacher.requires_grad_(False)
         teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config())
         teacher_engine.eval()
@@ -132,6 +138,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
         refresh_eval_model()
         metrics = {**report.losses, "step": report.step, "boundary": report.boundary, "steps_total": len(steps),
                    "progress": 100.0 * report.step / max(1, len(steps)),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "teacher_parameters": teacher_parameters,
                    "resumed_from": -1 if resumed_from is None else resumed_from, "trained": False}
         if rank == 0:
             metrics.update(quick_scores(eval_model, prepared.tokenizer, eval_items, resources.eval_max_new_tokens))
@@ -191,7 +199,8 @@ class TrialResult:
 
 def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, Any], output: str | Path,
               resources: Resources = Resources(), evaluation=None, name: str = "trial",
-              storage: str | Path | None = None, resume: bool = False) -> TrialResult:
+              storage: str | Path | None = None, resume: bool = False,
+              teacher_cache_dir: str | Path | None = None) -> TrialResult:
     """Train one trial on Ray Train, copy its model into ``output``, and evaluate it there.
 
     ``evaluation`` is an ``EvalConfig`` (None skips the full evaluation). Ray must be
@@ -205,7 +214,7 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
 
     from unlearn_search.training.config import trial_config
 
-    trial_config(settings)  # refuse bad settings before any worker starts
+    config = trial_config(settings)  # refuse bad settings before any worker starts
     output = Path(output).resolve()
     if output == Path(model_dir).resolve():
         raise UnlearnSearchError(f"output {output}: is the input model directory (expected another directory)")
@@ -225,6 +234,10 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
+    teacher_cache = None
+    if config.teacher == "cached":
+        path = build_teacher_cache(model_dir, data_root, config, Path(teacher_cache_dir or output / "teacher_cache"))
+        teacher_cache = str(path) if path else None
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
@@ -232,7 +245,8 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
-                           "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources)},
+                           "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources),
+                           "teacher_cache": teacher_cache},
         scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -257,6 +271,19 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     if evaluation is not None:
         evaluation_results = evaluate_checkpoint(model_path, model_dir, data_root, evaluation, output)
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started)
+
+
+def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path | None:
+    """The teacher-output cache for this trial's sequences (shared by every trial with the same ones)."""
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.training.teacher_cache import ensure_cache
+    from unlearn_search.training.unlearn import prepare
+
+    prepared = prepare(Path(model_dir), paths_from_root(data_root), config)
+    if not prepared.method.uses_reference():
+        return None
+    return ensure_cache(Path(model_dir), prepared.data, directory,
+                        "auto" if config.teacher_top_k is None else config.teacher_top_k)
 
 
 def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation,

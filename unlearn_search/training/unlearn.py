@@ -82,6 +82,12 @@ def unlearn(model_dir: str | Path, paths: DataPaths, config: TrialConfig, output
         teacher = load_model(model_dir)
         teacher.requires_grad_(False)
         reference = live_reference(teacher)
+        if config.teacher == "cached":
+            from unlearn_search.training.teacher_cache import cached_sequences, compute_cache, default_top_k
+
+            top_k = default_top_k(teacher.config.vocab_size) if config.teacher_top_k is None else config.teacher_top_k
+            reference = compute_cache(teacher, cached_sequences(prepared.data), prepared.data.pad_token_id, top_k)
+            del teacher
     backend = TorchBackend(student, config.lr, config.weight_decay, config.max_grad_norm)
     result: TrainResult = run(prepared.method, prepared.steps, prepared.data, backend, reference,
                               config.forget_loss_bound, on_boundary, progress)

@@ -1,0 +1,88 @@
+"""The teacher-output cache gives the losses a live teacher gives: exactly with full log-probs,
+within a stated tolerance with top-k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearn_search.methods import get_method
+from unlearn_search.methods.base import StepInputs
+from unlearn_search.models import load_model
+from unlearn_search.training.config import trial_config
+from unlearn_search.training.teacher_cache import TeacherCache, compute_cache, ensure_cache
+from unlearn_search.training.unlearn import live_reference, prepare, unlearn
+
+TOP_K_TOLERANCE = 0.02  # relative, on KL; sequence log-likelihoods (NPO) stay exact
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_target, data_paths):
+    config = trial_config({"method": "ga_kl"})
+    prepared = prepare(tiny_target, data_paths, config)
+    teacher = load_model(tiny_target)
+    teacher.requires_grad_(False)
+    student = load_model(tiny_target)
+    with torch.no_grad():  # a student that differs from the teacher, so the KL is not 0
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.02, alpha=1.0)
+    return prepared, teacher, student
+
+
+def _losses(method_name, prepared, student, reference, **params):
+    method = get_method(method_name, **params)
+    data = prepared.data
+    forget = data.batch("forget", list(range(min(4, len(data.forget)))))
+    retain = data.batch("retain", [3, 0, 5, 1])
+    cache: dict = {}
+    step = StepInputs(forget=forget, retain=retain, student=lambda b: student(input_ids=b["input_ids"],
+                      attention_mask=b["attention_mask"]).logits,
+                      reference=lambda which: cache.setdefault(which, reference({"forget": forget, "retain": retain}[which])))
+    return method.loss(step)
+
+
+@pytest.mark.parametrize("method,params", [("ga_kl", {}), ("npo", {"retain_loss": "kl"}), ("npo", {})])
+def test_full_logprob_cache_equals_live_teacher(setup, method, params):
+    prepared, teacher, student = setup
+    cache = compute_cache(teacher, {"forget": prepared.data.forget, "retain": prepared.data.retain},
+                          prepared.data.pad_token_id, top_k=None, batch_size=3)  # other batches than the step's
+    live = _losses(method, prepared, student, live_reference(teacher), **params)
+    cached = _losses(method, prepared, student, cache, **params)
+    assert float(live.loss.detach()) != 0.0
+    assert float(cached.loss) == pytest.approx(float(live.loss), rel=1e-5, abs=1e-6)
+    for name, value in live.parts.items():
+        assert cached.parts[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_topk_cache_is_within_tolerance_and_npo_stays_exact(setup):
+    prepared, teacher, student = setup
+    sequences = {"forget": prepared.data.forget, "retain": prepared.data.retain}
+    cache = compute_cache(teacher, sequences, prepared.data.pad_token_id, top_k=256)
+    live = _losses("ga_kl", prepared, student, live_reference(teacher))
+    cached = _losses("ga_kl", prepared, student, cache)
+    kl_live, kl_cached = live.parts["retain_kl"], cached.parts["retain_kl"]
+    assert kl_cached <= kl_live + 1e-6  # bucketing never adds divergence
+    assert kl_cached == pytest.approx(kl_live, rel=TOP_K_TOLERANCE)
+    npo_live = _losses("npo", prepared, student, live_reference(teacher), retain_loss="none")
+    npo_cached = _losses("npo", prepared, student, cache, retain_loss="none")
+    assert float(npo_cached.loss) == pytest.approx(float(npo_live.loss), rel=1e-5)
+
+
+def test_cache_file_is_keyed_and_reused(setup, tiny_target, tmp_path):
+    prepared, _, _ = setup
+    first = ensure_cache(tiny_target, prepared.data, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert ensure_cache(tiny_target, prepared.data, tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert ensure_cache(tiny_target, prepared.data, tmp_path, top_k=16) != first  # settings are in the key
+    loaded = TeacherCache.load(first)
+    assert loaded.top_k is None and len(loaded.entries) == len({tuple(e.input_ids) for e in
+                                                                prepared.data.forget + prepared.data.retain})
+
+
+def test_unlearning_with_cached_teacher_matches_live(tiny_target, data_paths):
+    settings = {"method": "ga_kl", "lr": 5e-4, "epochs": 1}
+    _, _, live = unlearn(tiny_target, data_paths, trial_config(settings))
+    _, _, cached = unlearn(tiny_target, data_paths, trial_config({**settings, "teacher": "cached"}))
+    assert len(live.losses) == len(cached.losses)
+    for a, b in zip(live.losses, cached.losses):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
