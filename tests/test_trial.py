@@ -83,6 +83,6 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     start = resumed[0]["resumed_from"]
     assert start >= 6  # it continued from a checkpoint instead of starting over
     assert min(r["step"] for r in resumed) > start
-    assert reports[-1]["done"] and reports[-1]["step"] == 18
+    assert reports[-1]["trained"] and reports[-1]["step"] == 18
     boundaries = [r["step"] for r in reports if not r["trained"]]
     assert boundaries.count(3) == 1  # epoch 1 was never trained twice
