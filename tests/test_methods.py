@@ -144,20 +144,20 @@ def test_output_may_not_be_the_input_model(tiny_target, data_paths):
 # A short run per method with its default knobs; lr and epochs are chosen per method because the
 # losses differ in scale (NPO sums token log-probs, GA/GD average them).
 RUNS = {
-    "ga": {"lr": 3e-4, "epochs": 3},
+    "ga": {"lr": 1.5e-4, "epochs": 6},
     "gd": {"lr": 3e-4, "epochs": 5},
     "ga_kl": {"lr": 5e-4, "epochs": 5},
     "npo": {"lr": 2e-4, "epochs": 4},
     "simnpo": {"lr": 5e-4, "epochs": 5},
     "random_label": {"lr": 5e-4, "epochs": 5},
     "idk": {"lr": 1e-3, "epochs": 5},
-    "flat": {"lr": 2e-4, "epochs": 4},
+    "flat": {"lr": 2.2e-4, "epochs": 4},
     "adversarial": {"lr": 3e-4, "epochs": 5},
     "sugd": {"method": "gd", "schedule": "sugd", "lr": 5e-4, "chunk_size": 8, "epochs_per_chunk": 3},
     "agad": {"method": "gd", "schedule": "agad", "lr": 5e-4, "chunk_size": 8, "epochs": 3},
 }
 # Methods without a retain term (GA, FLAT) drag the retain set along on a 2M-parameter model.
-RETAIN_TOLERANCE = {"ga": 0.45, "flat": 0.65, "adversarial": 0.25, "sugd": 0.25}
+RETAIN_TOLERANCE = {"ga": 0.3, "flat": 0.65, "adversarial": 0.25, "sugd": 0.25}
 
 
 @pytest.fixture(scope="module")
