@@ -173,3 +173,27 @@ def test_pareto_front_by_hand():
     assert sorted(r["id"] for r in front) == [1, 2, 4, 5]  # 3 is dominated by 2; equal points both stay
     front = pareto_front(rows, [Objective("f", "min"), Objective("r")])
     assert [r["id"] for r in front] == [4]  # lowest f and highest r: dominates every other point
+
+
+def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pareto_front(tmp_path):
+    """Ray's OptunaSearch driven through its Searcher API (no trials run): two objectives."""
+    from unlearn_search.search.driver import _OptunaSearch
+    from unlearn_search.tracking import study_plots
+
+    raw = copy.deepcopy(BASE)
+    raw["objectives"] = [{"metric": "forget_efficacy"}, {"metric": "retain_utility"}]
+    raw.pop("starts")
+    space = parse_space(raw)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = _OptunaSearch.create(space, optuna.storages.RDBStorage(storage), "mo", seed=0)
+    assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler)
+    for i in range(5):
+        config = searcher.suggest(f"t{i}")
+        assert config["method"] == "gd" and ("lora_rank" in config) == (config["trainable"] == "lora")
+        searcher.on_trial_result(f"t{i}", {"task_aggregate": 0.1, "training_iteration": 1})  # quick metrics only
+        searcher.on_trial_complete(f"t{i}", {"forget_efficacy": 0.2 * i, "retain_utility": 1 - 0.15 * i})
+    study = optuna.load_study(study_name="mo", storage=storage)
+    assert len(study.directions) == 2
+    assert [t.values for t in study.trials] == [[0.2 * i, 1 - 0.15 * i] for i in range(5)]
+    plots = {p.name for p in study_plots(storage, "mo", tmp_path / "plots", ["forget_efficacy", "retain_utility"])}
+    assert {"pareto_front.png", "optimization_history_forget_efficacy.png"} <= plots
