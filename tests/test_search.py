@@ -158,6 +158,11 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
                                                 tracking_uri=mlflow_server, dst_path=str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text())["model_type"] == "olmo"
 
+    # Disk: each trial keeps at most resources.checkpoints_to_keep (default 1) Ray Train checkpoints.
+    for row in rows:
+        kept = [p for p in (output / "trials" / row["trial_id"] / "ray").glob("*/checkpoint_*") if p.is_dir()]
+        assert 1 <= len(kept) <= 1, kept
+
     # The input model directory is never written.
     assert _tree_digest(tiny_target) == before
 

@@ -197,3 +197,61 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
     assert [t.values for t in study.trials] == [[0.2 * i, 1 - 0.15 * i] for i in range(5)]
     plots = {p.name for p in study_plots(storage, "mo", tmp_path / "plots", ["forget_efficacy", "retain_utility"])}
     assert {"pareto_front.png", "optimization_history_forget_efficacy.png"} <= plots
+
+
+# ---------------------------------------------------------------- fuzzing the loader
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=8), st.sampled_from(["gd", "sugd", "lora", "loguniform", "int", "categorical",
+                                                          "tpe", "asha", "aggregate", "max", "lr", "epochs"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(st.text(max_size=8) | SCALARS.filter(lambda v: v is not None), inner, max_size=3)),
+                      max_leaves=8)
+PATHS = st.lists(st.sampled_from(["name", "settings", "params", "starts", "objective", "objectives", "search",
+                                  "resources", "evaluation", "lr", "epochs", "trainable", "lora_rank", "low", "high",
+                                  "choices", "when", "distribution", "method", "sampler", "metric", 0]),
+                 min_size=1, max_size=4)
+
+
+def _mutate(document, path, value):
+    node = document
+    for key in path[:-1]:
+        if isinstance(node, dict) and key in node and isinstance(node[key], (dict, list)):
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node) and isinstance(node[key], (dict, list)):
+            node = node[key]
+        else:
+            break
+    last = path[-1]
+    if isinstance(node, dict):
+        node[last] = value
+    elif isinstance(node, list) and isinstance(last, int) and last < len(node):
+        node[last] = value
+    return document
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(PATHS, VALUES), min_size=1, max_size=3))
+def test_loader_returns_a_space_or_one_clear_error_never_a_traceback(edits):
+    document = copy.deepcopy(BASE)
+    for path, value in edits:
+        document = _mutate(document, path, value)
+    try:
+        space = parse_space(document)
+    except UnlearnSearchError as error:
+        text = str(error)
+        assert text and "\n" not in text and ":" in text
+        return
+    assert space.params and space.objectives
+
+
+@settings(max_examples=100, deadline=None)
+@given(VALUES)
+def test_loader_on_arbitrary_documents(document):
+    try:
+        parse_space(document)
+    except UnlearnSearchError as error:
+        assert "\n" not in str(error)
