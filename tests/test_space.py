@@ -177,7 +177,7 @@ def test_pareto_front_by_hand():
 
 def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pareto_front(tmp_path):
     """Ray's OptunaSearch driven through its Searcher API (no trials run): two objectives."""
-    from unlearn_search.search.driver import _OptunaSearch
+    from unlearn_search.search.driver import make_searcher
     from unlearn_search.tracking import study_plots
 
     raw = copy.deepcopy(BASE)
@@ -185,7 +185,7 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
     raw.pop("starts")
     space = parse_space(raw)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    searcher = _OptunaSearch.create(space, optuna.storages.RDBStorage(storage), "mo", seed=0)
+    searcher = make_searcher(space, optuna.storages.RDBStorage(storage), "mo", seed=0)
     assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler)
     for i in range(5):
         config = searcher.suggest(f"t{i}")

@@ -104,40 +104,37 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     ray.tune.report(metrics)
 
 
-class _OptunaSearch:
-    """Factory for Ray's ``OptunaSearch`` that ignores intermediate results without the objective.
+def make_searcher(space: SearchSpace, storage, study_name: str, seed: int):
+    """Ray's ``OptunaSearch`` over the space, ignoring intermediate results without the objective.
 
     Intermediate reports carry the quick metrics the pruner needs; the objective arrives once,
     with the full evaluation, so Optuna sees exactly one value per trial.
     """
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
 
-    @staticmethod
-    def create(space: SearchSpace, storage, study_name: str, seed: int):
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
+    class _Search(OptunaSearch):
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            if not all(m in result for m in metrics):
+                return
+            try:
+                super().on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # a resumed search re-reporting a trial the study already holds
 
-        class _Search(OptunaSearch):
-            def on_trial_result(self, trial_id: str, result: dict) -> None:
-                metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-                if not all(m in result for m in metrics):
-                    return
-                try:
-                    super().on_trial_result(trial_id, result)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    pass  # a resumed search re-reporting a trial the study already holds
-
-        sampler = {
-            "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-            "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-            "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
-        }[space.search.sampler]()
-        if space.multi_objective:
-            metric, mode = [o.metric for o in space.objectives], [o.mode for o in space.objectives]
-        else:
-            metric, mode = OBJECTIVE, space.objectives[0].mode
-        return _Search(space.define_by_run(), metric=metric, mode=mode, sampler=sampler, study_name=study_name,
-                       storage=storage, seed=seed, points_to_evaluate=[dict(s) for s in space.starts] or None)
+    sampler = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
+    }[space.search.sampler]()
+    if space.multi_objective:
+        metric, mode = [o.metric for o in space.objectives], [o.mode for o in space.objectives]
+    else:
+        metric, mode = OBJECTIVE, space.objectives[0].mode
+    return _Search(space.define_by_run(), metric=metric, mode=mode, sampler=sampler, study_name=study_name,
+                   storage=storage, seed=seed, points_to_evaluate=[dict(s) for s in space.starts] or None)
 
 
 def _scheduler(space: SearchSpace):
@@ -211,7 +208,6 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
     from unlearn_search.data import resolve_data
     from unlearn_search.models import resolve_model
     from unlearn_search.training.cluster import init_ray
-    from unlearn_search.training.trial import Resources
 
     started = time.time()
     output = prepare_output(space, options)
@@ -240,9 +236,8 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
     if on_start:
         on_start(dashboard_url)
 
-    resources = dataclasses.asdict(space.resources)
     trial_context = {"model_dir": str(model_dir), "data_root": str(paths.root), "output": str(output),
-                     "resources": dataclasses.asdict(Resources(**resources)),
+                     "resources": dataclasses.asdict(space.resources),
                      "evaluation": _trial_evaluation(space, threshold), "objectives": list(space.objectives)}
     # The trial itself waits on its Ray Train run, whose workers hold the CPUs and GPUs, then
     # evaluates; it reserves only memory so that it never blocks its own workers' placement.
@@ -253,7 +248,7 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
                               resume_errored=False, restart_errored=False)
     else:
         storage = optuna.storages.RDBStorage(storage_url) if "://" in storage_url else storage_url
-        search = _OptunaSearch.create(space, storage, study_name, options.seed)
+        search = make_searcher(space, storage, study_name, options.seed)
         tune_config = TuneConfig(search_alg=search, scheduler=_scheduler(space),
                                  num_samples=options.num_samples or space.search.num_samples,
                                  max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.training.trial import Resources
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
@@ -80,19 +81,6 @@ class SearchSettings:
 
 
 @dataclass(frozen=True)
-class TrialResources:
-    workers: int = 2
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
-    zero_stage: int = 3
-    offload: bool = False
-    max_failures: int = 2
-    checkpoints_to_keep: int = 1
-    eval_items: int = 64
-    eval_max_new_tokens: int = 64
-
-
-@dataclass(frozen=True)
 class SearchEvaluation:
     """The full evaluation every finished trial gets (the best trial is re-evaluated on everything)."""
 
@@ -112,7 +100,7 @@ class SearchSpace:
     starts: tuple[dict[str, Any], ...]
     objectives: tuple[Objective, ...]
     search: SearchSettings
-    resources: TrialResources
+    resources: Resources  # the trial runner's own: one name per setting
     evaluation: SearchEvaluation
     description: str = ""
     source: Path | None = None
@@ -369,7 +357,7 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         search = SearchSettings(**{**search.__dict__, "sampler": "nsga2"})
     if len(objectives) == 1 and search.sampler == "nsga2":
         raise UnlearnSearchError("search.sampler: nsga2 is for several objectives (expected tpe, random or grid)")
-    resources = _dataclass_from(TrialResources, raw.get("resources"), "resources")
+    resources = _dataclass_from(Resources, raw.get("resources"), "resources")
     if resources.workers < 1 or resources.cpus_per_worker <= 0:
         raise UnlearnSearchError("resources.workers, resources.cpus_per_worker: expected values >= 1 and > 0")
     if resources.zero_stage not in (0, 1, 2, 3):

@@ -151,14 +151,14 @@ def ensure_cache(model_dir: Path, data, directory: Path, top_k: int | None | str
     from unlearn_search.models import load_model
 
     sequences = cached_sequences(data)
-    teacher = None
-    if top_k == "auto":
-        teacher = load_model(model_dir)
-        top_k = default_top_k(teacher.config.vocab_size)
+    if top_k == "auto":  # the config alone: no weights are loaded when the cache already exists
+        from transformers import AutoConfig
+
+        top_k = default_top_k(AutoConfig.from_pretrained(model_dir).vocab_size)
     path = Path(directory) / f"teacher-{cache_key(Path(model_dir), sequences, top_k)}.pt"
     if path.exists():
         return path
-    teacher = teacher or load_model(model_dir)
+    teacher = load_model(model_dir)
     teacher.requires_grad_(False)
     compute_cache(teacher, sequences, data.pad_token_id, top_k).save(path)
     return path
