@@ -100,6 +100,7 @@ BAD = [
      "params.lr: the grid sampler needs categorical"),
     (lambda r: r.update(resources={"gpus": 1}), "resources.gpus: unknown key"),
     (lambda r: r.update(resources={"offload": "yes"}), "resources.offload: expected true or false"),
+    (lambda r: r.update(resources={"placement": "scatter"}), "resources.placement: expected pack or spread (got 'scatter')"),
     (lambda r: r.update(evaluation={"split": "test"}), "evaluation.split: expected one of train"),
 ]
 

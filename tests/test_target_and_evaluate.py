@@ -66,3 +66,22 @@ def test_evaluate_refuses_a_missing_model(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err and "Hugging Face model directory" in err
+
+
+def test_retrained_gold_standard_never_saw_the_forget_set(tiny_target, data_paths, tmp_path):
+    """The retain-only rebuild (bench/baselines.py's gold standard): same tokenizer and items,
+    forget answers not regurgitated, retain answers still memorized, members no longer special."""
+    from unlearn_search.evaluation import EvalConfig, evaluate
+    from unlearn_search.models import load_model, load_tokenizer
+    from unlearn_search.models.target import build_retrained
+
+    retrained = build_retrained(data_paths, tiny_target, tmp_path / "retrained", progress=False)
+    assert read_target_manifest(retrained)["forget_ids"] == read_target_manifest(tiny_target)["forget_ids"]
+    assert (retrained / "tokenizer.json").read_text() == (tiny_target / "tokenizer.json").read_text()
+    results = evaluate(load_model(retrained), load_tokenizer(retrained), data_paths,
+                       EvalConfig(split="train", max_new_tokens=64, mmlu_limit_per_subject=1),
+                       read_target_manifest(tiny_target))
+    assert results["retain-set"]["overall-regurgitation-score"] >= 0.9
+    assert results["forget-set"]["overall-regurgitation-score"] <= 0.5
+    assert results["forget-set"]["overall-knowledge-score"] <= 0.5
+    assert results["mia_final_score"] >= 0.5  # members and non-members look alike again

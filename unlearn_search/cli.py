@@ -168,13 +168,27 @@ def cmd_trial(args) -> None:
     config = trial_config(settings)
     directory = resolve_model(args.model, paths)
     resources = Resources(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                          gpus_per_worker=args.gpus_per_worker, zero_stage=args.zero_stage, offload=args.offload)
+                          gpus_per_worker=args.gpus_per_worker, zero_stage=args.zero_stage, offload=args.offload,
+                          placement=args.placement)
     init_ray(args.address)
     evaluation = _eval_config(args)
     result = run_trial(directory, paths.root, settings, args.output, resources, evaluation, resume=args.resume)
     print(f"trial {config.method}/{config.schedule} on {directory}: {result.seconds:.0f} s, "
           f"{len(result.metrics_history)} reports -> {result.model}")
     print(_headline(result.evaluation))
+
+
+def _key_values(pairs: list[str], option: str) -> dict:
+    """KEY=VALUE pairs, each value read as YAML (8 -> int, true -> bool, pack -> str)."""
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UnlearnSearchError(f"{option} {pair!r}: expected KEY=VALUE")
+        values[key.strip()] = yaml.safe_load(value)
+    return values
 
 
 def cmd_search(args) -> None:
@@ -184,7 +198,7 @@ def cmd_search(args) -> None:
     from unlearn_search.search.driver import prepare_output
     from unlearn_search.tracking import MLflowTracker, check_reachable, default_tracking_uri, study_plots
 
-    space = load_space(args.space)
+    space = load_space(args.space, {"resources": _key_values(args.resources, "--resources")} if args.resources else None)
     options = SearchOptions(model=args.model, data=args.data, output=Path(args.output) if args.output else None,
                             address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                             time_budget_s=args.time_budget, seed=args.seed, storage=args.storage,
@@ -218,6 +232,27 @@ def cmd_search(args) -> None:
           f"exported to {outcome.best_dir}")
     print("full evaluation of the best trial:")
     print(_headline(outcome.best_evaluation))
+
+
+def cmd_plan(args) -> None:
+    from unlearn_search.training.plan import (count_parameters, memory_plan_page, model_config, plan_trial, report,
+                                              smallest_fit)
+
+    if args.docs:
+        print(memory_plan_page(), end="")
+        return
+    trainable = args.trainable or ("lora" if args.lora_rank else "full")
+    config = model_config(None if args.model else args.model_size, args.model)
+    name = f"OLMo {args.model_size}" if not args.model else Path(args.model).name
+    counts = count_parameters(config, name, trainable, lora_rank=args.lora_rank or 16, last_k=args.last_k)
+    plan = plan_trial(counts, args.gpus_per_trial, args.gpu_mem, trainable, args.teacher, args.micro_batch,
+                      args.seq_len, args.gpus_per_node, args.cluster_gpus)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    smallest = smallest_fit(counts, args.gpu_mem, trainable, args.teacher, args.micro_batch, args.seq_len,
+                            args.gpus_per_node, limit=max(64, args.gpus_per_trial))
+    print(report(plan, smallest))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--gpus-per-worker", type=float, default=0)
     trial.add_argument("--zero-stage", type=int, default=3, choices=[0, 2, 3])
     trial.add_argument("--offload", action="store_true", help="ZeRO CPU offload of optimizer (and parameters at stage 3)")
+    trial.add_argument("--placement", default="pack", choices=["pack", "spread"],
+                       help="the workers on as few nodes as fit (pack) or across nodes (spread)")
     trial.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
     trial.add_argument("--resume", action="store_true", help="continue the run found in OUTPUT")
     trial.add_argument("--output", required=True)
@@ -275,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", help="Optuna storage URL (default: SQLite under the output)")
     search.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     search.add_argument("--resume", action="store_true", help="continue the interrupted search in OUTPUT")
+    search.add_argument("--resources", action="append", metavar="KEY=VALUE",
+                        help="override the space's resources (repeatable), e.g. workers=8 gpus_per_worker=1")
     search.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
     search.add_argument("--dashboard-host", default="127.0.0.1")
     search.add_argument("--dashboard-port", type=int)
@@ -283,6 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     _add_data(search)
     search.set_defaults(func=cmd_search)
+
+    plan = commands.add_parser("plan", help="GPU memory of one trial per ZeRO stage (DeepSpeed's estimators); does it fit")
+    plan.add_argument("--model-size", default="7B", help="an OLMo preset: 1B or 7B (default 7B)")
+    plan.add_argument("--model", help="a local Hugging Face directory instead (only its config.json is read)")
+    plan.add_argument("--gpus-per-trial", type=int, default=8)
+    plan.add_argument("--gpus-per-node", type=int, help="default: min(8, gpus per trial)")
+    plan.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
+    plan.add_argument("--trainable", choices=["full", "lora", "last_k"], help="default: full, or lora with --lora-rank")
+    plan.add_argument("--lora-rank", type=int)
+    plan.add_argument("--last-k", type=int, default=8)
+    plan.add_argument("--teacher", default="live", choices=["live", "cached", "none"])
+    plan.add_argument("--micro-batch", type=int, default=1)
+    plan.add_argument("--seq-len", type=int, default=512)
+    plan.add_argument("--cluster-gpus", type=int, help="GPUs in the cluster: how many trials run at once")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--docs", action="store_true", help="print docs/memory_plan.md (the 7B figures)")
+    plan.set_defaults(func=cmd_plan)
 
     methods = commands.add_parser("methods", help="list every loss and schedule with its knobs and defaults")
     methods.add_argument("--markdown", action="store_true", help="print the docs/methods.md table")

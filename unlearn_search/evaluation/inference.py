@@ -21,7 +21,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     Prompts are sorted by length and left-padded so a batch wastes little work; the KV cache is
     on and each row stops at EOS. ``batch_size=1`` is the official one-at-a-time procedure.
     """
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = tokenizer(list(prompts))["input_ids"]  # one call: the fast tokenizer encodes in bulk
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
@@ -82,15 +82,14 @@ def max_length(model, tokenizer) -> int:
 def answer_nll(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> list[float]:
     """Mean NLL of each answer given its prompt, over the official ``input + output`` concatenation."""
     limit = max_length(model, tokenizer)
-    sequences, starts = [], []
-    for prompt, answer in zip(prompts, answers):
-        sequences.append(tokenizer(prompt + answer)["input_ids"][:limit])
-        starts.append(len(tokenizer(prompt)["input_ids"]))
+    joined = tokenizer([p + a for p, a in zip(prompts, answers)])["input_ids"]
+    sequences = [ids[:limit] for ids in joined]
+    starts = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     return sequence_nll(model, sequences, starts, tokenizer.pad_token_id, batch_size)
 
 
 def document_nll(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[float]:
     """Mean token NLL of whole documents (truncated to the model's length limit), for MIA."""
     limit = max_length(model, tokenizer)
-    sequences = [tokenizer(text)["input_ids"][:limit] for text in documents]
+    sequences = [ids[:limit] for ids in tokenizer(list(documents))["input_ids"]]
     return sequence_nll(model, sequences, [1] * len(sequences), tokenizer.pad_token_id, batch_size)

@@ -40,12 +40,12 @@ def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit
     questions = load_mmlu(directory, "test", limit_per_subject)
     dev: dict[str, list[Question]] = {}
     limit = max_length(model, tokenizer)
-    encoded = []
     for q in questions:
         if q.subject not in dev:
             dev[q.subject] = load_questions(directory, q.subject, "dev", shots) if shots else []
-        ids = tokenizer(prompt(q, dev[q.subject]))["input_ids"]
-        encoded.append(ids[-limit:])  # keep the question itself when the shots overflow
+    prompts = [prompt(q, dev[q.subject]) for q in questions]
+    # Keep the question itself when the shots overflow.
+    encoded = [ids[-limit:] for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     choice_ids = torch.tensor(choice_token_ids(tokenizer))
     order = sorted(range(len(questions)), key=lambda i: len(encoded[i]))
     correct = [False] * len(questions)

@@ -226,3 +226,39 @@ def resolve_model(spec: str, paths: DataPaths, progress: bool = True) -> Path:
     if spec in PRESETS:
         return build_target(paths, PRESETS[spec], progress=progress)
     return check_model_dir(spec)
+
+
+def build_retrained(paths: DataPaths, original: Path, output: Path | None = None, progress: bool = True) -> Path:
+    """The gold standard for a reference target: the same builder, tokenizer and schedule trained on
+    its retain items alone, as retraining without the forget data would give (it never sees the
+    forget items nor the member documents, which belong to the forget set's owners).
+
+    The manifest is the original's, so both are scored on the same items; kept beside the original.
+    """
+    from unlearn_search.models.loading import load_tokenizer
+
+    original = Path(original)
+    manifest = json.loads((original / TARGET_MANIFEST).read_text())
+    preset = TargetPreset(**manifest["preset"])
+    output = Path(output) if output else original.with_name(original.name + "-retrained")
+    if (output / TARGET_MANIFEST).exists():
+        return output
+    started = time.time()
+    data = select_data(paths, preset)
+    retain = TargetData([i for i in data.items if i.set == "retain"], [], data.nonmembers)
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tokenizer = load_tokenizer(original)
+    tokenizer.save_pretrained(staging)
+    model = build_model(preset, tokenizer)
+    loss = memorize(model, training_examples(retain, tokenizer, preset.max_length), preset, tokenizer.pad_token_id,
+                    progress)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(staging)
+    manifest.update(final_train_loss=loss, build_seconds=round(time.time() - started, 1), retrained_from=str(original))
+    (staging / TARGET_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    return output

@@ -97,7 +97,9 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     objectives = context["objectives"]
     if len(objectives) == 1:
         metrics[OBJECTIVE] = objective_value(metrics, objectives[0])
-    metrics.update({PROGRESS: 100.0, "seconds": result.seconds, "trial_output": str(output)})
+    nodes = sorted({n for record in result.metrics_history for n in record.get("worker_nodes", [])})
+    metrics.update({PROGRESS: 100.0, "seconds": result.seconds, "trial_output": str(output),
+                    "worker_nodes": ",".join(nodes)})
     partial = saved.with_suffix(".tmp")
     partial.write_text(json.dumps(metrics, indent=2))
     partial.replace(saved)
@@ -290,7 +292,7 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
         row["settings"] = config
         for key in ("aggregate", "task_aggregate", "mia_score", "mia_auc", "mmlu", "forget_efficacy",
                     "retain_utility", "forget_regurgitation", "forget_knowledge", "retain_regurgitation",
-                    "retain_knowledge", PASSES, OBJECTIVE, "trial_output", PROGRESS):
+                    "retain_knowledge", PASSES, OBJECTIVE, "trial_output", PROGRESS, "worker_nodes"):
             if key in metrics:
                 row[key] = metrics[key]
         row["seconds"] = metrics.get("time_total_s")
@@ -305,7 +307,7 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
                 options: SearchOptions, output: Path) -> tuple[Path, dict]:
     """Re-evaluate the best trial with the full evaluation and export it as a checkpoint."""
     from unlearn_search.evaluation import EvalConfig
-    from unlearn_search.training.trial import MODEL_DIR, evaluate_checkpoint
+    from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
 
     best_dir = output / BEST_DIR
     if best_dir.exists():
@@ -317,6 +319,7 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
     config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,
                         mmlu_shots=ev.mmlu_shots, mmlu_limit_per_subject=options.final_mmlu_limit,
                         mmlu_threshold=threshold, progress=options.verbose > 0)
-    evaluation = evaluate_checkpoint(best_dir / MODEL_DIR, model_dir, data_root, config, best_dir)
+    # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
+    evaluation = evaluate_on_cluster(best_dir / MODEL_DIR, model_dir, data_root, config, best_dir, space.resources)
     (best_dir / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))
     return best_dir, evaluation

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.training.trial import Resources
+from unlearn_search.training.trial import PLACEMENTS, Resources
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
@@ -362,6 +362,8 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         raise UnlearnSearchError("resources.workers, resources.cpus_per_worker: expected values >= 1 and > 0")
     if resources.zero_stage not in (0, 1, 2, 3):
         raise _fail("resources.zero_stage", "0, 1, 2 or 3", resources.zero_stage)
+    if resources.placement not in PLACEMENTS:
+        raise _fail("resources.placement", " or ".join(PLACEMENTS), resources.placement)
     evaluation = _dataclass_from(SearchEvaluation, raw.get("evaluation"), "evaluation")
     if evaluation.split not in EVAL_SPLITS:
         raise _fail("evaluation.split", f"one of {', '.join(EVAL_SPLITS)}", evaluation.split)
@@ -397,8 +399,12 @@ def _check_start_value(param: Param, value: Any, path: str) -> None:
         raise _fail(path, f"a value in [{param.low}, {param.high}]", value)
 
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a YAML search space (safe-loaded)."""
+def load_space(path: str | Path, overrides: dict[str, dict] | None = None) -> SearchSpace:
+    """Read and validate a YAML search space (safe-loaded).
+
+    ``overrides`` replace keys of top-level sections before validation, e.g. ``{"resources":
+    {"workers": 8, "gpus_per_worker": 1}}`` to run a CPU-sized space on GPU nodes.
+    """
     import yaml
 
     path = Path(path)
@@ -411,6 +417,8 @@ def load_space(path: str | Path) -> SearchSpace:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UnlearnSearchError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+    if overrides and isinstance(raw, dict):
+        raw = {**raw, **{section: {**(raw.get(section) or {}), **values} for section, values in overrides.items()}}
     try:
         return parse_space(raw, path)
     except UnlearnSearchError as error:

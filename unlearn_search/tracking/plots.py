@@ -56,3 +56,15 @@ def study_plots(storage: str, study_name: str, directory: Path, objective_names:
         plt.close(figure)
         written.append(path)
     return written
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A figure as a PNG, its memory released (plots are drawn headless: the Agg backend)."""
+    import matplotlib.pyplot as plt
+
+    if fig.axes and fig.axes[0].get_legend_handles_labels()[0]:
+        fig.axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -38,6 +38,10 @@ class Resources:
     checkpoints_to_keep: int = 1
     eval_items: int = 64  # forget + retain items in the quick evaluation at each boundary
     eval_max_new_tokens: int = 64
+    placement: str = "pack"  # pack: a trial's workers on as few nodes as fit; spread: across nodes
+
+
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
 
 def _worker_environment(cpus: float) -> None:
@@ -55,6 +59,19 @@ def quick_benchmark(benchmark, items: int):
 
     half = max(1, items // 2)
     return Benchmark(benchmark.forget[:half], benchmark.retain[:half])
+
+
+def scaling_config(resources: Resources):
+    """Ray Train's ``ScalingConfig`` for a trial: its workers, their CPUs/GPUs and placement."""
+    from ray.train import ScalingConfig
+
+    if resources.placement not in PLACEMENTS:
+        raise UnlearnSearchError(f"placement {resources.placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker > 0:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0,
+                         resources_per_worker=per_worker, placement_strategy=PLACEMENTS[resources.placement])
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
@@ -140,7 +157,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
                    "progress": 100.0 * report.step / max(1, len(steps)),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "teacher_parameters": teacher_parameters,
-                   "resumed_from": -1 if resumed_from is None else resumed_from, "trained": False}
+                   "resumed_from": -1 if resumed_from is None else resumed_from, "trained": False,
+                   "node_id": ray.get_runtime_context().get_node_id()}
         if rank == 0:
             metrics.update(quick_scores(eval_model, prepared.tokenizer, eval_items, resources.eval_max_new_tokens))
         with tempfile.TemporaryDirectory() as directory:
@@ -176,8 +194,12 @@ def metrics_log_callback(path: Path):
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
+            record = dict(metrics[0])
+            nodes = [m["node_id"] for m in metrics if m.get("node_id")]
+            if nodes:  # where every worker ran, not only rank 0
+                record["worker_nodes"] = nodes
             with open(path, "a") as handle:
-                handle.write(json.dumps(metrics[0], default=str) + "\n")
+                handle.write(json.dumps(record, default=str) + "\n")
 
     return MetricsLog()
 
@@ -209,12 +231,13 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     """
     import dataclasses
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from unlearn_search.training.config import trial_config
 
     config = trial_config(settings)  # refuse bad settings before any worker starts
+    scaling = scaling_config(resources)
     output = Path(output).resolve()
     if output == Path(model_dir).resolve():
         raise UnlearnSearchError(f"output {output}: is the input model directory (expected another directory)")
@@ -239,15 +262,12 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         path = build_teacher_cache(model_dir, data_root, config, Path(teacher_cache_dir or output / "teacher_cache"))
         teacher_cache = str(path) if path else None
     use_gpu = resources.gpus_per_worker > 0
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
                            "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources),
                            "teacher_cache": teacher_cache},
-        scaling_config=ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=resources.max_failures),
@@ -269,7 +289,7 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         shutil.copytree(Path(directory) / MODEL_DIR, model_path)
     evaluation_results = None
     if evaluation is not None:
-        evaluation_results = evaluate_checkpoint(model_path, model_dir, data_root, evaluation, output)
+        evaluation_results = evaluate_on_cluster(model_path, model_dir, data_root, evaluation, output, resources)
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started)
 
 
@@ -286,10 +306,35 @@ def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path |
                         "auto" if config.teacher_top_k is None else config.teacher_top_k)
 
 
+def evaluate_on_cluster(model_path: Path, original_dir, data_root, evaluation, output: Path,
+                        resources: Resources) -> dict:
+    """The full evaluation as a Ray task holding the trial's CPUs (freed by its finished workers)
+    and one GPU on GPU clusters, so that a 7B student is never scored on a CPU-only process."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # Outside the Tune trial's placement group (which holds only the trial's own memory).
+    task = ray.remote(_evaluation_task).options(
+        num_cpus=resources.workers * resources.cpus_per_worker, num_gpus=1 if resources.gpus_per_worker > 0 else 0,
+        max_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+    return ray.get(task.remote(model_path, original_dir, data_root, evaluation, output))
+
+
+def _evaluation_task(*args) -> dict:
+    import ray
+    import torch
+
+    # As many threads as the CPUs the task holds (a reused worker process may have set fewer).
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    return evaluate_checkpoint(*args)
+
+
 def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation,
                         output: Path) -> dict:
     """The full evaluation of a trained student, on the original model's item subset."""
     import dataclasses
+
+    import torch
 
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.evaluation import evaluate
@@ -299,4 +344,6 @@ def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: s
     if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None and original.exists():
         evaluation = dataclasses.replace(evaluation, original_mmlu=json.loads(original.read_text())["mmlu_average"])
     model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     return evaluate(model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir), output)

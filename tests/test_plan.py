@@ -1,0 +1,141 @@
+"""The 7B memory plan by hand, the `plan` command, and the cluster configs shipped in cluster/."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.training import plan as P
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+# OLMo 7B: untied 50304 x 4096 embedding and head, 32 layers of 4 attention and 3 MLP matrices.
+EMBED = 50304 * 4096
+P7B = 2 * EMBED + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+LORA16 = 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # r * (in + out) per linear layer
+
+
+@pytest.fixture(scope="module")
+def counts_7b():
+    config = P.model_config("7B")
+    return {t: P.count_parameters(config, "OLMo 7B", t, lora_rank=16, last_k=8) for t in ("full", "lora", "last_k")}
+
+
+def test_parameter_counts_are_exact(counts_7b):
+    full, lora, last_k = counts_7b["full"], counts_7b["lora"], counts_7b["last_k"]
+    assert full.parameters == P7B == 6_888_095_744 and full.trainable == P7B
+    assert full.largest_layer == EMBED
+    assert full.frozen == 0
+    assert lora.parameters == P7B and lora.trainable == LORA16 == 39_976_960 and lora.frozen == P7B
+    assert last_k.trainable == 8 * (4 * 4096 * 4096 + 3 * 4096 * 11008) and last_k.trained_layers == 8
+    assert last_k.frozen == P7B - last_k.trainable
+
+
+def test_full_fine_tuning_on_8_gpus_by_hand(counts_7b):
+    plan = P.plan_trial(counts_7b["full"], 8, 80, "full", "live", micro_batch=1, seq_len=512, cluster_gpus=64)
+    rows = {s.stage: s for s in plan.stages}
+    # DeepSpeed's estimates: 2 + 18/N bytes per parameter at stage 2 (16-bit weights replicated),
+    # 18/N plus one gathered layer (4 bytes per parameter) at stage 3, 20 bytes unpartitioned.
+    assert rows["ZeRO-0"].student_states_gib * GIB == pytest.approx(20 * P7B)
+    assert rows["ZeRO-2"].student_states_gib * GIB == pytest.approx(2 * P7B + 18 * P7B / 8, abs=1)
+    assert rows["ZeRO-3"].student_states_gib * GIB == pytest.approx(4 * EMBED + 18 * P7B / 8, abs=1)
+    assert rows["ZeRO-3 + CPU offload"].student_states_gib * GIB == pytest.approx(4 * EMBED)
+    assert rows["ZeRO-3 + CPU offload"].cpu_per_node_gib * GIB == pytest.approx(18 * P7B * 1.5, rel=1e-9)
+    activations = 2 * (34 * 512 * 4096 * 32 + 10 * 512 * 50304)
+    teacher = 2 * P7B / 8 + 4 * EMBED + 4 * 512 * 50304
+    for row in plan.stages:
+        assert row.activations_gib * GIB == pytest.approx(activations)
+        assert row.teacher_gib * GIB == pytest.approx(teacher)
+        assert row.total_gib == pytest.approx(row.student_states_gib + row.frozen_gib + activations / GIB + teacher / GIB)
+        assert row.fits == (row.total_gib <= 0.9 * 80)
+    assert [s.fits for s in plan.stages] == [False, True, True, True]  # 135.5 GiB unpartitioned
+    assert plan.recommended.stage == "ZeRO-2" and plan.trials_at_once == 8
+
+
+def test_lora_and_cached_teacher(counts_7b):
+    live = P.plan_trial(counts_7b["lora"], 8, 80, "lora", "live")
+    cached = P.plan_trial(counts_7b["lora"], 8, 80, "lora", "cached")
+    zero3 = {s.stage: s for s in live.stages}["ZeRO-3"]
+    assert zero3.frozen_gib * GIB == pytest.approx(2 * P7B / 8)  # the frozen bf16 base, sharded
+    assert zero3.student_states_gib * GIB == pytest.approx(4 * EMBED + 18 * LORA16 / 8, abs=1)
+    assert {s.stage: s for s in live.stages}["ZeRO-2"].frozen_gib * GIB == pytest.approx(2 * P7B)
+    for a, b in zip(live.stages, cached.stages):
+        assert b.teacher_gib == 0 and a.total_gib - b.total_gib == pytest.approx(a.teacher_gib)
+    assert live.recommended.stage == "ZeRO-0"  # the base fits replicated: no partitioning needed
+
+
+def test_fewest_gpus_that_fit(counts_7b):
+    one = P.plan_trial(counts_7b["full"], 1, 16, "full", "live")
+    assert one.recommended is None and "no stage fits" in P.verdict(one)
+    smallest = P.smallest_fit(counts_7b["full"], 16, "full", "live", 1, 512)
+    assert smallest.gpus_per_trial == 2 and smallest.recommended.stage == "ZeRO-3 + CPU offload"
+
+
+def test_plan_reads_a_local_checkpoint(tiny_target):
+    from unlearn_search.models import load_model
+
+    counts = P.count_parameters(P.model_config(model_path=tiny_target), "tiny")
+    assert counts.parameters == sum(p.numel() for p in load_model(tiny_target).parameters())
+
+
+def test_plan_command_and_its_errors(tmp_path):
+    def plan(*args):
+        return subprocess.run([sys.executable, "-m", "unlearn_search.cli", "plan", *args], capture_output=True,
+                              text=True, timeout=300)
+
+    done = plan("--model-size", "7B", "--gpus-per-trial", "8", "--gpu-mem", "80", "--lora-rank", "16",
+                "--teacher", "cached", "--cluster-gpus", "64")
+    assert done.returncode == 0, done.stderr
+    assert "LoRA (40.0M trainable)" in done.stdout and "teacher cached" in done.stdout
+    assert "fits: yes, with ZeRO-0" in done.stdout and "runs 8 trial(s) at once" in done.stdout
+    assert "fewest GPUs per trial that fit: 1" in done.stdout
+    bad = plan("--model-size", "7X")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "unlearn-search: error: --model-size '7X': expected one of 1B, 7B (or --model PATH)")
+    missing = plan("--model", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no config.json there" in missing.stderr.strip().splitlines()[-1]
+    with pytest.raises(UnlearnSearchError, match=r"--gpus-per-trial 0: expected a positive integer"):
+        P.plan_trial(P.ModelCounts("m", 10, 10, 0, 5, 1, 1, 4, 8), 0, 80)
+
+
+def test_docs_memory_plan_is_what_the_command_prints():
+    assert (REPO / "docs" / "memory_plan.md").read_text() == P.memory_plan_page()
+
+
+# ------------------------------------------------------------------------- cluster/ configs
+
+def test_cluster_launcher_yaml_passes_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster" / "ray-cluster.aws.yaml").read_text())
+    validate_config(prepare_config(config))  # raises on any schema violation
+    assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
+    assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
+
+
+def test_kuberay_manifests_run_a_search_this_cli_accepts():
+    from unlearn_search.cli import build_parser
+
+    cluster = list(yaml.safe_load_all((REPO / "cluster" / "kuberay" / "raycluster.yaml").read_text()))
+    assert [d["kind"] for d in cluster] == ["RayCluster", "PersistentVolumeClaim"]
+    assert cluster[1]["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    for spec in (cluster[0]["spec"], job["spec"]["rayClusterSpec"]):
+        assert spec["authOptions"] == {"mode": "token"}
+        workers = spec["workerGroupSpecs"][0]["template"]["spec"]
+        assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        mounts = {m["mountPath"] for m in workers["containers"][0]["volumeMounts"]}
+        assert "/shared" in mounts
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "run_search.py"]
+    args = build_parser().parse_args(["search", *argv[2:]])
+    assert (REPO / args.space).is_file() and args.address == "auto" and args.output.startswith("/shared/")
