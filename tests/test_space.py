@@ -256,3 +256,12 @@ def test_loader_on_arbitrary_documents(document):
         parse_space(document)
     except UnlearnSearchError as error:
         assert "\n" not in str(error)
+
+
+def test_resources_override_is_validated_like_the_file():
+    """`run_search.py --resources workers=8 --resources gpus_per_worker=1`: the CPU-sized space on GPU nodes."""
+    space = load_space(REPO / "search_spaces" / "sugd.yaml", {"resources": {"workers": 8, "gpus_per_worker": 1}})
+    assert space.resources.workers == 8 and space.resources.gpus_per_worker == 1
+    assert space.resources.zero_stage == 3  # the rest of the file's resources stay
+    with pytest.raises(UnlearnSearchError, match=r"sugd.yaml: resources.gpus: unknown key"):
+        load_space(REPO / "search_spaces" / "sugd.yaml", {"resources": {"gpus": 1}})

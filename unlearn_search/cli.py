@@ -178,19 +178,6 @@ def cmd_trial(args) -> None:
     print(_headline(result.evaluation))
 
 
-def _key_values(pairs: list[str], option: str) -> dict:
-    """KEY=VALUE pairs, each value read as YAML (8 -> int, true -> bool, pack -> str)."""
-    import yaml
-
-    values = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UnlearnSearchError(f"{option} {pair!r}: expected KEY=VALUE")
-        values[key.strip()] = yaml.safe_load(value)
-    return values
-
-
 def cmd_search(args) -> None:
     import dataclasses
 
@@ -198,7 +185,10 @@ def cmd_search(args) -> None:
     from unlearn_search.search.driver import prepare_output
     from unlearn_search.tracking import MLflowTracker, check_reachable, default_tracking_uri, study_plots
 
-    space = load_space(args.space, {"resources": _key_values(args.resources, "--resources")} if args.resources else None)
+    from unlearn_search.training.config import parse_assignments
+
+    overrides = {"resources": parse_assignments(args.resources, "--resources")} if args.resources else None
+    space = load_space(args.space, overrides)
     options = SearchOptions(model=args.model, data=args.data, output=Path(args.output) if args.output else None,
                             address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
                             time_budget_s=args.time_budget, seed=args.seed, storage=args.storage,

@@ -96,14 +96,14 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     return config
 
 
-def parse_assignments(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` strings (from ``--set``) with values read as YAML scalars."""
+def parse_assignments(pairs: list[str], option: str = "--set") -> dict[str, Any]:
+    """``key=value`` strings (from ``--set``, ``--resources``) with values read as YAML scalars."""
     import yaml
 
     settings = {}
     for pair in pairs:
         if "=" not in pair:
-            raise UnlearnSearchError(f"--set {pair!r}: expected key=value")
+            raise UnlearnSearchError(f"{option} {pair!r}: expected key=value")
         key, value = pair.split("=", 1)
         settings[key.strip()] = yaml.safe_load(value)
     return settings
