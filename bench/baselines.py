@@ -64,13 +64,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from unlearn_search.data import resolve_data
-    from unlearn_search.evaluation import EvalConfig, evaluate
+    from unlearn_search.evaluation import EvalConfig
     from unlearn_search.evaluation.evaluate import DEFAULT_THRESHOLD_FRACTION
-    from unlearn_search.models import load_model, load_tokenizer, read_target_manifest, resolve_model
+    from unlearn_search.models import read_target_manifest, resolve_model
     from unlearn_search.models.target import build_retrained
     from unlearn_search.search.results import final_metrics
     from unlearn_search.training.cluster import init_ray
-    from unlearn_search.training.trial import Resources, run_trial
+    from unlearn_search.training.trial import Resources, evaluate_checkpoint, run_trial
 
     paths = resolve_data(args.data)
     model_dir = resolve_model(args.model, paths)
@@ -87,15 +87,13 @@ def main() -> None:
         return EvalConfig(split=args.split, max_new_tokens=args.max_new_tokens, mmlu_limit_per_subject=limit,
                           mmlu_threshold=threshold, progress=False)
 
-    manifest = read_target_manifest(model_dir)
     records: dict[str, dict] = {}
 
     def score_model(name: str, directory: Path, threshold=None) -> dict:
         saved = output / name / "evaluation_results.json"
         if not saved.exists():
             started = time.time()
-            results = evaluate(load_model(directory), load_tokenizer(directory), paths, config(threshold), manifest,
-                               output / name)
+            results = evaluate_checkpoint(directory, model_dir, paths.root, config(threshold), output / name)
             results["wall_seconds"] = time.time() - started
             saved.write_text(json.dumps(results, indent=2))
         return json.loads(saved.read_text())
@@ -103,7 +101,7 @@ def main() -> None:
     original = score_model("original", model_dir)
     threshold = DEFAULT_THRESHOLD_FRACTION * original["mmlu_average"]
     records["original"] = {"results": original, "settings": {}, "seconds": 0.0, "peak_rss_mb": None}
-    if manifest:  # a reference target: its retrained gold standard
+    if read_target_manifest(model_dir):  # a reference target: its retrained gold standard
         started = time.time()
         retrained_dir = build_retrained(paths, model_dir, progress=False)
         results = score_model("retrained", retrained_dir, threshold)

@@ -197,23 +197,24 @@ def describe(plan: Plan) -> str:
     return head
 
 
+def _cells(s: StagePlan) -> list[str]:
+    return [s.stage, *(f"{v:.1f}" for v in (s.student_states_gib, s.frozen_gib, s.activations_gib, s.teacher_gib,
+                                           s.total_gib, s.cpu_per_node_gib)), "yes" if s.fits else "no"]
+
+
 def markdown_table(plan: Plan) -> str:
     lines = ["| stage | student states | frozen weights | activations | teacher | total per GPU | CPU per node | fits |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for s in plan.stages:
-        lines.append(f"| {s.stage} | {s.student_states_gib:.1f} | {s.frozen_gib:.1f} | {s.activations_gib:.1f} | "
-                     f"{s.teacher_gib:.1f} | {s.total_gib:.1f} | {s.cpu_per_node_gib:.1f} | "
-                     f"{'yes' if s.fits else 'no'} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(_cells(s)) + " |" for s in plan.stages])
 
 
 def text_table(plan: Plan) -> str:
-    header = f"{'stage':<22}{'states':>9}{'frozen':>9}{'activ.':>9}{'teacher':>9}{'total':>9}{'CPU/node':>10}  fits"
-    lines = [header]
-    for s in plan.stages:
-        lines.append(f"{s.stage:<22}{s.student_states_gib:>9.1f}{s.frozen_gib:>9.1f}{s.activations_gib:>9.1f}"
-                     f"{s.teacher_gib:>9.1f}{s.total_gib:>9.1f}{s.cpu_per_node_gib:>10.1f}  {'yes' if s.fits else 'no'}")
-    return "\n".join(lines)
+    widths = (22, 9, 9, 9, 9, 9, 10)
+    header = ["stage", "states", "frozen", "activ.", "teacher", "total", "CPU/node"]
+
+    def line(cells: list[str]) -> str:
+        return cells[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells[1:-1], widths[1:])) + "  " + cells[-1]
+    return "\n".join([line(header + ["fits"])] + [line(_cells(s)) for s in plan.stages])
 
 
 def verdict(plan: Plan) -> str:
