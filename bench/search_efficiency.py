@@ -59,10 +59,13 @@ def main() -> None:
 
     output = Path(args.output).resolve()
     runs: dict[str, list[list[tuple[float, float]]]] = {}
-    for strategy in args.strategies.split(","):
+    strategies = args.strategies.split(",")
+    for strategy in strategies:
         if strategy not in STRATEGIES:
             raise SystemExit(f"--strategies {strategy}: unknown (expected some of {', '.join(STRATEGIES)})")
-        for seed in (int(s) for s in args.seeds.split(",")):
+    # Seed-major, so that an interrupted run leaves whole seeds (rerun with fewer --seeds to report them).
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for strategy in strategies:
             space = load_space(args.space, {"search": {**STRATEGIES[strategy], "time_budget_s": None}})
             directory = output / strategy / f"seed{seed}"
             if not (directory / "trials.json").exists():

@@ -1,11 +1,16 @@
 """The same KL trial with a live ZeRO-3 teacher and with the teacher-output cache, in one run.
 
-    python bench/teacher_cache.py --model tiny [--method ga_kl] [--epochs 3] [--workers 2]
+    python bench/teacher_cache.py --model tiny [--method ga_kl] [--epochs 3] [--workers 2] [--set trainable=last_k ...]
 
 Both are real Ray Train trials (DeepSpeed ZeRO-3 student; the live one also hosts a frozen
 ZeRO-3 teacher). Prints the mean step time, the peak resident memory of a worker (rank 0),
 the teacher parameters held on it, the one-off cache build time, and the ratios.
 Target: >= 1.7x faster steps, and no teacher weights on the workers.
+
+What the cache saves is the teacher's forward pass; what remains is the student's forward and
+backward. The ratio therefore depends on how much of the student is trained (`--set
+trainable=lora|last_k`): a frozen student body has no weight gradients to compute, so the
+teacher's share of a step grows.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from unlearn_search.data import resolve_data
 from unlearn_search.models import resolve_model
 from unlearn_search.training.cluster import init_ray
-from unlearn_search.training.config import trial_config
+from unlearn_search.training.config import parse_assignments, trial_config
 from unlearn_search.training.trial import Resources, build_teacher_cache, run_trial
 
 
@@ -31,7 +36,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other trial setting, e.g. trainable=last_k last_k=2 (repeatable)")
     args = parser.parse_args()
+    extra = parse_assignments(args.set)
 
     paths = resolve_data(args.data)
     model_dir = resolve_model(args.model, paths)
@@ -39,7 +47,7 @@ def main() -> None:
     figures = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        settings = {"method": args.method, "lr": args.lr, "epochs": args.epochs}
+        settings = {"method": args.method, "lr": args.lr, "epochs": args.epochs, **extra}
         started = time.perf_counter()
         build_teacher_cache(model_dir, paths.root, trial_config({**settings, "teacher": "cached"}), scratch / "cache")
         cache_seconds = time.perf_counter() - started
@@ -56,7 +64,8 @@ def main() -> None:
                 "final_loss": reports[-1]["loss"],
             }
     live, cached = figures["live"], figures["cached"]
-    print(f"model: {model_dir}  method: {args.method}  workers: {args.workers}  epochs: {args.epochs}")
+    print(f"model: {model_dir}  method: {args.method}  workers: {args.workers}  epochs: {args.epochs}  "
+          f"trainable: {trial_config(settings).trainable}  {' '.join(args.set)}")
     print(f"{'':28s}{'live teacher':>16s}{'cached':>16s}{'ratio':>10s}")
     for key, label in (("step_seconds", "mean step time (s)"), ("peak_rss_mb", "peak worker RSS (MiB)"),
                        ("trial_seconds", "trial wall time (s)")):

@@ -94,6 +94,7 @@ BAD = [
     (lambda r: r.update(search={"sampler": "cma"}), "search.sampler: expected one of tpe"),
     (lambda r: r.update(search={"num_samples": "many"}), "search.num_samples: expected an integer"),
     (lambda r: r.update(search={"grace_period": 0}), "search.grace_period: expected a percent"),
+    (lambda r: r.update(search={"n_startup_trials": 0}), "search.n_startup_trials: expected an integer >= 1"),
     (lambda r: r.update(search={"sampler": "nsga2"}), "search.sampler: nsga2 is for several objectives"),
     (lambda r: r.update(search={"sampler": "grid"}), "search.sampler: grid cannot search conditional parameters"),
     (lambda r: (r["params"].pop("lora_rank"), r.update(search={"sampler": "grid"})),
@@ -265,3 +266,17 @@ def test_resources_override_is_validated_like_the_file():
     assert space.resources.zero_stage == 3  # the rest of the file's resources stay
     with pytest.raises(UnlearnSearchError, match=r"sugd.yaml: resources.gpus: unknown key"):
         load_space(REPO / "search_spaces" / "sugd.yaml", {"resources": {"gpus": 1}})
+
+
+def test_tpe_models_after_a_third_of_a_small_budget(tmp_path):
+    """Optuna's default (10 random trials first) would make a 6-trial search pure random search."""
+    from unlearn_search.search.driver import make_searcher
+
+    space = parse_space(copy.deepcopy(BASE))
+    assert [space.search.startup_trials(n) for n in (3, 6, 12, 30, 100)] == [2, 2, 4, 10, 10]
+    raw = copy.deepcopy(BASE)
+    raw["search"] = {"n_startup_trials": 5}
+    assert parse_space(raw).search.startup_trials(6) == 5
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = make_searcher(space, storage, "s", seed=0, num_samples=12)
+    assert isinstance(searcher._sampler, optuna.samplers.TPESampler) and searcher._sampler._n_startup_trials == 4

@@ -85,3 +85,24 @@ def test_retrained_gold_standard_never_saw_the_forget_set(tiny_target, data_path
     assert results["forget-set"]["overall-regurgitation-score"] <= 0.5
     assert results["forget-set"]["overall-knowledge-score"] <= 0.5
     assert results["mia_final_score"] >= 0.5  # members and non-members look alike again
+
+
+def test_batched_inference_equals_one_at_a_time(tiny_target, data_paths):
+    """Batching (left padding, rows grouped by expected answer length) changes no output or NLL."""
+    from unlearn_search.data import load_benchmark
+    from unlearn_search.evaluation.inference import answer_nll, generate
+    from unlearn_search.models import load_model, load_tokenizer
+
+    manifest = read_target_manifest(tiny_target)
+    items = load_benchmark(data_paths.benchmark, "train").restricted(manifest["forget_ids"][:6] + manifest["retain_ids"][:6])
+    items = list(items.forget) + list(items.retain)
+    assert {i.kind for i in items} == {"sc", "qa"}
+    model, tokenizer = load_model(tiny_target).eval(), load_tokenizer(tiny_target)
+    prompts, answers = [i.input for i in items], [i.output for i in items]
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    one = generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=1)
+    assert generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=5) == one
+    assert generate(model, tokenizer, prompts, max_new_tokens=24, batch_size=5, expected_tokens=lengths) == one
+    nll_one = answer_nll(model, tokenizer, prompts, answers, batch_size=1)
+    nll_batched = answer_nll(model, tokenizer, prompts, answers, batch_size=5)
+    assert max(abs(a - b) for a, b in zip(nll_one, nll_batched)) < 1e-4

@@ -131,9 +131,6 @@ class Benchmark:
             tuple(i for i in self.forget if i.id in keep), tuple(i for i in self.retain if i.id in keep)
         )
 
-    def by_set(self, set_name: str) -> tuple[Item, ...]:
-        return self.forget if set_name == "forget" else self.retain
-
 
 def load_benchmark(directory: str | Path, split: str = "train") -> Benchmark:
     """Forget and retain items of ``split`` (``train``, ``validation`` or ``all``)."""

@@ -56,12 +56,14 @@ def load_eval_data(paths: DataPaths, config: EvalConfig, manifest: dict | None =
 def score_items(model, tokenizer, items: list[Item], config: EvalConfig) -> pd.DataFrame:
     """One row per item in the official prediction-CSV layout, plus its metric values."""
     prompts = [i.input for i in items]
-    outputs = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.progress)
+    expected_tokens = [len(ids) for ids in tokenizer([i.output for i in items], add_special_tokens=False)["input_ids"]]
+    outputs = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.progress,
+                       expected_tokens)
     nll = answer_nll(model, tokenizer, prompts, [i.output for i in items], config.batch_size)
     rows = []
     for item, output, item_nll in zip(items, outputs, nll):
         row = {"id": item.id, "task": item.task, "input": item.input, "expected_output": item.output,
-               "model_output": output, "nll": item_nll, "kind": item.kind}
+               "model_output": output, "nll": item_nll, "kind": item.kind, "set": item.set}
         if item.kind == "sc":
             rouge = metrics.rouge_recall(output, item.output)
             row.update(rougeL_recall=rouge["rougeL"], rouge1_recall=rouge["rouge1"], exact_match=math.nan)
@@ -69,6 +71,13 @@ def score_items(model, tokenizer, items: list[Item], config: EvalConfig) -> pd.D
             row.update(rougeL_recall=math.nan, rouge1_recall=math.nan, exact_match=metrics.exact_match(output, item.output))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def score_benchmark(model, tokenizer, benchmark: Benchmark, config: EvalConfig) -> dict[str, pd.DataFrame]:
+    """``score_items`` per set (forget, retain), in one pass over both: batches span the two sets,
+    so there are fewer of them, each bounded by its longest answer."""
+    frame = score_items(model, tokenizer, list(benchmark.forget) + list(benchmark.retain), config)
+    return {s: frame[frame.set == s].reset_index(drop=True) for s in ("forget", "retain")}
 
 
 def summarize_set(frame: pd.DataFrame) -> dict:
@@ -101,7 +110,7 @@ def evaluate(model, tokenizer, paths: DataPaths, config: EvalConfig, manifest: d
              output: str | Path | None = None) -> dict:
     """Score ``model``; write ``evaluation_results.json`` and the prediction CSVs into ``output``."""
     data = load_eval_data(paths, config, manifest)
-    frames = {s: score_items(model, tokenizer, list(data.benchmark.by_set(s)), config) for s in ("forget", "retain")}
+    frames = score_benchmark(model, tokenizer, data.benchmark, config)
     results: dict = {f"{s}-set": summarize_set(frames[s]) for s in frames}
     per_task = {s: {t: results[f"{s}-set"][t] for t in TASKS} for s in frames}
     results["harmonic-mean-task-aggregate"] = metrics.task_aggregate(per_task)

@@ -15,14 +15,19 @@ def _batches(order: Sequence[int], size: int):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 32,
-             progress: bool = False) -> list[str]:
+             progress: bool = False, expected_tokens: Sequence[int] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens skipped).
 
-    Prompts are sorted by length and left-padded so a batch wastes little work; the KV cache is
-    on and each row stops at EOS. ``batch_size=1`` is the official one-at-a-time procedure.
+    Rows are left-padded, the KV cache is on and each row stops at EOS, but a batch runs until
+    its longest row is done: so rows are grouped by ``expected_tokens`` (the reference answer's
+    length, when known) and then by prompt length, and a batch of short QA answers is not held
+    for a 256-token completion. The order changes no output. ``batch_size=1`` is the official
+    one-at-a-time procedure.
     """
     encoded = tokenizer(list(prompts))["input_ids"]  # one call: the fast tokenizer encodes in bulk
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    if expected_tokens is None:
+        expected_tokens = [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (min(expected_tokens[i], max_new_tokens), len(encoded[i])))
     outputs: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
     for rows in tqdm(list(_batches(order, batch_size)), desc="generating", disable=not progress):

@@ -6,7 +6,7 @@ import torch
 
 from unlearn_search.data import Benchmark
 from unlearn_search.evaluation import metrics
-from unlearn_search.evaluation.evaluate import EvalConfig, score_items, summarize_set
+from unlearn_search.evaluation.evaluate import EvalConfig, score_benchmark, summarize_set
 from unlearn_search.data.benchmark import TASKS
 
 
@@ -16,8 +16,7 @@ def quick_scores(model, tokenizer, benchmark: Benchmark, max_new_tokens: int = 6
     was_training = model.training
     model.eval()
     config = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    summaries = {s: summarize_set(score_items(model, tokenizer, list(benchmark.by_set(s)), config))
-                 for s in ("forget", "retain")}
+    summaries = {s: summarize_set(frame) for s, frame in score_benchmark(model, tokenizer, benchmark, config).items()}
     if was_training:
         model.train()
     scores = {}

@@ -13,6 +13,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,26 +198,37 @@ def build_target(paths: DataPaths, preset: TargetPreset, output: Path | None = N
     started = time.time()
     torch.manual_seed(preset.seed)
     data = select_data(paths, preset)
+    with _staged(output) as staging:
+        texts = [f"{i.input} {i.output}" for i in data.items] + [d.text for d in data.members]
+        tokenizer = train_tokenizer(texts, preset.vocab_size, staging)
+        model = build_model(preset, tokenizer)
+        loss = memorize(model, training_examples(data, tokenizer, preset.max_length), preset,
+                        tokenizer.pad_token_id, progress)
+        _save(staging, model, tokenizer, {
+            "preset": dataclasses.asdict(preset), "data": str(paths.benchmark), "final_train_loss": loss,
+            "build_seconds": round(time.time() - started, 1),
+            "parameters": sum(p.numel() for p in model.parameters()), **data.manifest(),
+        })
+    return output
+
+
+@contextmanager
+def _staged(output: Path):
+    """A fresh ``<output>.partial`` to build in, renamed to ``output`` only once complete, so an
+    interrupted build never leaves a directory that a later call would reuse."""
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    texts = [f"{i.input} {i.output}" for i in data.items] + [d.text for d in data.members]
-    tokenizer = train_tokenizer(texts, preset.vocab_size, staging)
-    model = build_model(preset, tokenizer)
-    loss = memorize(model, training_examples(data, tokenizer, preset.max_length), preset,
-                    tokenizer.pad_token_id, progress)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(staging)
-    manifest = {
-        "preset": dataclasses.asdict(preset), "data": str(paths.benchmark), "final_train_loss": loss,
-        "build_seconds": round(time.time() - started, 1), "parameters": sum(p.numel() for p in model.parameters()),
-        **data.manifest(),
-    }
-    (staging / TARGET_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    yield staging
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
-    return output
+
+
+def _save(directory: Path, model, tokenizer, manifest: dict) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    (directory / TARGET_MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def resolve_model(spec: str, paths: DataPaths, progress: bool = True) -> Path:
@@ -246,19 +258,12 @@ def build_retrained(paths: DataPaths, original: Path, output: Path | None = None
     started = time.time()
     data = select_data(paths, preset)
     retain = TargetData([i for i in data.items if i.set == "retain"], [], data.nonmembers)
-    staging = output.with_name(output.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tokenizer = load_tokenizer(original)
-    tokenizer.save_pretrained(staging)
-    model = build_model(preset, tokenizer)
-    loss = memorize(model, training_examples(retain, tokenizer, preset.max_length), preset, tokenizer.pad_token_id,
-                    progress)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(staging)
-    manifest.update(final_train_loss=loss, build_seconds=round(time.time() - started, 1), retrained_from=str(original))
-    (staging / TARGET_MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    with _staged(output) as staging:
+        tokenizer = load_tokenizer(original)
+        tokenizer.save_pretrained(staging)
+        model = build_model(preset, tokenizer)
+        loss = memorize(model, training_examples(retain, tokenizer, preset.max_length), preset,
+                        tokenizer.pad_token_id, progress)
+        _save(staging, model, tokenizer, {**manifest, "final_train_loss": loss, "retrained_from": str(original),
+                                          "build_seconds": round(time.time() - started, 1)})
     return output

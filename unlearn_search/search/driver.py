@@ -106,7 +106,7 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     ray.tune.report(metrics)
 
 
-def make_searcher(space: SearchSpace, storage, study_name: str, seed: int):
+def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_samples: int | None = None):
     """Ray's ``OptunaSearch`` over the space, ignoring intermediate results without the objective.
 
     Intermediate reports carry the quick metrics the pruner needs; the objective arrives once,
@@ -126,7 +126,9 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int):
                 pass  # a resumed search re-reporting a trial the study already holds
 
     sampler = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=seed, multivariate=True,
+            n_startup_trials=space.search.startup_trials(num_samples or space.search.num_samples)),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
@@ -250,9 +252,9 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
                               resume_errored=False, restart_errored=False)
     else:
         storage = optuna.storages.RDBStorage(storage_url) if "://" in storage_url else storage_url
-        search = make_searcher(space, storage, study_name, options.seed)
-        tune_config = TuneConfig(search_alg=search, scheduler=_scheduler(space),
-                                 num_samples=options.num_samples or space.search.num_samples,
+        num_samples = options.num_samples or space.search.num_samples
+        search = make_searcher(space, storage, study_name, options.seed, num_samples)
+        tune_config = TuneConfig(search_alg=search, scheduler=_scheduler(space), num_samples=num_samples,
                                  max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,
                                  time_budget_s=options.time_budget_s or space.search.time_budget_s)
         run_config = RunConfig(name=TUNE_DIR, storage_path=str(output), callbacks=callbacks or [],

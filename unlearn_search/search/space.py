@@ -78,6 +78,15 @@ class SearchSettings:
     num_samples: int = 8
     max_concurrent: int = 1
     time_budget_s: float | None = None
+    n_startup_trials: int | None = None  # TPE's random trials before it models (Optuna's name)
+
+    def startup_trials(self, num_samples: int) -> int:
+        """TPE samples at random until this many trials have finished. Optuna's default, 10, is
+        sized for cheap trials: a search of 6 to 12 costly ones would never leave random
+        sampling. Default: a third of the trials, from 2 to 10 (start points count)."""
+        if self.n_startup_trials is not None:
+            return self.n_startup_trials
+        return min(10, max(2, num_samples // 3))
 
 
 @dataclass(frozen=True)
@@ -347,6 +356,8 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         raise _fail("search.pruner", f"one of {', '.join(PRUNERS)}", search.pruner)
     if search.num_samples < 1 or search.max_concurrent < 1:
         raise UnlearnSearchError("search.num_samples, search.max_concurrent: expected values >= 1")
+    if search.n_startup_trials is not None and search.n_startup_trials < 1:
+        raise _fail("search.n_startup_trials", "an integer >= 1 or null", search.n_startup_trials)
     if not 0 < search.grace_period <= 100:
         raise _fail("search.grace_period", "a percent of training in (0, 100]", search.grace_period)
     if search.reduction_factor <= 1:
