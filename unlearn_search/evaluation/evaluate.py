@@ -124,7 +124,7 @@ def evaluate(model, tokenizer, paths: DataPaths, config: EvalConfig, manifest: d
     results["mia_nonmember_mean_nll"] = metrics.mean(nonmember_nll)
 
     mmlu = evaluate_mmlu(model, tokenizer, paths.mmlu, config.mmlu_shots, config.mmlu_limit_per_subject,
-                         max(1, config.batch_size // 4), config.progress)
+                         config.batch_size, config.progress)
     results["mmlu_average"] = mmlu["average"]
     results["mmlu_questions"] = mmlu["questions"]
     results["mmlu_subjects"] = mmlu["subjects"]

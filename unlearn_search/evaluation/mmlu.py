@@ -59,6 +59,7 @@ def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit
             input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             attention_mask[r, width - len(encoded[i]):] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # Only the last position's logits: a batch of long few-shot prompts never holds B x L x V.
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                        position_ids=position_ids.to(model.device), logits_to_keep=1).logits[:, -1].float().cpu()
         predicted = logits[:, choice_ids].argmax(-1)

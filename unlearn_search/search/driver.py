@@ -193,7 +193,7 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     scores = evaluate_mmlu(model, tokenizer, paths_from_root(data_root).mmlu, ev.mmlu_shots, ev.mmlu_limit,
-                           max(1, ev.batch_size // 4))
+                           ev.batch_size)
     path.write_text(json.dumps({"key": key, "mmlu_average": scores["average"]}, indent=2))
     return scores["average"]
 
