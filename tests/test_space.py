@@ -280,3 +280,35 @@ def test_tpe_models_after_a_third_of_a_small_budget(tmp_path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     searcher = make_searcher(space, storage, "s", seed=0, num_samples=12)
     assert isinstance(searcher._sampler, optuna.samplers.TPESampler) and searcher._sampler._n_startup_trials == 4
+
+
+def test_pruners_act_during_training_and_never_on_a_trained_trial():
+    """ASHA (grace 50, factor 2: rungs at 50 and 100) prunes a lagging trial mid-training, but a
+    report at progress 100 ends training and the full evaluation must follow: Ray's ASHA would
+    stop a trial there (rung 100, or a lower rung a one-epoch trial first reaches at 100)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from unlearn_search.search.driver import _scheduler
+    from unlearn_search.search.schedulers import TrainingMedianStopping
+
+    raw = copy.deepcopy(BASE)
+    raw["search"] = {"pruner": "asha", "grace_period": 50, "reduction_factor": 2}
+    scheduler = _scheduler(parse_space(raw))
+    trials = {name: Trial("trial", stub=True) for name in ("good", "lagging", "trained_low", "one_epoch")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def report(name: str, progress: float, value: float) -> str:
+        return scheduler.on_trial_result(None, trials[name], {"progress": progress, "task_aggregate": value})
+
+    assert report("good", 50, 0.9) == TrialScheduler.CONTINUE
+    assert report("lagging", 50, 0.1) == TrialScheduler.STOP  # below the rung's cutoff: pruned
+    assert report("trained_low", 50, 0.9) == TrialScheduler.CONTINUE
+    assert report("good", 100, 0.9) == TrialScheduler.CONTINUE
+    # A trained trial scoring below the others is still evaluated.
+    assert report("trained_low", 100, 0.0) == TrialScheduler.CONTINUE
+    assert report("one_epoch", 100, 0.0) == TrialScheduler.CONTINUE
+
+    raw["search"] = {"pruner": "median", "grace_period": 25}
+    assert isinstance(_scheduler(parse_space(raw)), TrainingMedianStopping)

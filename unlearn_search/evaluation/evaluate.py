@@ -12,7 +12,7 @@ import pandas as pd
 from unlearn_search.data import Benchmark, DataPaths, load_benchmark, load_documents
 from unlearn_search.data.benchmark import TASKS, Item
 from unlearn_search.evaluation import metrics
-from unlearn_search.evaluation.inference import answer_nll, document_nll, generate
+from unlearn_search.evaluation.inference import document_nll, encode_answers, generate, max_length, sequence_nll
 from unlearn_search.evaluation.mmlu import evaluate_mmlu
 
 SEMEVAL_7B_MMLU_THRESHOLD = 0.371
@@ -56,10 +56,13 @@ def load_eval_data(paths: DataPaths, config: EvalConfig, manifest: dict | None =
 def score_items(model, tokenizer, items: list[Item], config: EvalConfig) -> pd.DataFrame:
     """One row per item in the official prediction-CSV layout, plus its metric values."""
     prompts = [i.input for i in items]
-    expected_tokens = [len(ids) for ids in tokenizer([i.output for i in items], add_special_tokens=False)["input_ids"]]
+    # Tokenized once for both passes: the prompts start the generations and the answers' NLL.
+    prompt_ids, sequences = encode_answers(tokenizer, prompts, [i.output for i in items],
+                                           max_length(model, tokenizer))
+    starts = [len(ids) for ids in prompt_ids]
     outputs = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.progress,
-                       expected_tokens)
-    nll = answer_nll(model, tokenizer, prompts, [i.output for i in items], config.batch_size)
+                       expected_tokens=[len(ids) - n for ids, n in zip(sequences, starts)], prompt_ids=prompt_ids)
+    nll = sequence_nll(model, sequences, starts, tokenizer.pad_token_id, config.batch_size)
     rows = []
     for item, output, item_nll in zip(items, outputs, nll):
         row = {"id": item.id, "task": item.task, "input": item.input, "expected_output": item.output,

@@ -15,16 +15,18 @@ def _batches(order: Sequence[int], size: int):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 32,
-             progress: bool = False, expected_tokens: Sequence[int] | None = None) -> list[str]:
+             progress: bool = False, expected_tokens: Sequence[int] | None = None,
+             prompt_ids: Sequence[Sequence[int]] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens skipped).
 
     Rows are left-padded, the KV cache is on and each row stops at EOS, but a batch runs until
     its longest row is done: so rows are grouped by ``expected_tokens`` (the reference answer's
     length, when known) and then by prompt length, and a batch of short QA answers is not held
     for a 256-token completion. The order changes no output. ``batch_size=1`` is the official
-    one-at-a-time procedure.
+    one-at-a-time procedure. ``prompt_ids``, when the caller has them, are ``prompts`` tokenized.
     """
-    encoded = tokenizer(list(prompts))["input_ids"]  # one call: the fast tokenizer encodes in bulk
+    # One call: the fast tokenizer encodes in bulk.
+    encoded = prompt_ids if prompt_ids is not None else tokenizer(list(prompts))["input_ids"]
     if expected_tokens is None:
         expected_tokens = [0] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (min(expected_tokens[i], max_new_tokens), len(encoded[i])))
@@ -84,13 +86,19 @@ def max_length(model, tokenizer) -> int:
     return int(min(limit, 1 << 20))
 
 
+def encode_answers(tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                   limit: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each prompt and of the official ``input + output`` concatenation (cut at
+    ``limit``), one bulk call each; the answer is scored from ``len(prompt_ids[i])`` on."""
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    joined = tokenizer([p + a for p, a in zip(prompts, answers)])["input_ids"]
+    return prompt_ids, [ids[:limit] for ids in joined]
+
+
 def answer_nll(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> list[float]:
     """Mean NLL of each answer given its prompt, over the official ``input + output`` concatenation."""
-    limit = max_length(model, tokenizer)
-    joined = tokenizer([p + a for p, a in zip(prompts, answers)])["input_ids"]
-    sequences = [ids[:limit] for ids in joined]
-    starts = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
-    return sequence_nll(model, sequences, starts, tokenizer.pad_token_id, batch_size)
+    prompt_ids, sequences = encode_answers(tokenizer, prompts, answers, max_length(model, tokenizer))
+    return sequence_nll(model, sequences, [len(ids) for ids in prompt_ids], tokenizer.pad_token_id, batch_size)
 
 
 def document_nll(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[float]:

@@ -142,18 +142,17 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
 
 
 def _scheduler(space: SearchSpace):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+    from ray.tune.schedulers import FIFOScheduler
+
+    from unlearn_search.search.schedulers import TrainingASHA, TrainingMedianStopping
 
     s = space.search
+    # Progress is a percent of training, so rungs compare trials at the same fraction of their
+    # schedule whatever their chunk counts; nothing is pruned once training is done (schedulers.py).
     if s.pruner == "asha":
-        # Progress is a percent of training, so rungs compare trials at the same fraction of their
-        # schedule whatever their chunk counts; max_t above 100 so that the final report (the
-        # full evaluation, also at 100) is never cut.
-        return ASHAScheduler(time_attr=PROGRESS, metric=PRUNING_METRIC, mode="max", max_t=101,
-                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+        return TrainingASHA(PROGRESS, PRUNING_METRIC, s.grace_period, s.reduction_factor)
     if s.pruner == "median":
-        return MedianStoppingRule(time_attr=PROGRESS, metric=PRUNING_METRIC, mode="max",
-                                  grace_period=s.grace_period, min_samples_required=2)
+        return TrainingMedianStopping(PROGRESS, PRUNING_METRIC, s.grace_period)
     return FIFOScheduler()
 
 
