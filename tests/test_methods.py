@@ -1,6 +1,8 @@
 """Methods on the tiny reference target: each forgets while the retain set stays."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from unlearn_search import UnlearnSearchError
 from unlearn_search.cli import main
 from unlearn_search.data import load_benchmark
 from unlearn_search.evaluation.quick import quick_scores
-from unlearn_search.methods import METHODS, SCHEDULES, get_method, get_schedule
+from unlearn_search.methods import METHODS, SCHEDULES, get_method
 from unlearn_search.methods.schedules import AGAD, SUGD, Joint
 from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
 from unlearn_search.models.trainable import count_trainable, plain_model, prepare_trainable
@@ -134,9 +136,52 @@ def test_forget_loss_bound_stops_ascent(tiny_target, data_paths):
     assert any(r["grad_norm"] == 0.0 for r in bounded.losses)  # steps where ascent was stopped
 
 
+def _bounded_ascent_on_rank(rank: int, init_file: str, label_logits: list, bound: float, out: str) -> None:
+    import torch.distributed as dist
+
+    from unlearn_search.methods.base import StepInputs, ascent
+    from unlearn_search.training.distributed import mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(label_logits))
+    # One scored token over a 2-word vocabulary: CE = log(1 + exp(-a)) for label logit a.
+    logits = torch.tensor([[[label_logits[rank], 0.0], [0.0, 0.0]]], requires_grad=True)  # position 0 predicts token 1
+    batch = {"labels": torch.tensor([[-100, 0]])}
+    step = StepInputs(forget=batch, retain=None, student=lambda b: logits, forget_loss_bound=bound,
+                      mean_over_ranks=mean_over_ranks)
+    loss = ascent(step)
+    Path(out, f"{rank}.json").write_text(json.dumps({"ce": -float(loss.detach()), "ascends": loss.requires_grad}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bound,ascends", [(1.0, False), (3.0, True)])
+def test_forget_loss_bound_is_decided_alike_on_every_rank(tmp_path, bound, ascends):
+    """Two gloo ranks whose shards' CEs (0.13 and 4.02) straddle the bound: each deciding alone,
+    one would skip its backward and leave the other's ZeRO-3 collectives hanging. The mean (2.07)
+    decides for both."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_bounded_ascent_on_rank, args=(str(tmp_path / "init"), [2.0, -4.0], bound, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["ce"] == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-5)
+    assert ranks[1]["ce"] == pytest.approx(math.log1p(math.exp(4.0)), rel=1e-5)
+    assert [r["ascends"] for r in ranks] == [ascends, ascends]
+
+
 def test_output_may_not_be_the_input_model(tiny_target, data_paths):
     with pytest.raises(UnlearnSearchError, match="is the input model directory"):
         unlearn(tiny_target, data_paths, trial_config({"method": "ga"}), output=tiny_target)
+
+
+def test_a_trial_refuses_an_output_that_holds_its_input_model(tmp_path, data_paths):
+    """`trial --model runs/a/model --output runs/a` would replace runs/a/model with the student."""
+    from unlearn_search.training.trial import run_trial
+
+    model = tmp_path / "runs" / "a" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    with pytest.raises(UnlearnSearchError, match=r"runs/a: contains the input model directory .*runs/a/model"):
+        run_trial(model, data_paths.root, {"method": "ga"}, tmp_path / "runs" / "a")
+    assert (model / "config.json").read_text() == "{}" and sorted(p.name for p in model.parent.iterdir()) == ["model"]
 
 
 # ---- every method forgets on the tiny target -----------------------------------------------

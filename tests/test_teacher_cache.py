@@ -54,6 +54,16 @@ def test_full_logprob_cache_equals_live_teacher(setup, method, params):
         assert cached.parts[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
+def test_a_top_k_of_the_whole_vocabulary_is_the_full_cache(setup):
+    prepared, teacher, _ = setup
+    sequences = {"forget": prepared.data.forget[:3]}
+    whole = compute_cache(teacher, sequences, prepared.data.pad_token_id, top_k=teacher.config.vocab_size)
+    full = compute_cache(teacher, sequences, prepared.data.pad_token_id, top_k=None)
+    assert whole.top_k is None and whole.entries.keys() == full.entries.keys()
+    for key, entry in full.entries.items():
+        assert torch.equal(whole.entries[key]["logprobs"], entry["logprobs"])
+
+
 def test_topk_cache_is_within_tolerance_and_npo_stays_exact(setup):
     prepared, teacher, student = setup
     sequences = {"forget": prepared.data.forget, "retain": prepared.data.retain}

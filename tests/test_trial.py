@@ -10,7 +10,6 @@ import psutil
 import pytest
 
 from unlearn_search.cli import main
-from unlearn_search.evaluation import EvalConfig
 from unlearn_search.models import load_model
 from unlearn_search.training.trial import Resources, read_metrics_log, run_trial
 

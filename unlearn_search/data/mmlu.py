@@ -31,6 +31,8 @@ def subjects(directory: str | Path, split: str = "test") -> list[str]:
 
 def load_questions(directory: str | Path, subject: str, split: str, limit: int | None = None) -> list[Question]:
     """The first ``limit`` questions of one subject (deterministic: file order)."""
+    if limit is not None and limit < 1:
+        raise UnlearnSearchError(f"MMLU limit {limit}: expected at least 1 question per subject (or no limit)")
     path = Path(directory) / split / f"{subject}_{split}.csv"
     if not path.exists():
         raise UnlearnSearchError(f"{path}: MMLU file not found")

@@ -74,6 +74,9 @@ class StepInputs:
     forget_scale: float = 1.0
     retain_scale: float = 1.0
     forget_loss_bound: float | None = None  # ascent stops while the forget CE is above it
+    # A value's mean over the data-parallel ranks (identity on one process): decisions every rank
+    # must take alike, since a rank that skips its backward leaves the others' ZeRO collectives hanging.
+    mean_over_ranks: Callable[[float], float] = lambda value: value
 
 
 @dataclass
@@ -84,10 +87,58 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class Knob:
+    """A method's or schedule's own setting; numeric ones may be bounded."""
+
     name: str
     default: Any
     help: str
     choices: tuple | None = None
+    low: float | None = None  # inclusive
+    high: float | None = None  # inclusive
+    positive: bool = False  # strictly above 0
+
+    def check(self, owner: str, value: Any) -> Any:
+        """``value`` if it is valid for this knob, else one clear error naming ``owner`` and the knob."""
+        def fail(expected: str) -> UnlearnSearchError:
+            return UnlearnSearchError(f"{owner}: {self.name}={value!r} (expected {expected})")
+
+        if self.choices:
+            if value not in self.choices:
+                raise fail(f"one of {', '.join(map(str, self.choices))}")
+            return value
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise fail("true or false")
+            return value
+        if isinstance(self.default, (int, float)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise fail("a number")
+            if isinstance(self.default, int) and not float(value).is_integer():
+                raise fail("an integer")
+            if ((self.positive and not value > 0) or (self.low is not None and value < self.low)
+                    or (self.high is not None and value > self.high)):
+                raise fail(self.valid_range())
+            return int(value) if isinstance(self.default, int) else value
+        return value
+
+    def valid_range(self) -> str:
+        """The bounds in words (``a value in (0, 1]``); empty for an unbounded knob."""
+        kind = "an integer" if isinstance(self.default, int) else "a value"
+        if self.low is None and self.high is None and not self.positive:
+            return ""
+        if self.high is None:
+            return f"{kind} > 0" if self.positive else f"{kind} >= {self.low}"
+        lower = "(0" if self.positive else f"[{self.low}" if self.low is not None else "(-inf"
+        return f"{kind} in {lower}, {self.high}]"
+
+
+def check_params(owner: str, knobs: tuple[Knob, ...], params: dict[str, Any]) -> dict[str, Any]:
+    """Every knob's value (given or default), each checked; an unknown name is an error."""
+    known = {k.name: k for k in knobs}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise UnlearnSearchError(f"{owner}: unknown setting {unknown[0]!r} (expected one of {', '.join(known) or 'none'})")
+    return {k.name: k.check(owner, params.get(k.name, k.default)) for k in knobs}
 
 
 class Method:
@@ -102,20 +153,7 @@ class Method:
     alternative: ClassVar[str | None] = None  # "refusal" or "random" substitute answers
 
     def __init__(self, **params: Any):
-        known = {k.name: k for k in self.knobs}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise UnlearnSearchError(
-                f"method {self.name}: unknown setting {unknown[0]!r} (expected one of {', '.join(known) or 'none'})")
-        self.params = {k.name: params.get(k.name, k.default) for k in self.knobs}
-        for name, value in self.params.items():
-            knob = known[name]
-            if knob.choices and value not in knob.choices:
-                raise UnlearnSearchError(
-                    f"method {self.name}: {name}={value!r} (expected one of {', '.join(map(str, knob.choices))})")
-            if isinstance(knob.default, (int, float)) and not isinstance(knob.default, bool):
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise UnlearnSearchError(f"method {self.name}: {name}={value!r} (expected a number)")
+        self.params = check_params(f"method {self.name}", self.knobs, params)
 
     def uses_reference(self) -> bool:
         return self.needs_reference
@@ -164,9 +202,10 @@ def compose(step: StepInputs, forget_name: str, forget_fn: Callable[[StepInputs]
 def ascent(step: StepInputs) -> torch.Tensor:
     """Negated forget cross-entropy; zero (no gradient) while the CE is above the bound.
 
-    Unbounded ascent runs away: the CE grows without limit and drags the retain set along.
+    Unbounded ascent runs away: the CE grows without limit and drags the retain set along. With
+    several ranks the bound applies to the mean of their CEs (the whole batch's, as on one process).
     """
     ce = forget_ce(step)
-    if step.forget_loss_bound is not None and float(ce.detach()) > step.forget_loss_bound:
+    if step.forget_loss_bound is not None and step.mean_over_ranks(float(ce.detach())) > step.forget_loss_bound:
         return -ce.detach()
     return -ce

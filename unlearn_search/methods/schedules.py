@@ -11,8 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.methods.base import Knob
+from unlearn_search.methods.base import Knob, check_params
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,7 @@ class Schedule:
     needs_retain: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
-        known = {k.name for k in self.knobs}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise UnlearnSearchError(f"schedule {self.name}: unknown setting {unknown[0]!r} "
-                                     f"(expected one of {', '.join(sorted(known)) or 'none'})")
-        self.params = {k.name: params.get(k.name, k.default) for k in self.knobs}
+        self.params = check_params(f"schedule {self.name}", self.knobs, params)
 
     def plan(self, n_forget: int, n_retain: int, batch_size: int, epochs: int, seed: int) -> list[Step]:
         raise NotImplementedError
@@ -101,10 +95,10 @@ class SUGD(Schedule):
     name = "sugd"
     summary = "forget chunks in order, each item followed by positive_ratio weighted retain items"
     reference_paper = "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
-    knobs = (Knob("chunk_size", 32, "forget items per chunk"),
-             Knob("positive_ratio", 7, "retain items after each forget item"),
-             Knob("positive_factor", 0.5, "weight of each retain item (forget items weigh -1)"),
-             Knob("epochs_per_chunk", 7, "passes over each chunk before the next"),
+    knobs = (Knob("chunk_size", 32, "forget items per chunk", low=1),
+             Knob("positive_ratio", 7, "retain items after each forget item", low=0),
+             Knob("positive_factor", 0.5, "weight of each retain item (forget items weigh -1)", low=0),
+             Knob("epochs_per_chunk", 7, "passes over each chunk before the next", low=1),
              Knob("split_retain", True, "cycle disjoint retain items across chunks (else the whole retain set each chunk)"))
     needs_retain = True
 
@@ -147,9 +141,11 @@ class AGAD(Schedule):
     name = "agad"
     summary = "gradient ascent per forget chunk, alternating with descent on sampled retain items"
     reference_paper = "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
-    knobs = (Knob("chunk_size", 64, "forget items per chunk"),
-             Knob("interleaving", 1.0, "annealing phases per forgetting phase (0: none, 0.5: every 2nd)"),
-             Knob("annealing", 0.25, "fraction of the retain set sampled for each annealing phase"),
+    knobs = (Knob("chunk_size", 64, "forget items per chunk", low=1),
+             Knob("interleaving", 1.0, "annealing phases per forgetting phase (0: none, 0.5: after every 2nd, 1: after each)",
+                  low=0, high=1),
+             Knob("annealing", 0.25, "fraction of the retain set sampled for each annealing phase", high=1,
+                  positive=True),
              Knob("final_annealing", True, "end with descent on the whole retain set"))
     needs_retain = True
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import OlmoConfig, OlmoForCausalLM, PreTrainedTokenizerFast
 
 from unlearn_search import __version__
-from unlearn_search.data import DataPaths, collate, encode, length_bucketed_batches, load_benchmark, load_documents
+from unlearn_search.data import DataPaths, collate, encode, length_bucketed_batches, load_documents
 from unlearn_search.data.benchmark import TASKS, Item, load_set
 from unlearn_search.data.locate import cache_root
 from unlearn_search.errors import UnlearnSearchError

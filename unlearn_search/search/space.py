@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.training.config import setting_type
 from unlearn_search.training.trial import PLACEMENTS, Resources
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
@@ -243,7 +244,7 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
             raise UnlearnSearchError(f"{path}.{key}: missing (a {distribution} parameter needs low and high)")
     low, high = _number(raw["low"], f"{path}.low", integer), _number(raw["high"], f"{path}.high", integer)
     if low >= high:
-        raise _fail(f"{path}", f"low < high", f"low={low}, high={high}")
+        raise _fail(path, "low < high", f"low={low}, high={high}")
     log = raw.get("log", False)
     if not isinstance(log, bool):
         raise _fail(f"{path}.log", "true or false", log)
@@ -332,12 +333,23 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
     for param in params:
         for choice in (param.choices or (param.low, param.high)):
             _check_settings({**settings, param.name: choice}, f"params.{param.name}")
+        if param.distribution in ("uniform", "loguniform") and setting_type(
+                param.name, settings.get("method"), settings.get("schedule", "joint")) is int:
+            raise _fail(f"params.{param.name}.distribution", f"int ({param.name} is an integer setting)",
+                        param.distribution)
+    by_name = {p.name: p for p in params}
+    for param in params:  # a value its condition can never take is a typo that silently stops sampling
+        for key, allowed in param.when.items():
+            choices = by_name[key].choices if key in by_name else None
+            wrong = [value for value in allowed if choices is not None and value not in choices]
+            if wrong:
+                raise _fail(f"params.{param.name}.when.{key}", f"values among {key}'s choices "
+                            f"({', '.join(map(str, choices))})", wrong[0])
 
     starts = []
     starts_raw = raw.get("starts") or []
     if not isinstance(starts_raw, list):
         raise _fail("starts", "a list of parameter assignments", starts_raw)
-    by_name = {p.name: p for p in params}
     for i, start in enumerate(starts_raw):
         start = _mapping(start, f"starts[{i}]")
         for key, value in start.items():
@@ -371,13 +383,20 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
     resources = _dataclass_from(Resources, raw.get("resources"), "resources")
     if resources.workers < 1 or resources.cpus_per_worker <= 0:
         raise UnlearnSearchError("resources.workers, resources.cpus_per_worker: expected values >= 1 and > 0")
-    if resources.zero_stage not in (0, 1, 2, 3):
-        raise _fail("resources.zero_stage", "0, 1, 2 or 3", resources.zero_stage)
+    if resources.zero_stage not in (0, 2, 3):  # the stages cluster/deepspeed/ has configs for
+        raise _fail("resources.zero_stage", "0, 2 or 3", resources.zero_stage)
+    for key in ("checkpoints_to_keep", "eval_items", "eval_max_new_tokens"):
+        if getattr(resources, key) < 1:
+            raise _fail(f"resources.{key}", "an integer >= 1", getattr(resources, key))
     if resources.placement not in PLACEMENTS:
         raise _fail("resources.placement", " or ".join(PLACEMENTS), resources.placement)
     evaluation = _dataclass_from(SearchEvaluation, raw.get("evaluation"), "evaluation")
     if evaluation.split not in EVAL_SPLITS:
         raise _fail("evaluation.split", f"one of {', '.join(EVAL_SPLITS)}", evaluation.split)
+    for key in ("max_new_tokens", "batch_size", "mmlu_limit"):
+        if getattr(evaluation, key) is not None and getattr(evaluation, key) < 1:
+            raise _fail(f"evaluation.{key}", "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""),
+                        getattr(evaluation, key))
     space = SearchSpace(name, settings, tuple(params), tuple(starts), objectives, search, resources, evaluation,
                         description, source)
     if search.sampler == "grid":

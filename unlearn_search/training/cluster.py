@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 

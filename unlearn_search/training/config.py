@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import METHODS, SCHEDULES, get_method, get_schedule
@@ -46,15 +47,59 @@ class TrialConfig:
 TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig) if f.name not in ("method_params", "schedule_params")}
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    if default is None or value is None or isinstance(default, str):
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """``value`` as a setting of type ``kind``; a fractional value for an integer is refused, not cut."""
+    if value is None or kind is str:
         return value
-    if isinstance(default, bool):
-        return bool(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UnlearnSearchError(f"{name}={value!r}: expected true or false")
+        return value
     try:
-        return type(default)(value) if not isinstance(default, float) else float(value)
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
     except (TypeError, ValueError):
-        raise UnlearnSearchError(f"{name}={value!r}: expected {type(default).__name__}") from None
+        raise UnlearnSearchError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if kind is int:
+        if not number.is_integer():
+            raise UnlearnSearchError(f"{name}={value!r}: expected an integer")
+        return int(number)
+    return number
+
+
+def _kind(default: Any, annotation: str = "") -> type:
+    if default is not None:
+        return type(default)
+    return {"int": int, "float": float}.get(annotation.split("|")[0].strip(), str)
+
+
+# Checked once the settings are parsed: a bad value fails here, before any worker starts.
+FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v > 0, "a value > 0"),
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "max_length": (lambda v: v >= 2, "an integer >= 2"),
+    "max_grad_norm": (lambda v: v > 0, "a value > 0"),
+    "weight_decay": (lambda v: v >= 0, "a value >= 0"),
+    "forget_loss_bound": (lambda v: v is None or v > 0, "a value > 0 or null"),
+    "last_k": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_rank": (lambda v: v >= 1, "an integer >= 1"),
+    "lora_alpha": (lambda v: v > 0, "a value > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "teacher_top_k": (lambda v: v is None or v >= 1, "a positive integer or null (auto)"),
+}
+
+
+def setting_type(name: str, method: str | None = None, schedule: str | None = None) -> type | None:
+    """The type a setting takes (int, float, bool or str); None for a name nothing here knows."""
+    if name in TRIAL_FIELDS:
+        return _kind(TRIAL_FIELDS[name].default, str(TRIAL_FIELDS[name].type))
+    for registry, key in ((METHODS, method), (SCHEDULES, schedule)):
+        for knob in registry[key].knobs if key in registry else ():
+            if knob.name == name:
+                return _kind(knob.default)
+    return None
 
 
 def trial_config(settings: dict[str, Any]) -> TrialConfig:
@@ -70,11 +115,11 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     own, method_params, schedule_params = {}, {}, {}
     for name, value in settings.items():
         if name in TRIAL_FIELDS:
-            own[name] = _coerce(name, value, TRIAL_FIELDS[name].default)
+            own[name] = _coerce(name, value, _kind(TRIAL_FIELDS[name].default, str(TRIAL_FIELDS[name].type)))
         elif name in method_knobs:
-            method_params[name] = _coerce(name, value, method_knobs[name])
+            method_params[name] = _coerce(name, value, _kind(method_knobs[name]))
         elif name in schedule_knobs:
-            schedule_params[name] = _coerce(name, value, schedule_knobs[name])
+            schedule_params[name] = _coerce(name, value, _kind(schedule_knobs[name]))
         else:
             known = sorted(set(TRIAL_FIELDS) | set(method_knobs) | set(schedule_knobs))
             raise UnlearnSearchError(f"setting {name!r} is not known for method {method} with schedule {schedule} "
@@ -84,10 +129,9 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
         raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")
     if config.teacher not in ("live", "cached"):
         raise UnlearnSearchError(f"teacher {config.teacher!r}: expected live or cached")
-    if config.teacher_top_k is not None and config.teacher_top_k < 1:
-        raise UnlearnSearchError(f"teacher_top_k={config.teacher_top_k}: expected a positive integer or null (auto)")
-    if config.lr <= 0 or config.epochs < 1 or config.batch_size < 1:
-        raise UnlearnSearchError("lr, epochs and batch_size: expected positive values")
+    for name, (valid, expected) in FIELD_RANGES.items():
+        if not valid(getattr(config, name)):
+            raise UnlearnSearchError(f"{name}={getattr(config, name)!r}: expected {expected}")
     get_method(method, **method_params)
     get_schedule(schedule, **schedule_params)
     if SCHEDULES[schedule].needs_retain and not METHODS[method].needs_retain:
@@ -107,3 +151,15 @@ def parse_assignments(pairs: list[str], option: str = "--set") -> dict[str, Any]
         key, value = pair.split("=", 1)
         settings[key.strip()] = yaml.safe_load(value)
     return settings
+
+
+def check_output_dir(output: str | Path, model_dir: str | Path) -> Path:
+    """``output`` resolved; refused when it is the input model's directory or holds it, since a
+    run replaces ``output/model`` and its own files there."""
+    output, model_dir = Path(output).resolve(), Path(model_dir).resolve()
+    if output == model_dir:
+        raise UnlearnSearchError(f"output {output}: is the input model directory (expected another directory)")
+    if output in model_dir.parents:
+        raise UnlearnSearchError(f"output {output}: contains the input model directory {model_dir} "
+                                 f"(expected a directory outside it)")
+    return output

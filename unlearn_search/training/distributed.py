@@ -49,6 +49,17 @@ def teacher_config(stage: int = 3, config_dir: Path = DEEPSPEED_DIR) -> dict[str
     return config
 
 
+def mean_over_ranks(value: float, device="cpu") -> float:
+    """``value`` averaged over the ranks (itself without a process group); every rank must call it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
+
+
 class DeepSpeedBackend:
     """The loop's backend over a DeepSpeed engine: it owns the optimizer, clipping and ZeRO."""
 
@@ -67,10 +78,14 @@ class DeepSpeedBackend:
 
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if math.isfinite(value) else 0.0])
+        # On the engine's device: NCCL (GPU workers) reduces only CUDA tensors.
+        flag = torch.tensor([1.0 if math.isfinite(value) else 0.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() > 0)
+
+    def mean_over_ranks(self, value: float) -> float:
+        return mean_over_ranks(value, self.device)
 
     def backward_step(self, loss: torch.Tensor) -> float:
         self.engine.backward(loss)

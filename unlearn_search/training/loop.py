@@ -142,7 +142,8 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
         inputs = StepInputs(forget=batches["forget"], retain=batches["retain"], student=student,
                             reference=reference_of, alternative=batches["alternative"],
                             forget_scale=step.forget_scale, retain_scale=step.retain_scale,
-                            forget_loss_bound=forget_loss_bound)
+                            forget_loss_bound=forget_loss_bound,
+                            mean_over_ranks=getattr(backend, "mean_over_ranks", lambda value: value))
         output = method.loss(inputs)
         value = float(output.loss.detach())
         agree = getattr(backend, "all_finite", None)

@@ -110,6 +110,8 @@ def compute_cache(teacher, sequences: dict[str, Sequence[Encoded]], pad_token_id
                   batch_size: int = 8) -> TeacherCache:
     """Run the teacher once over every distinct sequence."""
     teacher.eval()
+    if top_k is not None and top_k >= teacher.config.vocab_size:
+        top_k = None  # a top-k of the whole vocabulary is the full distribution: keep it exactly
     unique: dict[tuple[int, ...], Encoded] = {}
     for examples in sequences.values():
         for example in examples:

@@ -234,13 +234,11 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from unlearn_search.training.config import trial_config
+    from unlearn_search.training.config import check_output_dir, trial_config
 
     config = trial_config(settings)  # refuse bad settings before any worker starts
     scaling = scaling_config(resources)
-    output = Path(output).resolve()
-    if output == Path(model_dir).resolve():
-        raise UnlearnSearchError(f"output {output}: is the input model directory (expected another directory)")
+    output = check_output_dir(output, model_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.time()
     import torch

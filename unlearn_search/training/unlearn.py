@@ -14,7 +14,7 @@ from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import Reference, get_method, get_schedule
 from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
 from unlearn_search.models.trainable import plain_model, prepare_trainable
-from unlearn_search.training.config import TrialConfig
+from unlearn_search.training.config import TrialConfig, check_output_dir
 from unlearn_search.training.loop import (Report, TorchBackend, TrainData, TrainResult, alternative_answers,
                                           encode_items, run)
 
@@ -71,8 +71,8 @@ def unlearn(model_dir: str | Path, paths: DataPaths, config: TrialConfig, output
     Hugging Face checkpoint (LoRA merged); a diverged run raises before anything is written.
     """
     model_dir = Path(model_dir)
-    if output is not None and Path(output).resolve() == model_dir.resolve():
-        raise UnlearnSearchError(f"output {output}: is the input model directory (expected another directory)")
+    if output is not None:
+        check_output_dir(output, model_dir)
     torch.manual_seed(config.seed)
     prepared = prepare(model_dir, paths, config)
     student = prepare_trainable(load_model(model_dir), config.trainable, config.last_k, config.lora_rank,

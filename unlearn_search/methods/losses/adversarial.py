@@ -8,9 +8,9 @@ class Adversarial(Method):
     name = "adversarial"
     summary = "fine-tune each forget answer position towards the model's own most likely wrong token"
     reference_paper = "Yao et al. 2024, Machine Unlearning of Pre-trained LLMs (arXiv 2402.15159)"
-    knobs = (Knob("forget_weight", 1.0, "weight of the adversarial cross-entropy"),
+    knobs = (Knob("forget_weight", 1.0, "weight of the adversarial cross-entropy", low=0),
              Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
-             Knob("retain_weight", 1.0, "weight of the retain term"))
+             Knob("retain_weight", 1.0, "weight of the retain term", low=0))
     needs_retain = True
 
     def uses_reference(self) -> bool:

@@ -6,9 +6,9 @@ class IDK(Method):
     name = "idk"
     summary = "cross-entropy towards a template refusal on forget prompts, with a retain term"
     reference_paper = "Maini et al. 2024, TOFU (arXiv 2401.06121), 'I don't know' tuning"
-    knobs = (Knob("forget_weight", 1.0, "weight of the refusal cross-entropy"),
+    knobs = (Knob("forget_weight", 1.0, "weight of the refusal cross-entropy", low=0),
              Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
-             Knob("retain_weight", 1.0, "weight of the retain term"))
+             Knob("retain_weight", 1.0, "weight of the retain term", low=0))
     needs_retain = True
     alternative = "refusal"
 

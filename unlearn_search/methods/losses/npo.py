@@ -6,10 +6,10 @@ class NPO(Method):
     name = "npo"
     summary = "negative preference optimization against the original model's likelihood"
     reference_paper = "Zhang et al. 2024, Negative Preference Optimization (arXiv 2404.05868)"
-    knobs = (Knob("beta", 0.1, "inverse temperature"),
-             Knob("forget_weight", 1.0, "weight of the NPO term"),
+    knobs = (Knob("beta", 0.1, "inverse temperature", positive=True),
+             Knob("forget_weight", 1.0, "weight of the NPO term", low=0),
              Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
-             Knob("retain_weight", 1.0, "weight of the retain term"))
+             Knob("retain_weight", 1.0, "weight of the retain term", low=0))
     needs_retain = True
     needs_reference = True
 

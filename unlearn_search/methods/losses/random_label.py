@@ -8,9 +8,9 @@ class RandomLabel(Method):
     name = "random_label"
     summary = "cross-entropy towards random answers on forget prompts, with GA and a retain KL"
     reference_paper = "Yao et al. 2023, Large Language Model Unlearning (arXiv 2310.10683)"
-    knobs = (Knob("random_weight", 1.0, "weight of the random-answer cross-entropy"),
-             Knob("forget_weight", 0.5, "weight of the ascent term (0 turns it off)"),
-             Knob("retain_weight", 1.0, "weight of the retain KL"),
+    knobs = (Knob("random_weight", 1.0, "weight of the random-answer cross-entropy", low=0),
+             Knob("forget_weight", 0.5, "weight of the ascent term (0 turns it off)", low=0),
+             Knob("retain_weight", 1.0, "weight of the retain KL", low=0),
              Knob("random_source", "retain", "random answers: other retain answers or random tokens",
                   ("retain", "tokens")))
     needs_retain = True

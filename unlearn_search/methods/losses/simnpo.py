@@ -6,11 +6,11 @@ class SimNPO(Method):
     name = "simnpo"
     summary = "reference-free NPO on the length-normalized likelihood, with a margin"
     reference_paper = "Fan et al. 2024, Simplicity Prevails: SimNPO (arXiv 2410.07163)"
-    knobs = (Knob("beta", 2.5, "inverse temperature"),
+    knobs = (Knob("beta", 2.5, "inverse temperature", positive=True),
              Knob("gamma", 0.0, "reward margin"),
-             Knob("forget_weight", 1.0, "weight of the SimNPO term"),
+             Knob("forget_weight", 1.0, "weight of the SimNPO term", low=0),
              Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
-             Knob("retain_weight", 1.0, "weight of the retain term"))
+             Knob("retain_weight", 1.0, "weight of the retain term", low=0))
     needs_retain = True
 
     def uses_reference(self) -> bool:
