@@ -74,6 +74,8 @@ def _kind(default: Any, annotation: str = "") -> type:
     return {"int": int, "float": float}.get(annotation.split("|")[0].strip(), str)
 
 
+FIELD_TYPES = {name: _kind(f.default, str(f.type)) for name, f in TRIAL_FIELDS.items()}
+
 # Checked once the settings are parsed: a bad value fails here, before any worker starts.
 FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": (lambda v: v > 0, "a value > 0"),
@@ -93,8 +95,8 @@ FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def setting_type(name: str, method: str | None = None, schedule: str | None = None) -> type | None:
     """The type a setting takes (int, float, bool or str); None for a name nothing here knows."""
-    if name in TRIAL_FIELDS:
-        return _kind(TRIAL_FIELDS[name].default, str(TRIAL_FIELDS[name].type))
+    if name in FIELD_TYPES:
+        return FIELD_TYPES[name]
     for registry, key in ((METHODS, method), (SCHEDULES, schedule)):
         for knob in registry[key].knobs if key in registry else ():
             if knob.name == name:
@@ -115,7 +117,7 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     own, method_params, schedule_params = {}, {}, {}
     for name, value in settings.items():
         if name in TRIAL_FIELDS:
-            own[name] = _coerce(name, value, _kind(TRIAL_FIELDS[name].default, str(TRIAL_FIELDS[name].type)))
+            own[name] = _coerce(name, value, FIELD_TYPES[name])
         elif name in method_knobs:
             method_params[name] = _coerce(name, value, _kind(method_knobs[name]))
         elif name in schedule_knobs:
