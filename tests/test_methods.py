@@ -9,7 +9,7 @@ import torch
 
 from unlearn_search import UnlearnSearchError
 from unlearn_search.cli import main
-from unlearn_search.data import load_benchmark
+from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
 from unlearn_search.evaluation.quick import quick_scores
 from unlearn_search.methods import METHODS, SCHEDULES, get_method
 from unlearn_search.methods.schedules import AGAD, SUGD, Joint
@@ -205,20 +205,22 @@ RUNS = {
 RETAIN_TOLERANCE = {"ga": 0.3, "flat": 0.65, "adversarial": 0.25, "sugd": 0.25}
 
 
+QUICK = EvalConfig(split="train", max_new_tokens=64, mmlu_limit_per_subject=1)
+
+
 @pytest.fixture(scope="module")
 def memorized(tiny_target, data_paths):
-    manifest = read_target_manifest(tiny_target)
-    benchmark = load_benchmark(data_paths.benchmark, "train").restricted(manifest["forget_ids"] + manifest["retain_ids"])
-    return benchmark, quick_scores(load_model(tiny_target), load_tokenizer(tiny_target), benchmark)
+    data = load_eval_data(data_paths, QUICK, read_target_manifest(tiny_target))
+    return data, quick_scores(load_model(tiny_target), load_tokenizer(tiny_target), data, data_paths.mmlu, QUICK)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS))
 def test_method_forgets_and_keeps_retain(run, tiny_target, data_paths, memorized):
-    benchmark, before = memorized
+    data, before = memorized
     settings = {"method": run, **RUNS[run]} if "method" not in RUNS[run] else RUNS[run]
     model, tokenizer, result = unlearn(tiny_target, data_paths, trial_config(settings))
-    after = quick_scores(model, tokenizer, benchmark)
+    after = quick_scores(model, tokenizer, data, data_paths.mmlu, QUICK)
     assert result.reports and result.reports[-1].step == result.steps
     assert before["forget_regurgitation"] > 0.95
     assert after["forget_regurgitation"] <= before["forget_regurgitation"] - 0.5, after

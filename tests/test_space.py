@@ -11,8 +11,8 @@ import yaml
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.search import load_space, parse_space
-from unlearn_search.search.results import (PASSES, best_trial, final_metrics, objective_value, pareto_front,
-                                           summary_table)
+from unlearn_search.search.results import (PASSES, TRIAL_OUTPUT, best_trial, final_metrics, objective_value,
+                                           pareto_front, summary_table)
 from unlearn_search.search.space import Objective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,12 +183,14 @@ def test_best_trial_never_picks_a_trial_under_the_threshold():
         {"trial_id": "c", "status": "completed", "aggregate": 0.5, PASSES: 1.0},
         {"trial_id": "d", "status": "pruned", "aggregate": None},
         {"trial_id": "e", "status": "failed"},
+        {"trial_id": "f", "status": "pruned", "aggregate": 0.95, PASSES: 1.0},  # its last quick estimate
     ]
     assert best_trial(rows, [Objective("aggregate")])["trial_id"] == "b"
     assert best_trial(rows, [Objective("aggregate", "min")])["trial_id"] == "c"
     assert best_trial(rows[:1], [Objective("aggregate")]) is None
     table = summary_table(rows, ["lr"], "b")
     assert "b *" in table and len(table.splitlines()) == 2 + len(rows)
+    assert "~0.95" in table.splitlines()[-1] and "~" not in table.splitlines()[3]  # marked as an estimate
 
 
 def test_pareto_front_by_hand():
@@ -212,14 +214,20 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     searcher = make_searcher(space, optuna.storages.RDBStorage(storage), "mo", seed=0)
     assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler)
+    quick = {"forget_efficacy": 0.9, "retain_utility": 0.9, "training_iteration": 1}  # estimates, same names
     for i in range(5):
         config = searcher.suggest(f"t{i}")
         assert config["method"] == "gd" and ("lora_rank" in config) == (config["trainable"] == "lora")
-        searcher.on_trial_result(f"t{i}", {"task_aggregate": 0.1, "training_iteration": 1})  # quick metrics only
-        searcher.on_trial_complete(f"t{i}", {"forget_efficacy": 0.2 * i, "retain_utility": 1 - 0.15 * i})
+        searcher.on_trial_result(f"t{i}", quick)
+        searcher.on_trial_complete(f"t{i}", {"forget_efficacy": 0.2 * i, "retain_utility": 1 - 0.15 * i,
+                                             TRIAL_OUTPUT: f"trials/t{i}"})
+    searcher.suggest("pruned")
+    searcher.on_trial_result("pruned", quick)
+    searcher.on_trial_complete("pruned", quick)  # stopped by the pruner: its last result is an estimate
     study = optuna.load_study(study_name="mo", storage=storage)
     assert len(study.directions) == 2
-    assert [t.values for t in study.trials] == [[0.2 * i, 1 - 0.15 * i] for i in range(5)]
+    assert [t.values for t in study.trials[:5]] == [[0.2 * i, 1 - 0.15 * i] for i in range(5)]
+    assert study.trials[5].state == optuna.trial.TrialState.PRUNED and study.trials[5].values is None
     plots = {p.name for p in study_plots(storage, "mo", tmp_path / "plots", ["forget_efficacy", "retain_utility"])}
     assert {"pareto_front.png", "optimization_history_forget_efficacy.png"} <= plots
 
@@ -323,7 +331,7 @@ def test_pruners_act_during_training_and_never_on_a_trained_trial():
         scheduler.on_trial_add(None, trial)
 
     def report(name: str, progress: float, value: float) -> str:
-        return scheduler.on_trial_result(None, trials[name], {"progress": progress, "task_aggregate": value})
+        return scheduler.on_trial_result(None, trials[name], {"progress": progress, "aggregate": value})
 
     assert report("good", 50, 0.9) == TrialScheduler.CONTINUE
     assert report("lagging", 50, 0.1) == TrialScheduler.STOP  # below the rung's cutoff: pruned
@@ -335,3 +343,31 @@ def test_pruners_act_during_training_and_never_on_a_trained_trial():
 
     raw["search"] = {"pruner": "median", "grace_period": 25}
     assert isinstance(_scheduler(parse_space(raw)), TrainingMedianStopping)
+
+
+def test_the_pruner_compares_the_estimate_of_the_objective():
+    """Boundary reports estimate every final metric under its own name: the pruner judges a trial
+    on the search's objective and its direction, not on a fixed metric."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from unlearn_search.search.driver import _scheduler
+
+    raw = copy.deepcopy(BASE)
+    raw["search"] = {"pruner": "asha", "grace_period": 50, "reduction_factor": 2}
+    raw["objective"] = {"metric": "forget_regurgitation", "mode": "min"}
+    space = parse_space(raw)
+    assert space.pruning_objective == Objective("forget_regurgitation", "min")
+    scheduler = _scheduler(space)
+    trials = {name: Trial("trial", stub=True) for name in ("forgets", "remembers")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    # A high task aggregate does not save a trial that still regurgitates the forget set.
+    first = {"progress": 50, "forget_regurgitation": 0.1, "task_aggregate": 0.2}
+    assert scheduler.on_trial_result(None, trials["forgets"], first) == TrialScheduler.CONTINUE
+    second = {"progress": 50, "forget_regurgitation": 0.9, "task_aggregate": 0.8}
+    assert scheduler.on_trial_result(None, trials["remembers"], second) == TrialScheduler.STOP
+
+    raw["objectives"] = [{"metric": "task_aggregate"}, {"metric": "mmlu"}]
+    del raw["objective"]
+    assert parse_space(raw).pruning_objective == Objective("aggregate", "max")

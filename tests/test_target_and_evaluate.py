@@ -106,3 +106,32 @@ def test_batched_inference_equals_one_at_a_time(tiny_target, data_paths):
     nll_one = answer_nll(model, tokenizer, prompts, answers, batch_size=1)
     nll_batched = answer_nll(model, tokenizer, prompts, answers, batch_size=5)
     assert max(abs(a - b) for a, b in zip(nll_one, nll_batched)) < 1e-4
+
+
+def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_paths):
+    """What a search prunes on estimates the trial's result: on the whole data with the final
+    limits, the quick scores equal the full evaluation's metrics, and on a subset they combine
+    their own terms the way the final aggregate does."""
+    from unlearn_search.evaluation.evaluate import EvalConfig, evaluate, load_eval_data, metric_values
+    from unlearn_search.evaluation.inference import document_nll
+    from unlearn_search.evaluation.quick import quick_config, quick_data, quick_scores
+    from unlearn_search.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_target), load_tokenizer(tiny_target)
+    manifest = read_target_manifest(tiny_target)
+    final = EvalConfig(split="train", max_new_tokens=24, mmlu_limit_per_subject=2, mmlu_threshold=0.2)
+    data = load_eval_data(data_paths, final, manifest)
+
+    whole = quick_scores(model, tokenizer, quick_data(data, 10**6, 10**6), data_paths.mmlu, quick_config(final, 24, 2))
+    assert whole == pytest.approx(metric_values(evaluate(model, tokenizer, data_paths, final, manifest)))
+
+    subset = quick_data(data, items=8, documents=6)
+    assert [len(subset.benchmark.forget), len(subset.benchmark.retain), len(subset.members), len(subset.nonmembers)] \
+        == [4, 4, 3, 3]
+    assert subset.benchmark.forget == data.benchmark.forget[:4]  # fixed: the same items at every boundary
+    quick = quick_scores(model, tokenizer, subset, data_paths.mmlu, quick_config(final, 24, 1))
+    assert quick["aggregate"] == pytest.approx((quick["task_aggregate"] + quick["mmlu"] + quick["mia_score"]) / 3)
+    members = document_nll(model, tokenizer, [d.text for d in subset.members])
+    nonmembers = document_nll(model, tokenizer, [d.text for d in subset.nonmembers])
+    assert quick["mia_auc"] == pytest.approx(metrics.mia_auc(members, nonmembers))
+    assert quick["mia_score"] == pytest.approx(1 - 2 * abs(quick["mia_auc"] - 0.5))

@@ -37,6 +37,8 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
     boundaries = [r for r in reports if not r["trained"]]
     assert [r["boundary"] for r in boundaries] == ["epoch 1", "epoch 2", "epoch 3"]
     assert all("retain_kl" in r and "forget_neg_ce" in r for r in boundaries)  # the teacher's KL was computed
+    # Each boundary estimates the trial's result (what a search prunes on), not only the task terms.
+    assert all(0 <= r["aggregate"] <= 1 and 0 <= r["mia_auc"] <= 1 and 0 <= r["mmlu"] <= 1 for r in boundaries)
     results = json.loads((out / "evaluation_results.json").read_text())
     assert results["forget-set"]["overall-regurgitation-score"] < 0.9  # the memorized target was at ~1.0
     assert results["retain-set"]["overall-regurgitation-score"] > 0.8

@@ -112,7 +112,14 @@ def utility_threshold(config: EvalConfig) -> float | None:
 def evaluate(model, tokenizer, paths: DataPaths, config: EvalConfig, manifest: dict | None = None,
              output: str | Path | None = None) -> dict:
     """Score ``model``; write ``evaluation_results.json`` and the prediction CSVs into ``output``."""
-    data = load_eval_data(paths, config, manifest)
+    results, frames = score(model, tokenizer, load_eval_data(paths, config, manifest), paths.mmlu, config)
+    if output is not None:
+        write_results(results, frames, Path(output))
+    return results
+
+
+def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig) -> tuple[dict, dict]:
+    """The evaluation results (``evaluation_results.json``'s layout) and the per-set prediction frames."""
     frames = score_benchmark(model, tokenizer, data.benchmark, config)
     results: dict = {f"{s}-set": summarize_set(frames[s]) for s in frames}
     per_task = {s: {t: results[f"{s}-set"][t] for t in TASKS} for s in frames}
@@ -126,7 +133,7 @@ def evaluate(model, tokenizer, paths: DataPaths, config: EvalConfig, manifest: d
     results["mia_member_mean_nll"] = metrics.mean(member_nll)
     results["mia_nonmember_mean_nll"] = metrics.mean(nonmember_nll)
 
-    mmlu = evaluate_mmlu(model, tokenizer, paths.mmlu, config.mmlu_shots, config.mmlu_limit_per_subject,
+    mmlu = evaluate_mmlu(model, tokenizer, mmlu_dir, config.mmlu_shots, config.mmlu_limit_per_subject,
                          config.batch_size, config.progress)
     results["mmlu_average"] = mmlu["average"]
     results["mmlu_questions"] = mmlu["questions"]
@@ -138,9 +145,35 @@ def evaluate(model, tokenizer, paths: DataPaths, config: EvalConfig, manifest: d
     terms = [results["harmonic-mean-task-aggregate"], results["mmlu_average"], results["mia_final_score"]]
     results["aggregated-terms"] = terms
     results["aggregate-score"] = metrics.aggregate(*terms)
-    if output is not None:
-        write_results(results, frames, Path(output))
-    return results
+    return results, frames
+
+
+def metric_values(results: dict) -> dict[str, float]:
+    """The flat metrics of an evaluation (``evaluation_results.json``) under the platform's names:
+    what trials report, MLflow logs and a search may optimize."""
+    forget, retain = results["forget-set"], results["retain-set"]
+    values = {
+        "aggregate": results["aggregate-score"],
+        "task_aggregate": results["harmonic-mean-task-aggregate"],
+        "mia_auc": results["mia_loss_acc"],
+        "mia_score": results["mia_final_score"],
+        "mmlu": results["mmlu_average"],
+        "forget_regurgitation": forget["overall-regurgitation-score"],
+        "forget_knowledge": forget["overall-knowledge-score"],
+        "retain_regurgitation": retain["overall-regurgitation-score"],
+        "retain_knowledge": retain["overall-knowledge-score"],
+    }
+    values["forget_efficacy"] = 1 - _mean_present(values["forget_regurgitation"], values["forget_knowledge"])
+    values["retain_utility"] = _mean_present(values["retain_regurgitation"], values["retain_knowledge"])
+    for set_name, summary in (("forget", forget), ("retain", retain)):
+        if "mean-nll" in summary:
+            values[f"{set_name}_nll"] = summary["mean-nll"]
+    return values
+
+
+def _mean_present(*values: float) -> float:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(present) / len(present) if present else math.nan
 
 
 PREDICTION_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "nll"]

@@ -1,28 +1,43 @@
-"""A cheap evaluation for use during training: generation scores on a fixed set of items."""
+"""The quick evaluation during training: the full evaluation's formula on a fixed small subset.
+
+A search prunes on these figures, so they estimate the objective itself (task aggregate, MIA
+and MMLU combined as the final aggregate), not one of its terms: a trial that keeps its task
+scores while MMLU collapses, or whose MIA AUC drifts, is judged on what it will finally score.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import torch
 
 from unlearn_search.data import Benchmark
-from unlearn_search.evaluation import metrics
-from unlearn_search.evaluation.evaluate import EvalConfig, score_benchmark, summarize_set
-from unlearn_search.data.benchmark import TASKS
+from unlearn_search.evaluation.evaluate import EvalConfig, EvalData, metric_values, score
+
+
+def quick_data(data: EvalData, items: int, documents: int) -> EvalData:
+    """A fixed, deterministic subset: the first ``items`` forget + retain items and the first
+    ``documents`` MIA members + non-members (half each)."""
+    half_items, half_documents = max(1, items // 2), max(1, documents // 2)
+    return EvalData(Benchmark(data.benchmark.forget[:half_items], data.benchmark.retain[:half_items]),
+                    data.members[:half_documents], data.nonmembers[:half_documents])
+
+
+def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit_per_subject: int) -> EvalConfig:
+    """The final evaluation's settings (shots, split, batch size) with the quick limits."""
+    return dataclasses.replace(config, max_new_tokens=max_new_tokens, mmlu_limit_per_subject=mmlu_limit_per_subject,
+                               mmlu_threshold=None, original_mmlu=None, progress=False)
 
 
 @torch.no_grad()
-def quick_scores(model, tokenizer, benchmark: Benchmark, max_new_tokens: int = 64, batch_size: int = 32) -> dict:
-    """Forget/retain regurgitation and knowledge and the task aggregate on ``benchmark``'s items."""
+def quick_scores(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig) -> dict[str, float]:
+    """Every metric a finished trial reports (same names), estimated on ``data``."""
     was_training = model.training
     model.eval()
-    config = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    summaries = {s: summarize_set(frame) for s, frame in score_benchmark(model, tokenizer, benchmark, config).items()}
-    if was_training:
-        model.train()
-    scores = {}
-    for set_name, summary in summaries.items():
-        scores[f"{set_name}_regurgitation"] = summary["overall-regurgitation-score"]
-        scores[f"{set_name}_knowledge"] = summary["overall-knowledge-score"]
-        scores[f"{set_name}_nll"] = summary["mean-nll"]
-    scores["task_aggregate"] = metrics.task_aggregate({s: {t: summaries[s][t] for t in TASKS} for s in summaries})
-    return scores
+    try:
+        results, _ = score(model, tokenizer, data, mmlu_dir, config)
+    finally:
+        if was_training:
+            model.train()
+    return metric_values(results)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.search.results import (OBJECTIVE, PASSES, best_trial, final_metrics, objective_value,
-                                           summary_table)
-from unlearn_search.search.space import PROGRESS, PRUNING_METRIC, SearchSpace
+from unlearn_search.search.results import (OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated, final_metrics,
+                                           objective_value, summary_table)
+from unlearn_search.search.space import PROGRESS, SearchSpace
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -98,7 +98,7 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     if len(objectives) == 1:
         metrics[OBJECTIVE] = objective_value(metrics, objectives[0])
     nodes = sorted({n for record in result.metrics_history for n in record.get("worker_nodes", [])})
-    metrics.update({PROGRESS: 100.0, "seconds": result.seconds, "trial_output": str(output),
+    metrics.update({PROGRESS: 100.0, "seconds": result.seconds, TRIAL_OUTPUT: str(output),
                     "worker_nodes": ",".join(nodes)})
     partial = saved.with_suffix(".tmp")
     partial.write_text(json.dumps(metrics, indent=2))
@@ -125,6 +125,11 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # a resumed search re-reporting a trial the study already holds
 
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            # A pruned trial's last result is a quick estimate under the objectives' own names:
+            # Optuna must record it as pruned, never as a finished trial with those values.
+            super().on_trial_complete(trial_id, result if result and evaluated(result) else None, error)
+
     sampler = {
         "tpe": lambda: optuna.samplers.TPESampler(
             seed=seed, multivariate=True,
@@ -146,13 +151,13 @@ def _scheduler(space: SearchSpace):
 
     from unlearn_search.search.schedulers import TrainingASHA, TrainingMedianStopping
 
-    s = space.search
+    s, target = space.search, space.pruning_objective
     # Progress is a percent of training, so rungs compare trials at the same fraction of their
     # schedule whatever their chunk counts; nothing is pruned once training is done (schedulers.py).
     if s.pruner == "asha":
-        return TrainingASHA(PROGRESS, PRUNING_METRIC, s.grace_period, s.reduction_factor)
+        return TrainingASHA(PROGRESS, target.metric, target.mode, s.grace_period, s.reduction_factor)
     if s.pruner == "median":
-        return TrainingMedianStopping(PROGRESS, PRUNING_METRIC, s.grace_period)
+        return TrainingMedianStopping(PROGRESS, target.metric, target.mode, s.grace_period)
     return FIFOScheduler()
 
 
@@ -284,7 +289,7 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
         trial_id = metrics.get("trial_id") or Path(result.path).name
         if result.error is not None:
             status = "failed"
-        elif "aggregate" in metrics:
+        elif evaluated(metrics):
             status = "completed"
         else:
             status = "pruned"
@@ -293,7 +298,7 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
         row["settings"] = config
         for key in ("aggregate", "task_aggregate", "mia_score", "mia_auc", "mmlu", "forget_efficacy",
                     "retain_utility", "forget_regurgitation", "forget_knowledge", "retain_regurgitation",
-                    "retain_knowledge", PASSES, OBJECTIVE, "trial_output", PROGRESS, "worker_nodes"):
+                    "retain_knowledge", PASSES, OBJECTIVE, TRIAL_OUTPUT, PROGRESS, "worker_nodes"):
             if key in metrics:
                 row[key] = metrics[key]
         row["seconds"] = metrics.get("time_total_s")
@@ -314,7 +319,7 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
     if best_dir.exists():
         shutil.rmtree(best_dir)
     best_dir.mkdir(parents=True)
-    source = Path(best["trial_output"]) / MODEL_DIR
+    source = Path(best[TRIAL_OUTPUT]) / MODEL_DIR
     shutil.copytree(source, best_dir / MODEL_DIR)
     ev = space.evaluation
     config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,

@@ -5,29 +5,20 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from unlearn_search.evaluation.evaluate import metric_values
 from unlearn_search.search.space import Objective
 
 OBJECTIVE = "objective"  # what a single-objective search maximizes or minimizes
 PASSES = "passes_utility_threshold"
+# Only a finished trial's result holds it: the quick reports during training carry estimates
+# of the same metrics under the same names, so a metric's presence says nothing.
+TRIAL_OUTPUT = "trial_output"
 CONSTRAINT_PENALTY = 0.0  # the single objective of a trial under the MMLU threshold (aggregates lie in [0, 1])
 
 
 def final_metrics(results: dict) -> dict[str, float]:
-    """The flat metrics of a full evaluation (``evaluation_results.json``) under the platform's names."""
-    forget, retain = results["forget-set"], results["retain-set"]
-    values = {
-        "aggregate": results["aggregate-score"],
-        "task_aggregate": results["harmonic-mean-task-aggregate"],
-        "mia_auc": results["mia_loss_acc"],
-        "mia_score": results["mia_final_score"],
-        "mmlu": results["mmlu_average"],
-        "forget_regurgitation": forget["overall-regurgitation-score"],
-        "forget_knowledge": forget["overall-knowledge-score"],
-        "retain_regurgitation": retain["overall-regurgitation-score"],
-        "retain_knowledge": retain["overall-knowledge-score"],
-    }
-    values["forget_efficacy"] = 1 - _mean(values["forget_regurgitation"], values["forget_knowledge"])
-    values["retain_utility"] = _mean(values["retain_regurgitation"], values["retain_knowledge"])
+    """A finished trial's metrics: the evaluation's, and whether it passes the MMLU constraint."""
+    values = metric_values(results)
     passes = results.get(PASSES)
     values[PASSES] = 1.0 if passes in (None, True) else 0.0
     if results.get("mmlu_threshold") is not None:
@@ -35,9 +26,9 @@ def final_metrics(results: dict) -> dict[str, float]:
     return values
 
 
-def _mean(*values: float) -> float:
-    present = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(present) / len(present) if present else math.nan
+def evaluated(result: dict[str, Any]) -> bool:
+    """Whether a trial's last result is its full evaluation (else it was pruned or failed)."""
+    return TRIAL_OUTPUT in result
 
 
 def objective_value(metrics: dict[str, float], objective: Objective) -> float:
@@ -90,14 +81,20 @@ def best_trial(rows: list[dict[str, Any]], objectives: Sequence[Objective]) -> d
 
 
 def summary_table(rows: list[dict[str, Any]], params: Sequence[str], best_id: str | None) -> str:
-    """A plain-text table of every trial: status, searched parameters and headline metrics."""
-    metrics = ["aggregate", "task_aggregate", "mia_score", "mmlu", PASSES, "seconds"]
-    header = ["trial", "status"] + list(params) + metrics
+    """A plain-text table of every trial: status, searched parameters and headline metrics.
+
+    A trial that did not finish shows its last quick estimates, marked ``~``: they were taken on
+    a subset and are not comparable with finished trials' figures.
+    """
+    metrics = ["aggregate", "task_aggregate", "mia_score", "mmlu", PASSES]
+    header = ["trial", "status"] + list(params) + metrics + ["seconds"]
     lines = [header]
     for row in rows:
+        estimate = "" if row.get("status") == "completed" else "~"
         cells = [row["trial_id"] + (" *" if row["trial_id"] == best_id else ""), row.get("status", "?")]
-        for name in list(params) + metrics:
-            cells.append(_cell(row.get(name)))
+        cells += [_cell(row.get(name)) for name in params]
+        cells += [estimate + _cell(row[name]) if row.get(name) is not None else "-" for name in metrics]
+        cells.append(_cell(row.get("seconds")))
         lines.append(cells)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]

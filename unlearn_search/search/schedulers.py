@@ -26,14 +26,14 @@ class _UntilTrained:
 class TrainingASHA(_UntilTrained, ASHAScheduler):
     """ASHA over training progress; a trial that finished training always gets evaluated."""
 
-    def __init__(self, time_attr: str, metric: str, grace_period: float, reduction_factor: float):
-        super().__init__(time_attr=time_attr, metric=metric, mode="max", max_t=TRAINED,
+    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, reduction_factor: float):
+        super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=TRAINED,
                          grace_period=grace_period, reduction_factor=reduction_factor)
 
 
 class TrainingMedianStopping(_UntilTrained, MedianStoppingRule):
     """The median stopping rule over training progress; never after training is done."""
 
-    def __init__(self, time_attr: str, metric: str, grace_period: float):
-        super().__init__(time_attr=time_attr, metric=metric, mode="max", grace_period=grace_period,
+    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float):
+        super().__init__(time_attr=time_attr, metric=metric, mode=mode, grace_period=grace_period,
                          min_samples_required=2)

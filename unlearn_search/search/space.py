@@ -22,11 +22,10 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 PRUNERS = ("asha", "median", "none")
 EVAL_SPLITS = ("train", "validation", "all")
-# What a finished trial reports (see ``search.results.final_metrics``); any can be an objective.
+# What a finished trial reports (``evaluation.evaluate.metric_values``), and every boundary estimates;
+# any can be an objective.
 OBJECTIVE_METRICS = ("aggregate", "task_aggregate", "mia_score", "mmlu", "forget_efficacy", "retain_utility",
                      "forget_regurgitation", "forget_knowledge", "retain_regurgitation", "retain_knowledge")
-# Reported at every schedule boundary on a fixed item subset; what the pruner compares.
-PRUNING_METRIC = "task_aggregate"
 PROGRESS = "progress"  # percent of the trial's training steps done: comparable across schedules
 
 
@@ -118,6 +117,13 @@ class SearchSpace:
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+    @property
+    def pruning_objective(self) -> Objective:
+        """What the pruner compares at each boundary: the quick evaluation's estimate of the
+        objective (every finished-trial metric is estimated there under its own name); with
+        several objectives, the aggregate they are finally ranked on."""
+        return self.objectives[0] if not self.multi_objective else Objective("aggregate", "max")
 
     def define_by_run(self):
         return DefineByRun(self.settings, self.params)
@@ -385,7 +391,7 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         raise UnlearnSearchError("resources.workers, resources.cpus_per_worker: expected values >= 1 and > 0")
     if resources.zero_stage not in (0, 2, 3):  # the stages cluster/deepspeed/ has configs for
         raise _fail("resources.zero_stage", "0, 2 or 3", resources.zero_stage)
-    for key in ("checkpoints_to_keep", "eval_items", "eval_max_new_tokens"):
+    for key in ("checkpoints_to_keep", "eval_items", "eval_documents", "eval_mmlu_limit", "eval_max_new_tokens"):
         if getattr(resources, key) < 1:
             raise _fail(f"resources.{key}", "an integer >= 1", getattr(resources, key))
     if resources.placement not in PLACEMENTS:

@@ -17,6 +17,7 @@ from typing import Any
 from ray.tune import Callback
 
 from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.search.results import TRIAL_OUTPUT, evaluated
 
 PARENT_FILE = "mlflow.json"
 PENDING_FILE = "mlflow_pending.jsonl"
@@ -219,8 +220,8 @@ class MLflowTracker(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
-        status = "completed" if "aggregate" in result else "pruned"
-        self._call("trial_end", trial_id=trial.trial_id, status=status, directory=result.get("trial_output"))
+        status = "completed" if evaluated(result) else "pruned"
+        self._call("trial_end", trial_id=trial.trial_id, status=status, directory=result.get(TRIAL_OUTPUT))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         reason = ""

@@ -36,7 +36,11 @@ class Resources:
     offload: bool = False
     max_failures: int = 2
     checkpoints_to_keep: int = 1
-    eval_items: int = 64  # forget + retain items in the quick evaluation at each boundary
+    # The quick evaluation at each boundary (what a search prunes on): forget + retain items,
+    # MIA members + non-members, and MMLU questions per subject.
+    eval_items: int = 64
+    eval_documents: int = 32
+    eval_mmlu_limit: int = 1
     eval_max_new_tokens: int = 64
     placement: str = "pack"  # pack: a trial's workers on as few nodes as fit; spread: across nodes
 
@@ -51,14 +55,6 @@ def _worker_environment(cpus: float) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, int(cpus)))
-
-
-def quick_benchmark(benchmark, items: int):
-    """A fixed, deterministic subset for the intermediate evaluation (half forget, half retain)."""
-    from unlearn_search.data import Benchmark
-
-    half = max(1, items // 2)
-    return Benchmark(benchmark.forget[:half], benchmark.retain[:half])
 
 
 def scaling_config(resources: Resources):
@@ -83,9 +79,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from unlearn_search.data import load_benchmark
     from unlearn_search.data.locate import paths_from_root
-    from unlearn_search.evaluation.quick import quick_scores
+    from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
+    from unlearn_search.evaluation.quick import quick_data, quick_scores
     from unlearn_search.models import load_model, read_target_manifest
     from unlearn_search.models.trainable import plain_model, prepare_trainable
     from unlearn_search.training.config import trial_config
@@ -137,14 +133,12 @@ def train_worker(cfg: dict[str, Any]) -> None:
             start_step = progress["step"]
         resumed_from = start_step
 
-    eval_model, eval_items = None, None
+    eval_model, eval_data = None, None
+    quick = EvalConfig(**cfg["quick_evaluation"])
     if rank == 0:
         eval_model = trainable(load_model(model_dir))
-        benchmark = load_benchmark(paths.benchmark, config.train_split)
-        manifest = read_target_manifest(model_dir)
-        if manifest:
-            benchmark = benchmark.restricted(manifest["forget_ids"] + manifest["retain_ids"])
-        eval_items = quick_benchmark(benchmark, resources.eval_items)
+        eval_data = quick_data(load_eval_data(paths, quick, read_target_manifest(model_dir)),
+                               resources.eval_items, resources.eval_documents)
 
     def refresh_eval_model() -> None:
         state = full_state_dict(engine)
@@ -160,7 +154,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
                    "resumed_from": -1 if resumed_from is None else resumed_from, "trained": False,
                    "node_id": ray.get_runtime_context().get_node_id()}
         if rank == 0:
-            metrics.update(quick_scores(eval_model, prepared.tokenizer, eval_items, resources.eval_max_new_tokens))
+            metrics.update(quick_scores(eval_model, prepared.tokenizer, eval_data, paths.mmlu, quick))
         with tempfile.TemporaryDirectory() as directory:
             engine.save_checkpoint(directory, tag="trial")
             if rank == 0:
@@ -234,6 +228,8 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from unlearn_search.evaluation.evaluate import EvalConfig
+    from unlearn_search.evaluation.quick import quick_config
     from unlearn_search.training.config import check_output_dir, trial_config
 
     config = trial_config(settings)  # refuse bad settings before any worker starts
@@ -264,7 +260,10 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         train_worker,
         train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
                            "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources),
-                           "teacher_cache": teacher_cache},
+                           "teacher_cache": teacher_cache,
+                           # The final evaluation's settings with the quick limits: an estimate of the result.
+                           "quick_evaluation": dataclasses.asdict(quick_config(
+                               evaluation or EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit))},
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage),
