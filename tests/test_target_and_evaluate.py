@@ -128,7 +128,12 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
     subset = quick_data(data, items=8, documents=6)
     assert [len(subset.benchmark.forget), len(subset.benchmark.retain), len(subset.members), len(subset.nonmembers)] \
         == [4, 4, 3, 3]
-    assert subset.benchmark.forget == data.benchmark.forget[:4]  # fixed: the same items at every boundary
+    # Fixed (the same items at every boundary) and spread: with split "all" a prefix would hold no
+    # validation item.
+    assert subset.benchmark.forget == [data.benchmark.forget[i] for i in (0, 5, 10, 15)]
+    both = load_eval_data(data_paths, EvalConfig(split="all"), manifest)
+    splits = {item.split for item in quick_data(both, items=8, documents=6).benchmark.forget}
+    assert splits == {"train", "validation"}, splits
     quick = quick_scores(model, tokenizer, subset, data_paths.mmlu, quick_config(final, 24, 1))
     assert quick["aggregate"] == pytest.approx((quick["task_aggregate"] + quick["mmlu"] + quick["mia_score"]) / 3)
     members = document_nll(model, tokenizer, [d.text for d in subset.members])

@@ -16,12 +16,22 @@ from unlearn_search.data import Benchmark
 from unlearn_search.evaluation.evaluate import EvalConfig, EvalData, metric_values, score
 
 
+def spread(values: list, count: int) -> list:
+    """``count`` of ``values`` evenly spaced over the list (all when there are fewer): a split of
+    ``all`` puts train before validation items, so a prefix would miss the validation ones."""
+    if count >= len(values):
+        return list(values)
+    return [values[i * len(values) // count] for i in range(count)]
+
+
 def quick_data(data: EvalData, items: int, documents: int) -> EvalData:
-    """A fixed, deterministic subset: the first ``items`` forget + retain items and the first
-    ``documents`` MIA members + non-members (half each)."""
+    """A fixed, deterministic subset: ``items`` forget + retain items and ``documents`` MIA
+    members + non-members, half of each, spread over the evaluation's data."""
     half_items, half_documents = max(1, items // 2), max(1, documents // 2)
-    return EvalData(Benchmark(data.benchmark.forget[:half_items], data.benchmark.retain[:half_items]),
-                    data.members[:half_documents], data.nonmembers[:half_documents])
+    benchmark = Benchmark(spread(list(data.benchmark.forget), half_items),
+                          spread(list(data.benchmark.retain), half_items))
+    return EvalData(benchmark, spread(list(data.members), half_documents),
+                    spread(list(data.nonmembers), half_documents))
 
 
 def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit_per_subject: int) -> EvalConfig:
