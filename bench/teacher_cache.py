@@ -3,8 +3,10 @@
     python bench/teacher_cache.py --model tiny [--method ga_kl] [--epochs 3] [--workers 2] [--set trainable=last_k ...]
 
 Both are real Ray Train trials (DeepSpeed ZeRO-3 student; the live one also hosts a frozen
-ZeRO-3 teacher). Prints the mean step time, the peak resident memory of a worker (rank 0),
-the teacher parameters held on it, the one-off cache build time, and the ratios.
+ZeRO-3 teacher). Prints the mean step time; the peak resident memory of a worker (rank 0) and
+its largest proportional share at a boundary (PSS: pages shared with the node's other workers,
+such as the memory-mapped cache, split among them); the teacher parameters held on it; the
+one-off cache build time; and the ratios.
 Target: >= 1.7x faster steps, and no teacher weights on the workers.
 
 What the cache saves is the teacher's forward pass; what remains is the student's forward and
@@ -16,6 +18,7 @@ teacher's share of a step grows.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -59,6 +62,7 @@ def main() -> None:
             figures[teacher] = {
                 "step_seconds": statistics.mean(r["step_seconds"] for r in reports),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in reports),
+                "pss_mb": max(r.get("pss_mb", math.nan) for r in reports),
                 "teacher_parameters": max(r["teacher_parameters"] for r in reports),
                 "trial_seconds": result.seconds,
                 "final_loss": reports[-1]["loss"],
@@ -68,6 +72,7 @@ def main() -> None:
           f"trainable: {trial_config(settings).trainable}  {' '.join(args.set)}")
     print(f"{'':28s}{'live teacher':>16s}{'cached':>16s}{'ratio':>10s}")
     for key, label in (("step_seconds", "mean step time (s)"), ("peak_rss_mb", "peak worker RSS (MiB)"),
+                       ("pss_mb", "worker PSS (MiB)"),
                        ("trial_seconds", "trial wall time (s)")):
         print(f"{label:28s}{live[key]:16.3f}{cached[key]:16.3f}{live[key] / cached[key]:9.2f}x")
     print(f"{'teacher parameters/worker':28s}{live['teacher_parameters']:16,d}{cached['teacher_parameters']:16,d}")

@@ -74,6 +74,9 @@ def test_settings_are_split_validated_and_listed(capsys):
     assert config.flat()["positive_ratio"] == 7 and config.flat()["retain_loss"] == "ce"
     with pytest.raises(UnlearnSearchError, match=r"setting 'betta' is not known .*expected one of .*beta"):
         trial_config({"method": "npo", "betta": 0.1})
+    for name, value in (("lr", math.inf), ("max_grad_norm", "nan"), ("forget_weight", -math.inf)):
+        with pytest.raises(UnlearnSearchError, match=rf"{name}=.*expected a finite number"):
+            trial_config({"method": "gd", name: value})
     with pytest.raises(UnlearnSearchError, match=r"method 'nope': expected one of ga, gd"):
         trial_config({"method": "nope"})
     with pytest.raises(UnlearnSearchError, match=r"schedule sugd needs a method with a retain term; ga has none"):
@@ -120,8 +123,9 @@ def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(tiny_target, tm
 
 def test_a_diverging_loss_stops_the_run_and_writes_no_model(tiny_target, data_paths, tmp_path):
     out = tmp_path / "student"
-    with pytest.raises(DivergedError, match=r"loss is nan at step 1 .*diverged"):
-        unlearn(tiny_target, data_paths, trial_config({"method": "gd", "forget_weight": math.nan}), output=out)
+    # A weight past float32's range: finite as a setting, infinite once it scales the loss.
+    with pytest.raises(DivergedError, match=r"loss is -?inf at step 1 .*diverged"):
+        unlearn(tiny_target, data_paths, trial_config({"method": "gd", "forget_weight": 1e39}), output=out)
     assert not out.exists()
 
 

@@ -225,3 +225,19 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     runs = client.search_runs([client.get_experiment_by_name("unlearn-search/tiny_gd").experiment_id])
     assert sum(r.data.tags.get("unlearn_search.role") == "search" for r in runs) == 1
     assert sorted(r.data.tags["trial_id"] for r in runs if r.data.tags.get("trial_id")) == sorted(r["trial_id"] for r in rows)
+
+    # The best trial's export fails (its checkpoint is gone): the trials are still written, the
+    # earlier export is left as it was, and the error says how to retry.
+    exported = _tree_digest(output / "best")
+    best_row = json.loads((output / "best" / "trial.json").read_text())
+    (Path(best_row["trial_output"]) / "model").rename(tmp_path / "moved-model")
+    for name in ("trials.json", "summary.txt"):
+        (output / name).unlink()
+    failed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+    message = failed.stderr.strip().splitlines()[-1]
+    assert f"exporting the best trial {best_row['trial_id']} failed" in message and "--resume retries" in message, message
+    rewritten = json.loads((output / "trials.json").read_text())
+    assert [(r["trial_id"], r["status"]) for r in rewritten] == [(r["trial_id"], r["status"]) for r in rows]
+    assert best_row["trial_id"] in (output / "summary.txt").read_text()
+    assert _tree_digest(output / "best") == exported

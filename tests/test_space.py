@@ -125,6 +125,15 @@ BAD = [
     (lambda r: r["settings"].update(schedule="agad", final_annealing="yes"),
      "settings: final_annealing='yes': expected true or false"),
     (lambda r: r["settings"].update(method="npo", beta=0), "settings: method npo: beta=0.0 (expected a value > 0)"),
+    (lambda r: r["settings"].update(max_length=None), "settings: max_length=None: expected an integer"),
+    (lambda r: r["settings"].update(method=["gd"]), "settings: method=['gd']: expected a name"),
+    (lambda r: r["settings"].update(train_split="test"), "settings: train_split 'test': expected one of train, validation"),
+    (lambda r: r["settings"].update(refusals=3), "settings: refusals=3: expected a string"),
+    (lambda r: r.update(search={"n_startup_trials": 2.5}), "search.n_startup_trials: expected an integer (got 2.5)"),
+    (lambda r: r["params"]["lora_rank"].update(when={"trainable": []}),
+     "params.lora_rank.when.trainable: expected a value or a non-empty list of values (got [])"),
+    (lambda r: (r["params"].pop("trainable"), r["settings"].update(trainable="full")),
+     "params.lora_rank.when.trainable: expected values that include trainable's fixed value 'full'"),
     (lambda r: r["settings"].update(forget_weight=-1.0), "settings: method gd: forget_weight=-1.0 (expected a value >= 0)"),
 ]
 
@@ -219,8 +228,10 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
         config = searcher.suggest(f"t{i}")
         assert config["method"] == "gd" and ("lora_rank" in config) == (config["trainable"] == "lora")
         searcher.on_trial_result(f"t{i}", quick)
+        passes = i != 4  # the last one collapsed: MMLU below the threshold
         searcher.on_trial_complete(f"t{i}", {"forget_efficacy": 0.2 * i, "retain_utility": 1 - 0.15 * i,
-                                             TRIAL_OUTPUT: f"trials/t{i}"})
+                                             "mmlu": 0.4 if passes else 0.1, "mmlu_threshold": 0.3,
+                                             PASSES: float(passes), TRIAL_OUTPUT: f"trials/t{i}"})
     searcher.suggest("pruned")
     searcher.on_trial_result("pruned", quick)
     searcher.on_trial_complete("pruned", quick)  # stopped by the pruner: its last result is an estimate
@@ -228,6 +239,10 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
     assert len(study.directions) == 2
     assert [t.values for t in study.trials[:5]] == [[0.2 * i, 1 - 0.15 * i] for i in range(5)]
     assert study.trials[5].state == optuna.trial.TrialState.PRUNED and study.trials[5].values is None
+    # Several objectives cannot carry the MMLU constraint in their values: NSGA-II gets it as a constraint.
+    constraints = [t.constraints for t in study.trials]
+    assert constraints[:4] == [{"mmlu": pytest.approx(-0.1)}] * 4  # feasible: MMLU 0.1 above the threshold
+    assert constraints[4] == {"mmlu": pytest.approx(0.2)} and constraints[5] == {}  # 0.2 below; pruned: none
     plots = {p.name for p in study_plots(storage, "mo", tmp_path / "plots", ["forget_efficacy", "retain_utility"])}
     assert {"pareto_front.png", "optimization_history_forget_efficacy.png"} <= plots
 
@@ -371,3 +386,29 @@ def test_the_pruner_compares_the_estimate_of_the_objective():
     raw["objectives"] = [{"metric": "task_aggregate"}, {"metric": "mmlu"}]
     del raw["objective"]
     assert parse_space(raw).pruning_objective == Objective("aggregate", "max")
+
+
+def test_a_knob_of_a_searched_schedule_is_valid_under_its_condition():
+    raw = copy.deepcopy(BASE)
+    raw["settings"].pop("schedule")
+    raw["params"]["schedule"] = {"distribution": "categorical", "choices": ["joint", "sugd"]}
+    raw["params"]["positive_ratio"] = {"distribution": "int", "low": 1, "high": 7, "when": {"schedule": "sugd"}}
+    space = parse_space(raw)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(12):
+        values = space.define_by_run()(study.ask())
+        assert ("positive_ratio" in values) == (values["schedule"] == "sugd")
+    raw["params"]["positive_ratio"].pop("when")  # without it, joint trials would get an unknown knob
+    with pytest.raises(UnlearnSearchError, match="params.positive_ratio: setting 'positive_ratio' is not known "
+                                                 "for method gd with schedule joint"):
+        parse_space(raw)
+
+
+def test_grid_values_stay_in_range_when_the_step_does_not_divide_it():
+    raw = copy.deepcopy(BASE)
+    raw["settings"]["schedule"] = "agad"
+    raw["params"] = {"interleaving": {"distribution": "uniform", "low": 0.0, "high": 1.0, "step": 0.35}}
+    raw["starts"] = []
+    raw["search"] = {"sampler": "grid"}
+    (param,) = parse_space(raw).params
+    assert param.grid() == pytest.approx([0.0, 0.35, 0.7])

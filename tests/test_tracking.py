@@ -55,6 +55,8 @@ def test_nested_runs_params_metrics_and_artifacts_in_a_local_store(tmp_path):
     parent, one, two = runs["search-unit"], runs["t1"], runs["t2"]
     assert one.data.tags["mlflow.parentRunId"] == parent.info.run_id == two.data.tags["mlflow.parentRunId"]
     assert one.data.params["lr"] == "0.0001" and one.data.tags["status"] == "completed"
+    # Defaults too (the method's own knobs included): the run alone says how to reproduce it.
+    assert one.data.params["max_length"] == "512" and one.data.params["forget_weight"] == "1.0"
     assert [m.value for m in client.get_metric_history(one.info.run_id, "task_aggregate")] == [0.2, 0.5]
     assert "done" not in one.data.metrics
     assert [a.path for a in client.list_artifacts(one.info.run_id)] == ["evaluation_results.json"]
@@ -100,3 +102,32 @@ def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path):
     kept = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
     assert [k["what"] for k in kept] == ["parent", "trial_start", "metrics"]
     assert kept[2]["values"] == {"task_aggregate": 0.3} and "error" in kept[0]
+
+
+def test_params_are_logged_on_the_retry_when_the_first_attempt_fails_after_creating_the_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = default_tracking_uri(tmp_path)
+    tracker = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"},
+                            retries=2, retry_wait_s=0.01)
+    client = MlflowClient(tracking_uri=uri)
+    real_log_batch, failures = client.log_batch, []
+
+    def log_batch_failing_once(run_id, *args, **kwargs):  # the store is real; one call is made to fail
+        if kwargs.get("params") and not failures:
+            failures.append(run_id)
+            raise ConnectionError("server went away")
+        return real_log_batch(run_id, *args, **kwargs)
+
+    client.log_batch = log_batch_failing_once
+    tracker._client = client
+    tracker.setup()  # the parent run is created, its params fail: the call stays queued
+    assert failures and tracker.pending and tracker.pending[0]["what"] == "parent"
+    trial = _trial("t1", tmp_path, lr=1e-4, method="gd")
+    tracker.on_trial_start(0, [], trial)
+    tracker.on_experiment_end([])
+    assert not tracker.pending
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("unlearn-search/unit").experiment_id])}
+    assert set(runs) == {"search-unit", "t1"}  # no second parent run
+    assert runs["search-unit"].data.params == {"space": "unit"}
+    assert runs["t1"].data.params["lr"] == "0.0001"

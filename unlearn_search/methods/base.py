@@ -8,6 +8,7 @@ plain PyTorch loop or inside a DeepSpeed engine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -113,6 +114,8 @@ class Knob:
         if isinstance(self.default, (int, float)):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise fail("a number")
+            if not math.isfinite(value):
+                raise fail("a finite number")
             if isinstance(self.default, int) and not float(value).is_integer():
                 raise fail("an integer")
             if ((self.positive and not value > 0) or (self.low is not None and value < self.low)

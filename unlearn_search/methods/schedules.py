@@ -86,7 +86,9 @@ class SUGD(Schedule):
     Forget chunks are taken in dataset order. Each chunk becomes one interleaved sequence,
     every forget item (weight -1) followed by ``positive_ratio`` retain items (weight
     ``positive_factor``), retain items cycled across chunks; the sequence is trained in order
-    (no shuffling) for ``epochs_per_chunk`` epochs. A batch's loss is the weighted mean over
+    (no shuffling) for ``epochs_per_chunk`` epochs. With ``split_retain: false`` a chunk is instead
+    trained with the whole retain set, chunk and retain items shuffled together
+    (``positive_ratio`` is then unused). A batch's loss is the weighted mean over
     its items, which the step's scales express for a forget/retain method: forget scale =
     n_forget / n, retain scale = positive_factor * n_retain / n (each part a token-mean CE).
     Follows the authors' code (iraklis07/llm-unlearning, methods/sequential.py).
@@ -99,7 +101,9 @@ class SUGD(Schedule):
              Knob("positive_ratio", 7, "retain items after each forget item", low=0),
              Knob("positive_factor", 0.5, "weight of each retain item (forget items weigh -1)", low=0),
              Knob("epochs_per_chunk", 7, "passes over each chunk before the next", low=1),
-             Knob("split_retain", True, "cycle disjoint retain items across chunks (else the whole retain set each chunk)"))
+             Knob("split_retain", True, "cycle disjoint retain items across chunks, positive_ratio after each forget "
+                                        "item (else the whole retain set with each chunk, shuffled together; "
+                                        "positive_ratio unused)"))
     needs_retain = True
 
     def plan(self, n_forget, n_retain, batch_size, epochs, seed):

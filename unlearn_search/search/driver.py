@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.search.results import (OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated, final_metrics,
-                                           objective_value, summary_table)
+                                           mmlu_violation, objective_value, summary_table)
 from unlearn_search.search.space import PROGRESS, SearchSpace
 
 TUNE_DIR = "tune"
@@ -64,7 +64,6 @@ class SearchOutcome:
     study_name: str
     storage: str
     table: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _trial_evaluation(space: SearchSpace, threshold: float | None):
@@ -106,6 +105,9 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     ray.tune.report(metrics)
 
 
+MMLU_CONSTRAINT = "mmlu"  # an Optuna constraint of a finished trial: feasible at <= 0
+
+
 def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_samples: int | None = None):
     """Ray's ``OptunaSearch`` over the space, ignoring intermediate results without the objective.
 
@@ -128,7 +130,12 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             # A pruned trial's last result is a quick estimate under the objectives' own names:
             # Optuna must record it as pruned, never as a finished trial with those values.
-            super().on_trial_complete(trial_id, result if result and evaluated(result) else None, error)
+            finished = bool(result) and evaluated(result)
+            if finished and space.multi_objective and trial_id in self._ot_trials and "mmlu" in result:
+                # One objective carries the MMLU constraint in its value (objective_value); several
+                # cannot, so the samplers (NSGA-II, TPE) get it as a constraint.
+                self._ot_trials[trial_id].set_constraint(MMLU_CONSTRAINT, mmlu_violation(result))
+            super().on_trial_complete(trial_id, result if finished else None, error)
 
     sampler = {
         "tpe": lambda: optuna.samplers.TPESampler(
@@ -269,12 +276,19 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
 
     rows = trial_rows(grid, space)
     best = best_trial(rows, space.objectives)
-    best_dir, best_evaluation = None, None
-    if best is not None:
-        best_dir, best_evaluation = export_best(best, model_dir, paths.root, space, threshold, options, output)
     table = summary_table(rows, [p.name for p in space.params], best["trial_id"] if best else None)
+    # Written before the best trial's long re-evaluation, so a failure there loses no trial.
     (output / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     (output / "summary.txt").write_text(table + "\n")
+    best_dir, best_evaluation = None, None
+    if best is not None:
+        try:
+            best_dir, best_evaluation = export_best(best, model_dir, paths.root, space, threshold, options, output)
+        except Exception as error:
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            raise UnlearnSearchError(f"exporting the best trial {best['trial_id']} failed ({reason}); the trials are "
+                                     f"in {output / 'trials.json'} and {output / 'summary.txt'}, and --resume "
+                                     f"retries the export") from error
     return SearchOutcome(output, rows, best, best_dir, best_evaluation, time.time() - started, dashboard_url,
                          study_name, storage_url, table)
 
@@ -315,17 +329,21 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
     from unlearn_search.evaluation import EvalConfig
     from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
 
-    best_dir = output / BEST_DIR
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
-    best_dir.mkdir(parents=True)
+    # Built aside and moved in at the end: a failed export leaves an earlier export in place.
+    best_dir, partial = output / BEST_DIR, output / f"{BEST_DIR}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     source = Path(best[TRIAL_OUTPUT]) / MODEL_DIR
-    shutil.copytree(source, best_dir / MODEL_DIR)
+    shutil.copytree(source, partial / MODEL_DIR)
     ev = space.evaluation
     config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,
                         mmlu_shots=ev.mmlu_shots, mmlu_limit_per_subject=options.final_mmlu_limit,
                         mmlu_threshold=threshold, progress=options.verbose > 0)
     # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
-    evaluation = evaluate_on_cluster(best_dir / MODEL_DIR, model_dir, data_root, config, best_dir, space.resources)
-    (best_dir / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))
+    evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, space.resources)
+    (partial / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    partial.rename(best_dir)
     return best_dir, evaluation

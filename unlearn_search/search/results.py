@@ -26,6 +26,13 @@ def final_metrics(results: dict) -> dict[str, float]:
     return values
 
 
+def mmlu_violation(metrics: dict[str, float]) -> float:
+    """How far a finished trial's MMLU falls below the threshold: <= 0 when it passes (Optuna's
+    convention for a constraint), so that a sampler ranks failing trials by how badly they fail."""
+    margin = metrics["mmlu_threshold"] - metrics["mmlu"] if "mmlu_threshold" in metrics else 0.0
+    return min(margin, 0.0) if metrics.get(PASSES, 1.0) >= 1.0 else max(margin, 1e-9)
+
+
 def evaluated(result: dict[str, Any]) -> bool:
     """Whether a trial's last result is its full evaluation (else it was pruned or failed)."""
     return TRIAL_OUTPUT in result

@@ -54,7 +54,8 @@ class Param:
         if self.distribution == "int" and not self.log:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.distribution == "uniform" and self.step:
-            count = int(round((self.high - self.low) / self.step))
+            # Down: a step that does not divide the range never steps past high.
+            count = math.floor((self.high - self.low) / self.step + 1e-9)
             return [self.low + i * self.step for i in range(count + 1)]
         raise UnlearnSearchError(f"params.{self.name}: the grid sampler needs categorical, int or stepped uniform "
                                  f"parameters (got {self.distribution})")
@@ -205,7 +206,7 @@ def _dataclass_from(cls, raw: Any, path: str):
                 raise _fail(f"{path}.{key}", "a string", value)
             values[key] = value
         else:
-            integer = isinstance(default, int) and fields[key].type in ("int", "int | None")
+            integer = fields[key].type in ("int", "int | None")
             values[key] = _number(value, f"{path}.{key}", integer)
             if values[key] < 0:
                 raise _fail(f"{path}.{key}", "a value >= 0", value)
@@ -229,6 +230,8 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
             raise UnlearnSearchError(f"{path}.when.{key}: not a fixed setting or a searched parameter "
                                      f"(expected one of {', '.join(sorted(known)) or 'none'})")
         when[key] = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+        if not when[key]:
+            raise _fail(f"{path}.when.{key}", "a value or a non-empty list of values", allowed)
     if distribution == "categorical":
         extra = {"low", "high", "step", "log"} & set(raw)
         if extra:
@@ -335,22 +338,27 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
             raise UnlearnSearchError(f"params.{name_}.when: a parameter cannot depend on itself")
         params.append(param)
     params = _in_dependency_order(params)
-    # Every parameter must be a setting the method and schedule know: check each at a value it can take.
-    for param in params:
-        for choice in (param.choices or (param.low, param.high)):
-            _check_settings({**settings, param.name: choice}, f"params.{param.name}")
-        if param.distribution in ("uniform", "loguniform") and setting_type(
-                param.name, settings.get("method"), settings.get("schedule", "joint")) is int:
-            raise _fail(f"params.{param.name}.distribution", f"int ({param.name} is an integer setting)",
-                        param.distribution)
     by_name = {p.name: p for p in params}
     for param in params:  # a value its condition can never take is a typo that silently stops sampling
         for key, allowed in param.when.items():
+            if key in settings and settings[key] not in allowed:
+                raise _fail(f"params.{param.name}.when.{key}", f"values that include {key}'s fixed "
+                            f"value {settings[key]!r} (the parameter would never be sampled)", list(allowed))
             choices = by_name[key].choices if key in by_name else None
             wrong = [value for value in allowed if choices is not None and value not in choices]
             if wrong:
                 raise _fail(f"params.{param.name}.when.{key}", f"values among {key}'s choices "
                             f"({', '.join(map(str, choices))})", wrong[0])
+    # Every parameter must be a setting the method and schedule know: check each at a value it can take.
+    for param in params:
+        # Under its own conditions: a knob of a searched schedule exists only where that schedule runs.
+        context = {**settings, **{key: allowed[0] for key, allowed in param.when.items()}}
+        for choice in (param.choices or (param.low, param.high)):
+            _check_settings({**context, param.name: choice}, f"params.{param.name}")
+        if param.distribution in ("uniform", "loguniform") and setting_type(
+                param.name, context.get("method"), context.get("schedule", "joint")) is int:
+            raise _fail(f"params.{param.name}.distribution", f"int ({param.name} is an integer setting)",
+                        param.distribution)
 
     starts = []
     starts_raw = raw.get("starts") or []

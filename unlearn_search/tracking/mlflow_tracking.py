@@ -18,6 +18,7 @@ from ray.tune import Callback
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.search.results import TRIAL_OUTPUT, evaluated
+from unlearn_search.training.config import trial_config
 
 PARENT_FILE = "mlflow.json"
 PENDING_FILE = "mlflow_pending.jsonl"
@@ -83,6 +84,8 @@ class MLflowTracker(Callback):
         state = self._load()
         self.parent_id: str | None = state.get("parent_id")
         self.trial_runs: dict[str, str] = state.get("trial_runs", {})
+        # Runs whose params are logged: a run created by a call that then failed gets them on the retry.
+        self.params_logged: set[str] = set(state.get("params_logged", []))
 
     # ---------------------------------------------------------------- plumbing
 
@@ -106,7 +109,7 @@ class MLflowTracker(Callback):
     def _save(self) -> None:
         (self.output / PARENT_FILE).write_text(json.dumps(
             {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "parent_id": self.parent_id,
-             "trial_runs": self.trial_runs}, indent=2))
+             "trial_runs": self.trial_runs, "params_logged": sorted(self.params_logged)}, indent=2))
 
     def _call(self, what: str, **kwargs) -> bool:
         """Run one logging call now, or queue it; earlier queued calls go first."""
@@ -176,11 +179,8 @@ class MLflowTracker(Callback):
             run = self.client.create_run(self._experiment_id(), run_name=self.parent_name,
                                          tags={"unlearn_search.role": "search"})
             self.parent_id = run.info.run_id
-            from mlflow.entities import Param
-
-            self.client.log_batch(self.parent_id, params=[Param(k, _param_value(v))
-                                                          for k, v in self.parent_params.items()])
             self._save()
+        self._log_params(self.parent_id, self.parent_params)
         return self.parent_id
 
     def _trial_run(self, trial_id: str, params: dict | None) -> str:
@@ -191,12 +191,19 @@ class MLflowTracker(Callback):
                                                "unlearn_search.role": "trial", "status": "running"})
             self.trial_runs[trial_id] = run.info.run_id
             self._save()
-            if params:
-                from mlflow.entities import Param
-
-                self.client.log_batch(run.info.run_id,
-                                      params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
+        if params is not None:
+            self._log_params(self.trial_runs[trial_id], params)
         return self.trial_runs[trial_id]
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        if run_id in self.params_logged:
+            return
+        from mlflow.entities import Param
+
+        if params:
+            self.client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in sorted(params.items())])
+        self.params_logged.add(run_id)
+        self._save()
 
     # ---------------------------------------------------------------- Tune events
 
@@ -206,11 +213,13 @@ class MLflowTracker(Callback):
         state = self._load()
         self.parent_id = state.get("parent_id", self.parent_id)
         self.trial_runs.update(state.get("trial_runs", {}))
+        self.params_logged.update(state.get("params_logged", []))
         self._call("parent")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if trial.trial_id not in self.trial_runs:
-            self._call("trial_start", trial_id=trial.trial_id, params=dict(trial.config))
+            # Every setting, defaults included: a run is reproducible from its params alone.
+            self._call("trial_start", trial_id=trial.trial_id, params=trial_config(dict(trial.config)).flat())
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         values = _numeric(result)
@@ -237,7 +246,18 @@ class MLflowTracker(Callback):
     # ---------------------------------------------------------------- the search's own results
 
     def log_outcome(self, outcome, plots: list[Path]) -> None:
-        """Best trial (params, metrics, model, evaluation), summary table and plots on the parent."""
+        """Best trial (params, metrics, model, evaluation), summary table and plots on the parent.
+
+        A failure here is reported, not raised: everything logged is also in the search's output.
+        """
+        try:
+            self._log_outcome(outcome, plots)
+        except Exception as error:  # any client failure: the results on disk stand
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            print(f"unlearn-search: MLflow at {self.tracking_uri} did not take the search's outcome ({reason}); "
+                  f"it is in {outcome.output}")
+
+    def _log_outcome(self, outcome, plots: list[Path]) -> None:
         self.flush(final=True)
         parent, client = self._parent(), self.client
         for row in outcome.rows:

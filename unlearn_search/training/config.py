@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from unlearn_search.data.benchmark import SPLITS
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import METHODS, SCHEDULES, get_method, get_schedule
 from unlearn_search.models.trainable import TRAINABLE
@@ -61,11 +63,16 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
         number = float(value)
     except (TypeError, ValueError):
         raise UnlearnSearchError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(number):
+        raise UnlearnSearchError(f"{name}={value!r}: expected a finite number")
     if kind is int:
         if not number.is_integer():
             raise UnlearnSearchError(f"{name}={value!r}: expected an integer")
         return int(number)
     return number
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _kind(default: Any, annotation: str = "") -> type:
@@ -75,6 +82,7 @@ def _kind(default: Any, annotation: str = "") -> type:
 
 
 FIELD_TYPES = {name: _kind(f.default, str(f.type)) for name, f in TRIAL_FIELDS.items()}
+FIELD_OPTIONAL = {name for name, f in TRIAL_FIELDS.items() if "None" in str(f.type)}
 
 # Checked once the settings are parsed: a bad value fails here, before any worker starts.
 FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -108,6 +116,9 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     """Split flat settings into the trial's own fields and its method's and schedule's knobs."""
     method = settings.get("method", TrialConfig.method)
     schedule = settings.get("schedule", TrialConfig.schedule)
+    for name, value in (("method", method), ("schedule", schedule)):
+        if not isinstance(value, str):
+            raise UnlearnSearchError(f"{name}={value!r}: expected a name")
     if method not in METHODS:
         raise UnlearnSearchError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     if schedule not in SCHEDULES:
@@ -117,7 +128,12 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     own, method_params, schedule_params = {}, {}, {}
     for name, value in settings.items():
         if name in TRIAL_FIELDS:
-            own[name] = _coerce(name, value, FIELD_TYPES[name])
+            kind = FIELD_TYPES[name]
+            if value is None and name not in FIELD_OPTIONAL:
+                raise UnlearnSearchError(f"{name}=None: expected {_KIND_WORDS[kind]} (it has no null value)")
+            if kind is str and value is not None and not isinstance(value, str):
+                raise UnlearnSearchError(f"{name}={value!r}: expected a string")
+            own[name] = _coerce(name, value, kind)
         elif name in method_knobs:
             method_params[name] = _coerce(name, value, _kind(method_knobs[name]))
         elif name in schedule_knobs:
@@ -131,6 +147,8 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
         raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")
     if config.teacher not in ("live", "cached"):
         raise UnlearnSearchError(f"teacher {config.teacher!r}: expected live or cached")
+    if config.train_split not in SPLITS:
+        raise UnlearnSearchError(f"train_split {config.train_split!r}: expected one of {', '.join(SPLITS)}")
     for name, (valid, expected) in FIELD_RANGES.items():
         if not valid(getattr(config, name)):
             raise UnlearnSearchError(f"{name}={getattr(config, name)!r}: expected {expected}")

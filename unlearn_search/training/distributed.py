@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -128,6 +127,3 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
         return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     return None
 
-
-def detached_copy(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -30,6 +30,12 @@ class Backend(Protocol):
     def forward(self, batch: Batch) -> torch.Tensor: ...
 
     def backward_step(self, loss: torch.Tensor) -> float: ...
+
+    # Decisions every rank must take alike: a rank that stops or skips its backward alone
+    # leaves the others waiting in a ZeRO collective.
+    def all_finite(self, value: float) -> bool: ...
+
+    def mean_over_ranks(self, value: float) -> float: ...
 
 
 class TorchBackend:
@@ -53,6 +59,12 @@ class TorchBackend:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def all_finite(self, value: float) -> bool:
+        return math.isfinite(value)
+
+    def mean_over_ranks(self, value: float) -> float:
+        return value  # one process
 
 
 @dataclass
@@ -99,7 +111,6 @@ class Report:
     boundary: str
     step: int
     losses: dict[str, float]
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,11 +154,10 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
                             reference=reference_of, alternative=batches["alternative"],
                             forget_scale=step.forget_scale, retain_scale=step.retain_scale,
                             forget_loss_bound=forget_loss_bound,
-                            mean_over_ranks=getattr(backend, "mean_over_ranks", lambda value: value))
+                            mean_over_ranks=backend.mean_over_ranks)
         output = method.loss(inputs)
         value = float(output.loss.detach())
-        agree = getattr(backend, "all_finite", None)
-        if not (agree(value) if agree else math.isfinite(value)):
+        if not backend.all_finite(value):
             raise DivergedError(f"loss is {value} at step {index + 1} ({step.phase}): the run diverged; "
                                 f"lower lr or the forget weight, or set forget_loss_bound")
         # A bounded ascent with no retain term can leave nothing to differentiate this step.

@@ -97,7 +97,9 @@ class TeacherCache:
         if not Path(path).exists():
             raise UnlearnSearchError(f"teacher cache {path}: no such file (expected one built by the search "
                                      f"or by the trial before its workers start)")
-        saved = torch.load(path, weights_only=True)
+        # Memory-mapped: a worker reads entries from the page cache as its batches need them, and
+        # the workers of a node share one copy instead of each holding the whole file privately.
+        saved = torch.load(path, weights_only=True, mmap=True)
         return cls(saved["entries"], saved["top_k"], saved["vocab_size"])
 
 

@@ -48,6 +48,22 @@ class Resources:
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
 
+def proportional_memory() -> dict[str, float]:
+    """``pss_mb``: this process's memory with shared pages split among their users (Linux only).
+
+    Peak RSS counts a memory-mapped teacher cache in full in every worker of a node, though the
+    node holds it once; PSS charges each worker its share.
+    """
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return {"pss_mb": int(line.split()[1]) / 1024}
+    except OSError:
+        pass
+    return {}
+
+
 def _worker_environment(cpus: float) -> None:
     import torch
 
@@ -150,6 +166,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         metrics = {**report.losses, "step": report.step, "boundary": report.boundary, "steps_total": len(steps),
                    "progress": 100.0 * report.step / max(1, len(steps)),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   **proportional_memory(),
                    "teacher_parameters": teacher_parameters,
                    "resumed_from": -1 if resumed_from is None else resumed_from, "trained": False,
                    "node_id": ray.get_runtime_context().get_node_id()}
