@@ -84,7 +84,7 @@ def main() -> None:
     limit = args.mmlu_limit or None
 
     def config(threshold=None):
-        return EvalConfig(split=args.split, max_new_tokens=args.max_new_tokens, mmlu_limit_per_subject=limit,
+        return EvalConfig(split=args.split, max_new_tokens=args.max_new_tokens, mmlu_limit=limit,
                           mmlu_threshold=threshold, progress=False)
 
     records: dict[str, dict] = {}

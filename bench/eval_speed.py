@@ -58,7 +58,7 @@ def main() -> None:
     runs = [("one-at-a-time", 1)] + [(f"batched (batch {b})", b) for b in args.batch_size]
     for name, batch_size in runs:
         config = EvalConfig(split=args.split, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                            mmlu_limit_per_subject=args.mmlu_limit)
+                            mmlu_limit=args.mmlu_limit)
         seconds = []
         for _ in range(args.repeats):
             _synchronize(args.device)

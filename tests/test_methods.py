@@ -209,7 +209,7 @@ RUNS = {
 RETAIN_TOLERANCE = {"ga": 0.3, "flat": 0.65, "adversarial": 0.25, "sugd": 0.25}
 
 
-QUICK = EvalConfig(split="train", max_new_tokens=64, mmlu_limit_per_subject=1)
+QUICK = EvalConfig(split="train", max_new_tokens=64, mmlu_limit=1)
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,7 @@ def test_retrained_gold_standard_never_saw_the_forget_set(tiny_target, data_path
     assert read_target_manifest(retrained)["forget_ids"] == read_target_manifest(tiny_target)["forget_ids"]
     assert (retrained / "tokenizer.json").read_text() == (tiny_target / "tokenizer.json").read_text()
     results = evaluate(load_model(retrained), load_tokenizer(retrained), data_paths,
-                       EvalConfig(split="train", max_new_tokens=64, mmlu_limit_per_subject=1),
+                       EvalConfig(split="train", max_new_tokens=64, mmlu_limit=1),
                        read_target_manifest(tiny_target))
     assert results["retain-set"]["overall-regurgitation-score"] >= 0.9
     assert results["forget-set"]["overall-regurgitation-score"] <= 0.5
@@ -119,7 +119,7 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
 
     model, tokenizer = load_model(tiny_target), load_tokenizer(tiny_target)
     manifest = read_target_manifest(tiny_target)
-    final = EvalConfig(split="train", max_new_tokens=24, mmlu_limit_per_subject=2, mmlu_threshold=0.2)
+    final = EvalConfig(split="train", max_new_tokens=24, mmlu_limit=2, mmlu_threshold=0.2)
     data = load_eval_data(data_paths, final, manifest)
 
     whole = quick_scores(model, tokenizer, quick_data(data, 10**6, 10**6), data_paths.mmlu, quick_config(final, 24, 2))

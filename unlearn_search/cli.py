@@ -34,7 +34,7 @@ def _eval_config(args, **overrides):
     from unlearn_search.evaluation import EvalConfig
 
     values = dict(split=args.split, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  mmlu_shots=args.mmlu_shots, mmlu_limit_per_subject=args.mmlu_limit,
+                  mmlu_shots=args.mmlu_shots, mmlu_limit=args.mmlu_limit,
                   mmlu_threshold=args.mmlu_threshold, original_mmlu=args.original_mmlu, progress=True)
     values.update(overrides)
     return EvalConfig(**values)
@@ -63,7 +63,7 @@ def cmd_target_build(args) -> None:
     report = directory / TARGET_EVALUATION
     if not report.exists():
         model, tokenizer = load_model(directory), load_tokenizer(directory)
-        config = EvalConfig(split="all", mmlu_limit_per_subject=args.mmlu_limit, progress=True)
+        config = EvalConfig(split="all", mmlu_limit=args.mmlu_limit, progress=True)
         results = evaluate(model, tokenizer, paths, config, read_target_manifest(directory))
         report.write_text(json.dumps(results, indent=2))
     results = json.loads(report.read_text())

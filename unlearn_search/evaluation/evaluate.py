@@ -27,7 +27,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 32
     mmlu_shots: int = 5
-    mmlu_limit_per_subject: int | None = None
+    mmlu_limit: int | None = None  # questions per subject; None: all
     mmlu_threshold: float | None = None  # None: DEFAULT_THRESHOLD_FRACTION of original_mmlu
     original_mmlu: float | None = None
     mia_split: str = "train"
@@ -133,7 +133,7 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
     results["mia_member_mean_nll"] = metrics.mean(member_nll)
     results["mia_nonmember_mean_nll"] = metrics.mean(nonmember_nll)
 
-    mmlu = evaluate_mmlu(model, tokenizer, mmlu_dir, config.mmlu_shots, config.mmlu_limit_per_subject,
+    mmlu = evaluate_mmlu(model, tokenizer, mmlu_dir, config.mmlu_shots, config.mmlu_limit,
                          config.batch_size, config.progress)
     results["mmlu_average"] = mmlu["average"]
     results["mmlu_questions"] = mmlu["questions"]

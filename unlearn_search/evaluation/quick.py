@@ -34,9 +34,9 @@ def quick_data(data: EvalData, items: int, documents: int) -> EvalData:
                     spread(list(data.nonmembers), half_documents))
 
 
-def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit_per_subject: int) -> EvalConfig:
+def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit: int) -> EvalConfig:
     """The final evaluation's settings (shots, split, batch size) with the quick limits."""
-    return dataclasses.replace(config, max_new_tokens=max_new_tokens, mmlu_limit_per_subject=mmlu_limit_per_subject,
+    return dataclasses.replace(config, max_new_tokens=max_new_tokens, mmlu_limit=mmlu_limit,
                                mmlu_threshold=None, original_mmlu=None, progress=False)
 
 

@@ -71,7 +71,7 @@ def _trial_evaluation(space: SearchSpace, threshold: float | None):
 
     ev = space.evaluation
     return EvalConfig(split=ev.split, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                      mmlu_shots=ev.mmlu_shots, mmlu_limit_per_subject=ev.mmlu_limit, mmlu_threshold=threshold)
+                      mmlu_shots=ev.mmlu_shots, mmlu_limit=ev.mmlu_limit, mmlu_threshold=threshold)
 
 
 def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -338,7 +338,7 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
     shutil.copytree(source, partial / MODEL_DIR)
     ev = space.evaluation
     config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,
-                        mmlu_shots=ev.mmlu_shots, mmlu_limit_per_subject=options.final_mmlu_limit,
+                        mmlu_shots=ev.mmlu_shots, mmlu_limit=options.final_mmlu_limit,
                         mmlu_threshold=threshold, progress=options.verbose > 0)
     # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
     evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, space.resources)
