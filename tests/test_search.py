@@ -76,7 +76,8 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     output = tmp_path / "search"
     command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
                "--data", str(data_paths.root), "--output", str(output), "--tracking-uri", mlflow_server,
-               "--num-cpus", "2", "--final-mmlu-limit", "1", "--verbose", "0"]
+               "--num-cpus", "2", "--final-mmlu-limit", "1", "--final-split", "validation",
+               "--final-max-new-tokens", "32", "--verbose", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines: list[str] = []
     dashboard: dict = {}
@@ -125,6 +126,13 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert (best / "model" / "config.json").exists() and (best / "forget_0.csv").exists()
     best_results = json.loads((best / "evaluation_results.json").read_text())
     assert "aggregate-score" in best_results
+    # Re-evaluated on the split asked for (--final-split validation), where trials used train items.
+    import pandas as pd
+
+    validation = set(pd.read_parquet(data_paths.benchmark / "forget_validation.parquet")["id"])
+    best_ids = set(pd.read_csv(best / "forget_0.csv")["id"])
+    trial_ids = set(pd.read_csv(Path(completed[0]["trial_output"]) / "forget_0.csv")["id"])
+    assert best_ids and best_ids <= validation and not trial_ids & validation
     assert "best trial" in log and "aggregate" in log
 
     # MLflow, read back from the server: a parent run with one nested run per trial.

@@ -195,7 +195,8 @@ def cmd_search(args) -> None:
                             time_budget_s=args.time_budget, seed=args.seed, storage=args.storage,
                             resume=args.resume, dashboard_host=args.dashboard_host,
                             dashboard_port=args.dashboard_port, num_cpus=args.num_cpus,
-                            final_mmlu_limit=args.final_mmlu_limit, verbose=args.verbose)
+                            final_mmlu_limit=args.final_mmlu_limit, final_split=args.final_split,
+                            final_max_new_tokens=args.final_max_new_tokens, verbose=args.verbose)
     output = prepare_output(space, options)  # refuses to overwrite an earlier search before anything starts
     tracking_uri = args.tracking_uri or default_tracking_uri(output)
     check_reachable(tracking_uri)
@@ -244,6 +245,16 @@ def cmd_plan(args) -> None:
     smallest = smallest_fit(counts, args.gpu_mem, trainable, args.teacher, args.micro_batch, args.seq_len,
                             args.gpus_per_node, limit=max(64, args.gpus_per_trial))
     print(report(plan, smallest))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,8 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
     search.add_argument("--dashboard-host", default="127.0.0.1")
     search.add_argument("--dashboard-port", type=int)
-    search.add_argument("--final-mmlu-limit", type=int, default=None,
+    search.add_argument("--final-mmlu-limit", type=_positive_int, default=None,
                         help="MMLU questions per subject in the best trial's re-evaluation (default: all)")
+    search.add_argument("--final-split", choices=["train", "validation", "all"], default="all",
+                        help="items of the best trial's re-evaluation (default: all)")
+    search.add_argument("--final-max-new-tokens", type=_positive_int, default=256,
+                        help="tokens generated per item in the best trial's re-evaluation (default: 256, the official)")
     search.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     _add_data(search)
     search.set_defaults(func=cmd_search)
