@@ -104,7 +104,7 @@ def cmd_data_fetch(args) -> None:
 def methods_markdown() -> str:
     """The methods table of docs/methods.md, generated from the registries so it cannot go stale."""
     from unlearn_search.methods import METHODS, SCHEDULES
-    from unlearn_search.training.config import TRIAL_FIELDS
+    from unlearn_search.training.config import FIELD_HELP, TRIAL_FIELDS, setting_values
 
     def knobs(cls) -> str:
         return "<br>".join(f"`{k.name}={k.default!r}`" + (f" ({' / '.join(map(str, k.choices))})" if k.choices else "")
@@ -125,8 +125,9 @@ def methods_markdown() -> str:
     for name, cls in SCHEDULES.items():
         lines.append(f"| `{name}` | {cls.summary} | {knobs(cls)} | {getattr(cls, 'reference_paper', '') or '-'} |")
     lines += ["", "## Trial settings", "", "Shared by every method; the same names in `--set`, search spaces and "
-              "MLflow params.", "", "| setting | default |", "|---|---|"]
-    lines += [f"| `{n}` | `{f.default!r}` |" for n, f in TRIAL_FIELDS.items()]
+              "MLflow params.", "", "| setting | default | valid values | what it sets |", "|---|---|---|---|"]
+    lines += [f"| `{n}` | `{f.default!r}` | {setting_values(n) or '-'} | {FIELD_HELP[n]} |"
+              for n, f in TRIAL_FIELDS.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -101,6 +101,38 @@ FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+FIELD_HELP = {
+    "method": "the unlearning loss (table above)",
+    "schedule": "the order and weights of forget and retain batches (table above)",
+    "lr": "learning rate (AdamW)",
+    "epochs": "passes over the forget set; chunked schedules make them over each chunk (SUGD: times epochs_per_chunk)",
+    "batch_size": "items per optimizer step, across all of a trial's workers",
+    "max_length": "tokens per item (prompt, answer and end token); longer items lose their end",
+    "max_grad_norm": "gradient clipping",
+    "weight_decay": "AdamW weight decay",
+    "forget_loss_bound": "gradient ascent pauses while the forget cross-entropy is above it (null: never)",
+    "trainable": "what is trained: every weight, LoRA adapters, or the last k decoder layers",
+    "last_k": "decoder layers trained with trainable=last_k",
+    "lora_rank": "LoRA rank with trainable=lora",
+    "lora_alpha": "LoRA scaling numerator",
+    "lora_dropout": "LoRA dropout",
+    "train_split": "the benchmark split unlearned",
+    "refusals": "a CSV of refusal templates (null: the data root's)",
+    "teacher": "the original model's outputs: a frozen ZeRO-3 copy on the workers, or the cache built once per search",
+    "teacher_top_k": "log-probs kept per position in the cache (null: all for vocabularies up to 8192, else 128)",
+    "seed": "data order, substitute answers, and random initialization (LoRA adapters)",
+}
+
+
+def setting_values(name: str) -> str:
+    """A trial field's valid values in words, as its errors say them (empty when any value goes)."""
+    choices = {"method": tuple(METHODS), "schedule": tuple(SCHEDULES), "trainable": TRAINABLE,
+               "teacher": ("live", "cached"), "train_split": SPLITS}
+    if name in choices:
+        return "one of " + ", ".join(choices[name])
+    return FIELD_RANGES[name][1] if name in FIELD_RANGES else ""
+
+
 def setting_type(name: str, method: str | None = None, schedule: str | None = None) -> type | None:
     """The type a setting takes (int, float, bool or str); None for a name nothing here knows."""
     if name in FIELD_TYPES:
