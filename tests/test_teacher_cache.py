@@ -13,7 +13,9 @@ from unlearn_search.training.config import trial_config
 from unlearn_search.training.teacher_cache import TeacherCache, compute_cache, ensure_cache
 from unlearn_search.training.unlearn import live_reference, prepare, unlearn
 
-TOP_K_TOLERANCE = 0.02  # relative, on KL; sequence log-likelihoods (NPO) stay exact
+# Relative, on KL; sequence log-likelihoods (NPO) stay exact. Top-256 of the tiny target's 2048
+# tokens, for students perturbed with 9 seeds: 0.9 % to 2.0 % below the exact KL.
+TOP_K_TOLERANCE = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,10 @@ def setup(tiny_target, data_paths):
     teacher = load_model(tiny_target)
     teacher.requires_grad_(False)
     student = load_model(tiny_target)
+    generator = torch.Generator().manual_seed(0)  # fixed: the top-k error depends on the student
     with torch.no_grad():  # a student that differs from the teacher, so the KL is not 0
         for p in student.parameters():
-            p.add_(torch.randn_like(p) * 0.02, alpha=1.0)
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
     return prepared, teacher, student
 
 
