@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -16,7 +17,7 @@ from unlearn_search.data import Benchmark
 from unlearn_search.evaluation.evaluate import EvalConfig, EvalData, metric_values, score
 
 
-def spread(values: list, count: int) -> list:
+def spread(values: Sequence, count: int) -> list:
     """``count`` of ``values`` evenly spaced over the list (all when there are fewer): a split of
     ``all`` puts train before validation items, so a prefix would miss the validation ones."""
     if count >= len(values):
@@ -28,10 +29,8 @@ def quick_data(data: EvalData, items: int, documents: int) -> EvalData:
     """A fixed, deterministic subset: ``items`` forget + retain items and ``documents`` MIA
     members + non-members, half of each, spread over the evaluation's data."""
     half_items, half_documents = max(1, items // 2), max(1, documents // 2)
-    benchmark = Benchmark(spread(list(data.benchmark.forget), half_items),
-                          spread(list(data.benchmark.retain), half_items))
-    return EvalData(benchmark, spread(list(data.members), half_documents),
-                    spread(list(data.nonmembers), half_documents))
+    benchmark = Benchmark(spread(data.benchmark.forget, half_items), spread(data.benchmark.retain, half_items))
+    return EvalData(benchmark, spread(data.members, half_documents), spread(data.nonmembers, half_documents))
 
 
 def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit: int) -> EvalConfig:

@@ -46,7 +46,12 @@ class TrialConfig:
                 **get_schedule(self.schedule, **self.schedule_params).params}
 
 
+TEACHERS = ("live", "cached")
+
 TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig) if f.name not in ("method_params", "schedule_params")}
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
@@ -62,7 +67,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             raise TypeError
         number = float(value)
     except (TypeError, ValueError):
-        raise UnlearnSearchError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+        raise UnlearnSearchError(f"{name}={value!r}: expected {_KIND_WORDS[kind]}") from None
     if not math.isfinite(number):
         raise UnlearnSearchError(f"{name}={value!r}: expected a finite number")
     if kind is int:
@@ -70,9 +75,6 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             raise UnlearnSearchError(f"{name}={value!r}: expected an integer")
         return int(number)
     return number
-
-
-_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _kind(default: Any, annotation: str = "") -> type:
@@ -127,7 +129,7 @@ FIELD_HELP = {
 def setting_values(name: str) -> str:
     """A trial field's valid values in words, as its errors say them (empty when any value goes)."""
     choices = {"method": tuple(METHODS), "schedule": tuple(SCHEDULES), "trainable": TRAINABLE,
-               "teacher": ("live", "cached"), "train_split": SPLITS}
+               "teacher": TEACHERS, "train_split": SPLITS}
     if name in choices:
         return "one of " + ", ".join(choices[name])
     return FIELD_RANGES[name][1] if name in FIELD_RANGES else ""
@@ -177,8 +179,8 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     config = TrialConfig(**own, method_params=method_params, schedule_params=schedule_params)
     if config.trainable not in TRAINABLE:
         raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")
-    if config.teacher not in ("live", "cached"):
-        raise UnlearnSearchError(f"teacher {config.teacher!r}: expected live or cached")
+    if config.teacher not in TEACHERS:
+        raise UnlearnSearchError(f"teacher {config.teacher!r}: expected {' or '.join(TEACHERS)}")
     if config.train_split not in SPLITS:
         raise UnlearnSearchError(f"train_split {config.train_split!r}: expected one of {', '.join(SPLITS)}")
     for name, (valid, expected) in FIELD_RANGES.items():
