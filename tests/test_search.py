@@ -249,3 +249,61 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     assert [(r["trial_id"], r["status"]) for r in rewritten] == [(r["trial_id"], r["status"]) for r in rows]
     assert best_row["trial_id"] in (output / "summary.txt").read_text()
     assert _tree_digest(output / "best") == exported
+
+
+def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
+    """Tune ends a trial the pruner stops and one the time budget cuts alike. The first was judged
+    (its estimate fell below ASHA's rung), the second was not: the results and MLflow must say
+    which, or a search cut by its budget reads as one whose pruner rejected a trial. Real Ray Tune, the search's own ASHA,
+    MLflow tracker and ``trial_rows``; a stand-in trainable keeps the timing exact."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from unlearn_search.search.driver import _scheduler, trial_rows
+    from unlearn_search.search.results import TRIAL_OUTPUT, summary_table
+    from unlearn_search.search.space import parse_space
+    from unlearn_search.tracking import MLflowTracker, default_tracking_uri
+    from unlearn_search.training.cluster import init_ray
+
+    def trial(config):
+        """Stands in for ``search_trial`` (defined here: workers cannot import a test module):
+        one quick estimate at half of training, then, unless it sleeps past the budget, the
+        full evaluation."""
+        tune.report({"progress": 50.0, "aggregate": config["lr"]})
+        if config["lr"] > 0.92:
+            time.sleep(300)  # cut by the search's time budget
+        tune.report({"progress": 100.0, "aggregate": config["lr"], TRIAL_OUTPUT: "-"})
+
+    space = parse_space({"name": "budget", "settings": {"method": "gd", "schedule": "joint"},
+                         "params": {"lr": {"distribution": "uniform", "low": 0.01, "high": 1.0}},
+                         "search": {"pruner": "asha", "grace_period": 50, "reduction_factor": 2}})
+    uri = default_tracking_uri(tmp_path)
+    tracker = MLflowTracker(uri, "unlearn-search/budget", tmp_path, "budget", {"space": "budget"})
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    init_ray(num_cpus=2)
+    try:
+        # One at a time, in this order: 0.9 finishes; 0.1 falls below the rung 0.9 set and is
+        # pruned at 50 %; 0.95 passes the rung and is still training when the budget runs out.
+        tuner = tune.Tuner(
+            trial, param_space={"method": "gd", "schedule": "joint", "lr": tune.grid_search([0.9, 0.1, 0.95])},
+            tune_config=tune.TuneConfig(scheduler=_scheduler(space), max_concurrent_trials=1, time_budget_s=25),
+            run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), callbacks=[tracker], verbose=0))
+        rows = trial_rows(tuner.fit(), space)
+    finally:
+        ray.shutdown()
+    by_lr = {row["lr"]: row for row in rows}
+    assert {lr: row["status"] for lr, row in by_lr.items()} == {0.9: "completed", 0.1: "pruned", 0.95: "stopped"}
+    assert by_lr[0.1]["pruned_at"] == 50.0 and "pruned_at" not in by_lr[0.95]
+    table = summary_table(rows, ["lr"], None)
+    assert "stopped" in table and "pruned" in table
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = {r.data.tags.get("trial_id"): r for r in
+            client.search_runs([client.get_experiment_by_name("unlearn-search/budget").experiment_id])}
+    assert runs[by_lr[0.9]["trial_id"]].data.tags["status"] == "completed"
+    assert runs[by_lr[0.1]["trial_id"]].data.tags["status"] == "pruned"
+    assert runs[by_lr[0.1]["trial_id"]].info.status == "KILLED"
+    # Tune never ends the cut trial: the tracker does, at the end of the experiment.
+    assert runs[by_lr[0.95]["trial_id"]].data.tags["status"] == "stopped"
+    assert runs[by_lr[0.95]["trial_id"]].info.status == "KILLED"

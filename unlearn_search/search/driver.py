@@ -18,7 +18,7 @@ from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.search.results import (OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated, final_metrics,
-                                           mmlu_violation, objective_value, summary_table)
+                                           mmlu_violation, objective_value, summary_table, trial_status)
 from unlearn_search.search.space import PROGRESS, SearchSpace
 
 TUNE_DIR = "tune"
@@ -294,20 +294,20 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
 
 
 def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
-    """One flat row per trial: id, status (completed, pruned, failed), parameters, final metrics."""
+    """One flat row per trial: id, status (``results.trial_status``), parameters, final metrics."""
+    from unlearn_search.search.schedulers import pruned_record
+
     rows = []
     searched = [p.name for p in space.params]
     for result in grid:
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        if result.error is not None:
-            status = "failed"
-        elif evaluated(metrics):
-            status = "completed"
-        else:
-            status = "pruned"
+        pruned = pruned_record(result.path)
+        status = trial_status(metrics, result.error is not None, pruned is not None)
         row = {"trial_id": trial_id, "status": status, "path": result.path}
+        if status == "pruned":
+            row["pruned_at"] = pruned["at"]  # progress, percent of training
         row.update({name: config.get(name) for name in searched})
         row["settings"] = config
         for key in ("aggregate", "task_aggregate", "mia_score", "mia_auc", "mmlu", "forget_efficacy",

@@ -34,8 +34,20 @@ def mmlu_violation(metrics: dict[str, float]) -> float:
 
 
 def evaluated(result: dict[str, Any]) -> bool:
-    """Whether a trial's last result is its full evaluation (else it was pruned or failed)."""
+    """Whether a trial's last result is its full evaluation (else it was pruned, stopped or failed)."""
     return TRIAL_OUTPUT in result
+
+
+def trial_status(result: dict[str, Any], failed: bool, pruned: bool) -> str:
+    """How a trial ended: ``completed`` (fully evaluated), ``pruned`` (the pruner stopped it),
+    ``stopped`` (cut by the time budget, for good, or by an interrupted search, which ``--resume``
+    continues) or ``failed``. Only a pruned trial was judged: a stopped one's estimates say
+    nothing against it."""
+    if failed:
+        return "failed"
+    if evaluated(result):
+        return "completed"
+    return "pruned" if pruned else "stopped"
 
 
 def objective_value(metrics: dict[str, float], objective: Objective) -> float:

@@ -7,20 +7,48 @@ was paid for, and would lose the trial's objective (the sampler learns nothing f
 can never be the best). Ray's ASHA does act there: a rung can sit at exactly 100 (grace 50 or
 25 with reduction factor 2), and a trial with few boundaries reaches a lower rung it has not
 been recorded in only with its final report (one epoch: its only report is at 100).
+
+Tune ends a trial the same way whether a scheduler stopped it or the search's time budget ran
+out, so each decision to prune is written down in the trial's own directory (``PRUNED_FILE``):
+the results tell a judged trial from one that was only cut short.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
 
 TRAINED = 100.0  # progress, in percent, of a report after the last training step
+PRUNED_FILE = "pruned.json"
+
+
+def pruned_record(trial_dir: str | Path | None) -> dict[str, Any] | None:
+    """The pruner's decision on the trial in ``trial_dir`` (Tune's trial directory), if it made one."""
+    path = Path(trial_dir) / PRUNED_FILE if trial_dir else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
 
 
 class _UntilTrained:
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(self._time_attr, 0.0) >= TRAINED:
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP:
+            self._record(trial, result)
+        return decision
+
+    def _record(self, trial, result: dict) -> None:
+        # A stub trial (scheduler tests) has no storage, and so no directory.
+        if getattr(trial, "storage", None) is None:
+            return
+        directory = Path(trial.path)
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"at": result.get(self._time_attr), "metric": self._metric, "value": result.get(self._metric),
+                  "by": type(self).__name__}
+        (directory / PRUNED_FILE).write_text(json.dumps(record, indent=2))
 
 
 class TrainingASHA(_UntilTrained, ASHAScheduler):

@@ -17,7 +17,8 @@ from typing import Any
 from ray.tune import Callback
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.search.results import TRIAL_OUTPUT, evaluated
+from unlearn_search.search.results import TRIAL_OUTPUT, trial_status
+from unlearn_search.search.schedulers import pruned_record
 from unlearn_search.training.config import trial_config
 
 PARENT_FILE = "mlflow.json"
@@ -86,6 +87,7 @@ class MLflowTracker(Callback):
         self.trial_runs: dict[str, str] = state.get("trial_runs", {})
         # Runs whose params are logged: a run created by a call that then failed gets them on the retry.
         self.params_logged: set[str] = set(state.get("params_logged", []))
+        self.ended: set[str] = set(state.get("ended", []))  # trials whose end is logged (or queued)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -109,7 +111,8 @@ class MLflowTracker(Callback):
     def _save(self) -> None:
         (self.output / PARENT_FILE).write_text(json.dumps(
             {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "parent_id": self.parent_id,
-             "trial_runs": self.trial_runs, "params_logged": sorted(self.params_logged)}, indent=2))
+             "trial_runs": self.trial_runs, "params_logged": sorted(self.params_logged),
+             "ended": sorted(self.ended)}, indent=2))
 
     def _call(self, what: str, **kwargs) -> bool:
         """Run one logging call now, or queue it; earlier queued calls go first."""
@@ -159,7 +162,7 @@ class MLflowTracker(Callback):
                 if directory and (directory / name).exists():
                     client.log_artifact(run_id, str(directory / name))
             client.set_terminated(run_id, "FAILED" if call["status"] == "failed" else
-                                  "KILLED" if call["status"] == "pruned" else "FINISHED")
+                                  "KILLED" if call["status"] in ("pruned", "stopped") else "FINISHED")
         elif what == "parent":
             self._parent()
         else:  # pragma: no cover
@@ -214,6 +217,7 @@ class MLflowTracker(Callback):
         self.parent_id = state.get("parent_id", self.parent_id)
         self.trial_runs.update(state.get("trial_runs", {}))
         self.params_logged.update(state.get("params_logged", []))
+        self.ended.update(state.get("ended", []))
         self._call("parent")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -228,9 +232,7 @@ class MLflowTracker(Callback):
                        step=int(result.get("training_iteration", 0)), time=time.time())
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        result = trial.last_result or {}
-        status = "completed" if evaluated(result) else "pruned"
-        self._call("trial_end", trial_id=trial.trial_id, status=status, directory=result.get(TRIAL_OUTPUT))
+        self._end(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         reason = ""
@@ -238,10 +240,24 @@ class MLflowTracker(Callback):
         if error_file and Path(error_file).exists():
             lines = [line for line in Path(error_file).read_text().splitlines() if line.strip()]
             reason = lines[-1] if lines else ""
-        self._call("trial_end", trial_id=trial.trial_id, status="failed", reason=reason, directory=None)
+        self._end(trial, failed=True, reason=reason)
 
     def on_experiment_end(self, trials, **info) -> None:
+        # Tune reports no end for a trial the time budget or an interrupt cuts short, though it
+        # marks it TERMINATED like any other: their runs would stay RUNNING. They end here as
+        # "stopped"; the tracker keeps its own list of the trials it ended.
+        for trial in trials:
+            if trial.trial_id in self.trial_runs and trial.trial_id not in self.ended:
+                self._end(trial)
         self.flush(final=True)
+
+    def _end(self, trial, failed: bool = False, reason: str = "") -> None:
+        result = trial.last_result or {}
+        status = trial_status(result, failed, pruned_record(getattr(trial, "path", None)) is not None)
+        self.ended.add(trial.trial_id)
+        self._save()
+        self._call("trial_end", trial_id=trial.trial_id, status=status, reason=reason,
+                   directory=None if failed else result.get(TRIAL_OUTPUT))
 
     # ---------------------------------------------------------------- the search's own results
 
