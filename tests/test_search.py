@@ -253,15 +253,18 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
 
 def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     """Tune ends a trial the pruner stops and one the time budget cuts alike. The first was judged
-    (its estimate fell below ASHA's rung), the second was not: the results and MLflow must say
-    which, or a search cut by its budget reads as one whose pruner rejected a trial. Real Ray Tune, the search's own ASHA,
-    MLflow tracker and ``trial_rows``; a stand-in trainable keeps the timing exact."""
+    (its estimate fell below ASHA's rung), the second was not: the results, MLflow and the Optuna
+    study must say which, or a search cut by its budget reads as one whose pruner rejected a
+    trial. Real Ray Tune with the search's own Optuna searcher (SQLite), ASHA and MLflow tracker;
+    a stand-in trainable keeps the timing exact."""
+    import optuna
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from unlearn_search.search.driver import _scheduler, trial_rows
-    from unlearn_search.search.results import TRIAL_OUTPUT, summary_table
+    from unlearn_search.search.driver import (TUNE_TRIAL_ATTR, _scheduler, end_stopped_trials, make_searcher,
+                                              trial_rows)
+    from unlearn_search.search.results import OBJECTIVE, TRIAL_OUTPUT, summary_table
     from unlearn_search.search.space import parse_space
     from unlearn_search.tracking import MLflowTracker, default_tracking_uri
     from unlearn_search.training.cluster import init_ray
@@ -273,21 +276,23 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
         tune.report({"progress": 50.0, "aggregate": config["lr"]})
         if config["lr"] > 0.92:
             time.sleep(300)  # cut by the search's time budget
-        tune.report({"progress": 100.0, "aggregate": config["lr"], TRIAL_OUTPUT: "-"})
+        tune.report({"progress": 100.0, "aggregate": config["lr"], OBJECTIVE: config["lr"], TRIAL_OUTPUT: "-"})
 
+    # One at a time, in this order: 0.9 finishes; 0.1 falls below the rung 0.9 set and is pruned
+    # at 50 %; 0.95 passes the rung and is still training when the budget runs out.
     space = parse_space({"name": "budget", "settings": {"method": "gd", "schedule": "joint"},
                          "params": {"lr": {"distribution": "uniform", "low": 0.01, "high": 1.0}},
+                         "starts": [{"lr": 0.9}, {"lr": 0.1}, {"lr": 0.95}],
                          "search": {"pruner": "asha", "grace_period": 50, "reduction_factor": 2}})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     uri = default_tracking_uri(tmp_path)
     tracker = MLflowTracker(uri, "unlearn-search/budget", tmp_path, "budget", {"space": "budget"})
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(num_cpus=2)
     try:
-        # One at a time, in this order: 0.9 finishes; 0.1 falls below the rung 0.9 set and is
-        # pruned at 50 %; 0.95 passes the rung and is still training when the budget runs out.
-        tuner = tune.Tuner(
-            trial, param_space={"method": "gd", "schedule": "joint", "lr": tune.grid_search([0.9, 0.1, 0.95])},
-            tune_config=tune.TuneConfig(scheduler=_scheduler(space), max_concurrent_trials=1, time_budget_s=25),
+        tuner = tune.Tuner(trial, tune_config=tune.TuneConfig(
+            search_alg=make_searcher(space, optuna.storages.RDBStorage(storage), "budget", seed=0, num_samples=3),
+            scheduler=_scheduler(space), num_samples=3, max_concurrent_trials=1, time_budget_s=25),
             run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), callbacks=[tracker], verbose=0))
         rows = trial_rows(tuner.fit(), space)
     finally:
@@ -307,3 +312,14 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     # Tune never ends the cut trial: the tracker does, at the end of the experiment.
     assert runs[by_lr[0.95]["trial_id"]].data.tags["status"] == "stopped"
     assert runs[by_lr[0.95]["trial_id"]].info.status == "KILLED"
+
+    # Each Optuna trial names its Tune trial; the searcher never hears of the cut one, so it stays
+    # RUNNING until the driver ends it (Tune will not continue it, even with --resume).
+    def states() -> dict:
+        study = optuna.load_study(study_name="budget", storage=storage)
+        return {t.user_attrs[TUNE_TRIAL_ATTR]: (t.state.name, t.value) for t in study.trials}
+    ids = {lr: row["trial_id"] for lr, row in by_lr.items()}
+    assert states() == {ids[0.9]: ("COMPLETE", 0.9), ids[0.1]: ("PRUNED", None), ids[0.95]: ("RUNNING", None)}
+    assert end_stopped_trials(storage, "budget", rows) == 1
+    assert states()[ids[0.95]] == ("FAIL", None)
+    assert end_stopped_trials(storage, "budget", rows) == 0

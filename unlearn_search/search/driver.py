@@ -106,6 +106,7 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 MMLU_CONSTRAINT = "mmlu"  # an Optuna constraint of a finished trial: feasible at <= 0
+TUNE_TRIAL_ATTR = "tune_trial_id"  # an Optuna trial's user attribute: its Tune trial (and MLflow run name)
 
 
 def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_samples: int | None = None):
@@ -118,6 +119,12 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
     from ray.tune.search.optuna import OptunaSearch
 
     class _Search(OptunaSearch):
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            if trial_id in self._ot_trials:
+                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
+            return config
+
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             if not all(m in result for m in metrics):
@@ -151,6 +158,27 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
         metric, mode = OBJECTIVE, space.objectives[0].mode
     return _Search(space.define_by_run(), metric=metric, mode=mode, sampler=sampler, study_name=study_name,
                    storage=storage, seed=seed, points_to_evaluate=[dict(s) for s in space.starts] or None)
+
+
+def end_stopped_trials(storage, study_name: str, rows: list[dict[str, Any]]) -> int:
+    """Mark FAIL the study's trials that the time budget cut: Tune ends them for good without
+    telling the searcher, so they would stay RUNNING in the study forever. Returns how many.
+
+    Only after a search that ran out of time: an interrupted search's stopped trials continue
+    with ``--resume`` and must stay RUNNING.
+    """
+    import optuna
+
+    stopped = {row["trial_id"] for row in rows if row["status"] == "stopped"}
+    if not stopped:
+        return 0
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    ended = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(TUNE_TRIAL_ATTR) in stopped:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            ended += 1
+    return ended
 
 
 def _scheduler(space: SearchSpace):
@@ -272,9 +300,13 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
                                failure_config=FailureConfig(max_failures=0),
                                checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=options.verbose)
         tuner = Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    fit_started = time.time()
     grid = tuner.fit()
 
     rows = trial_rows(grid, space)
+    budget = options.time_budget_s or space.search.time_budget_s
+    if budget is not None and time.time() - fit_started >= budget:
+        end_stopped_trials(storage_url, study_name, rows)
     best = best_trial(rows, space.objectives)
     table = summary_table(rows, [p.name for p in space.params], best["trial_id"] if best else None)
     # Written before the best trial's long re-evaluation, so a failure there loses no trial.
