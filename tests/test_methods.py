@@ -49,6 +49,23 @@ def test_sugd_follows_each_forget_item_with_weighted_retain_items():
     assert not {i for s in steps[:4] for i in s.retain} & {i for s in steps[4:] for i in s.retain}
 
 
+def test_sugd_without_split_retain_spreads_the_whole_retain_set_after_each_chunks_items():
+    """The authors' ``split_retain=False``: every chunk trains with the whole retain set,
+    reshuffled, each forget item followed by ``n_retain // chunk`` retain items and the remainder
+    after the last one; forget items stay in order and evenly spaced (not shuffled in)."""
+    schedule = SUGD(chunk_size=3, positive_ratio=1, positive_factor=0.5, epochs_per_chunk=1, split_retain=False)
+    steps = schedule.plan(6, 10, 4, 1, 0)  # per chunk: 3 forget + 10 retain = 13 items, 4 steps
+    chunk_one, chunk_two = steps[:4], steps[4:]
+    assert [s.boundary for s in steps if s.boundary] == ["chunk 1", "chunk 2"]
+    for chunk, forget in ((chunk_one, [0, 1, 2]), (chunk_two, [3, 4, 5])):
+        assert [i for s in chunk for i in s.forget] == forget
+        assert sorted(i for s in chunk for i in s.retain) == list(range(10))  # the whole set, each once
+        # f r r r | f r r r | f r r r r: 3 = 10 // 3 after each, the 4th after the last.
+        assert [(len(s.forget), len(s.retain)) for s in chunk] == [(1, 3), (1, 3), (1, 3), (0, 1)]
+    assert [i for s in chunk_one for i in s.retain] != [i for s in chunk_two for i in s.retain]  # reshuffled
+    assert chunk_one[3].forget_scale == 0.0 and chunk_one[3].retain_scale == pytest.approx(0.5)
+
+
 def test_agad_alternates_forgetting_and_annealing_phases():
     steps = AGAD(chunk_size=4, interleaving=0.5, annealing=0.5).plan(n_forget=10, n_retain=20, batch_size=4,
                                                                      epochs=2, seed=0)

@@ -15,8 +15,7 @@ from unlearn_search.evaluation import metrics
 from unlearn_search.evaluation.inference import document_nll, encode_answers, generate, max_length, sequence_nll
 from unlearn_search.evaluation.mmlu import evaluate_mmlu
 
-SEMEVAL_7B_MMLU_THRESHOLD = 0.371
-DEFAULT_THRESHOLD_FRACTION = 0.75
+DEFAULT_THRESHOLD_FRACTION = 0.75  # of the original model's MMLU; SemEval fixed 0.371 for its 7B (--mmlu-threshold)
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,9 @@ class SUGD(Schedule):
     every forget item (weight -1) followed by ``positive_ratio`` retain items (weight
     ``positive_factor``), retain items cycled across chunks; the sequence is trained in order
     (no shuffling) for ``epochs_per_chunk`` epochs. With ``split_retain: false`` a chunk is instead
-    trained with the whole retain set, chunk and retain items shuffled together
-    (``positive_ratio`` is then unused). A batch's loss is the weighted mean over
+    trained with the whole retain set, reshuffled for each chunk and spread evenly: each forget
+    item followed by ``n_retain // chunk_size`` retain items, the remainder after the chunk's
+    last item (``positive_ratio`` is then unused). A batch's loss is the weighted mean over
     its items, which the step's scales express for a forget/retain method: forget scale =
     n_forget / n, retain scale = positive_factor * n_retain / n (each part a token-mean CE).
     Follows the authors' code (iraklis07/llm-unlearning, methods/sequential.py).
@@ -102,8 +103,8 @@ class SUGD(Schedule):
              Knob("positive_factor", 0.5, "weight of each retain item (forget items weigh -1)", low=0),
              Knob("epochs_per_chunk", 7, "passes over each chunk before the next", low=1),
              Knob("split_retain", True, "cycle disjoint retain items across chunks, positive_ratio after each forget "
-                                        "item (else the whole retain set with each chunk, shuffled together; "
-                                        "positive_ratio unused)"))
+                                        "item (else the whole retain set with each chunk, reshuffled, spread evenly "
+                                        "after its forget items; positive_ratio unused)"))
     needs_retain = True
 
     def plan(self, n_forget, n_retain, batch_size, epochs, seed):
@@ -118,9 +119,15 @@ class SUGD(Schedule):
                     stream.append(("f", index))
                     stream += [("r", i) for i in retain.take(p["positive_ratio"])]
             else:
-                everything = [("f", i) for i in chunk] + [("r", i) for i in range(n_retain)]
-                random.Random(seed + number).shuffle(everything)
-                stream = everything
+                # The whole retain set, reshuffled for each chunk, spread evenly: each forget item
+                # followed by n_retain // chunk items, the rest after the last (the authors' code).
+                order = list(range(n_retain))
+                random.Random(seed + number).shuffle(order)
+                ratio = n_retain // len(chunk)
+                for position, index in enumerate(chunk):
+                    stream.append(("f", index))
+                    stream += [("r", i) for i in order[position * ratio:(position + 1) * ratio]]
+                stream += [("r", i) for i in order[len(chunk) * ratio:]]
             for _ in range(p["epochs_per_chunk"] * epochs):
                 for start in range(0, len(stream), batch_size):
                     items = stream[start:start + batch_size]
