@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,12 @@ def test_sugd_follows_each_forget_item_with_weighted_retain_items():
     assert [s.boundary for s in steps if s.boundary] == ["chunk 1", "chunk 2"]
     # split_retain: the chunks see disjoint retain items while the retain set lasts.
     assert not {i for s in steps[:4] for i in s.retain} & {i for s in steps[4:] for i in s.retain}
+    # Each chunk its own run (the authors' Trainer per chunk): a fresh optimizer and the lr
+    # decaying linearly from the full value to 1/T over the chunk's T steps.
+    assert [s.restart for s in steps] == [True, False, False, False] * 2
+    assert [s.lr_scale for s in steps] == [1.0, 0.75, 0.5, 0.25] * 2
+    constant = SUGD(chunk_size=4, positive_ratio=3, restart_per_chunk=False).plan(8, 30, 8, 1, 0)
+    assert {(s.restart, s.lr_scale) for s in constant} == {(False, 1.0)}
 
 
 def test_sugd_without_split_retain_spreads_the_whole_retain_set_after_each_chunks_items():
@@ -186,6 +193,68 @@ def test_forget_loss_bound_is_decided_alike_on_every_rank(tmp_path, bound, ascen
     assert ranks[0]["ce"] == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-5)
     assert ranks[1]["ce"] == pytest.approx(math.log1p(math.exp(4.0)), rel=1e-5)
     assert [r["ascends"] for r in ranks] == [ascends, ascends]
+
+
+def _first_adam_step_after_restart(backend, step, read) -> None:
+    """Three steps, a fourth at half the lr, a restart, a fifth at half the lr: Adam's first
+    step moves every weight by exactly lr (m / sqrt(v) = g / |g|), so only after the restart is
+    every move 0.05 (lr 0.1, scale 0.5); the fourth, with three steps of moments behind it, is not."""
+    torch.manual_seed(0)
+    for _ in range(3):
+        step(1.0)
+    before = read()
+    step(0.5)
+    fourth = (read() - before).abs()
+    backend.restart()
+    before = read()
+    step(0.5)
+    fifth = (read() - before).abs()
+    assert (fourth - 0.05).abs().max() > 1e-3, fourth
+    assert torch.allclose(fifth, torch.full_like(fifth, 0.05), atol=1e-5), fifth
+
+
+def test_restart_and_lr_scale_on_the_torch_backend():
+    from unlearn_search.training.loop import TorchBackend
+
+    model = torch.nn.Linear(4, 3, bias=False)
+    backend = TorchBackend(model, lr=0.1, max_grad_norm=1e9)
+
+    def step(scale):
+        backend.backward_step((model(torch.randn(2, 4)) * torch.randn(2, 3)).sum(), scale)
+    _first_adam_step_after_restart(backend, step, lambda: model.weight.detach().clone())
+
+
+def _restart_on_zero3(rank: int, init_file: str, out: str) -> None:
+    os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    import deepspeed
+    import torch.distributed as dist
+
+    from unlearn_search.training.distributed import DeepSpeedBackend, deepspeed_config
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    model = torch.nn.Linear(4, 3, bias=False)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=deepspeed_config(3, False, 0.1, 0.0, 1e9, 2))
+    backend = DeepSpeedBackend(engine, lr=0.1)
+
+    def step(scale):
+        backend.backward_step((engine(torch.randn(2, 4)) * torch.randn(2, 3)).sum(), scale)
+
+    def read():
+        with deepspeed.zero.GatheredParameters([engine.module.weight]):
+            return engine.module.weight.detach().clone()
+    _first_adam_step_after_restart(backend, step, read)
+    Path(out, "done").write_text(type(backend.scheduled.optimizer).__name__)
+    dist.destroy_process_group()
+
+
+def test_restart_and_lr_scale_reach_the_optimizer_inside_a_zero3_engine(tmp_path):
+    """DeepSpeed wraps the torch optimizer (ZeRO-3's partitioned fp32 copy): the learning rate
+    and the restart must reach the optimizer that steps. A real engine in its own process."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_restart_on_zero3, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=1)
+    assert (tmp_path / "done").exists()
 
 
 def test_output_may_not_be_the_input_model(tiny_target, data_paths):

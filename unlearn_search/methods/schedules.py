@@ -8,7 +8,7 @@ the points where a search may prune.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from unlearn_search.methods.base import Knob, check_params
@@ -22,6 +22,8 @@ class Step:
     retain_scale: float = 1.0
     phase: str = "joint"
     boundary: str | None = None  # e.g. "epoch 1" or "chunk 3"
+    lr_scale: float = 1.0  # this step's learning rate, as a fraction of the trial's lr
+    restart: bool = False  # a fresh optimizer (no Adam moments) from this step on
 
 
 class RetainCycle:
@@ -92,6 +94,9 @@ class SUGD(Schedule):
     last item (``positive_ratio`` is then unused). A batch's loss is the weighted mean over
     its items, which the step's scales express for a forget/retain method: forget scale =
     n_forget / n, retain scale = positive_factor * n_retain / n (each part a token-mean CE).
+    With ``restart_per_chunk`` each chunk is its own fine-tuning run, as the authors' code makes
+    a new Hugging Face ``Trainer`` per chunk: a fresh AdamW and the Trainer's default learning
+    rate, decaying linearly from ``lr`` to 0 over the chunk's steps (step k of T: (T - k) / T).
     Follows the authors' code (iraklis07/llm-unlearning, methods/sequential.py).
     """
 
@@ -104,7 +109,10 @@ class SUGD(Schedule):
              Knob("epochs_per_chunk", 7, "passes over each chunk before the next", low=1),
              Knob("split_retain", True, "cycle disjoint retain items across chunks, positive_ratio after each forget "
                                         "item (else the whole retain set with each chunk, reshuffled, spread evenly "
-                                        "after its forget items; positive_ratio unused)"))
+                                        "after its forget items; positive_ratio unused)"),
+             Knob("restart_per_chunk", True, "each chunk its own run, as the authors train it: a fresh AdamW and "
+                                             "the lr decaying linearly to 0 over the chunk (else one optimizer "
+                                             "at a constant lr)"))
     needs_retain = True
 
     def plan(self, n_forget, n_retain, batch_size, epochs, seed):
@@ -128,14 +136,20 @@ class SUGD(Schedule):
                     stream.append(("f", index))
                     stream += [("r", i) for i in order[position * ratio:(position + 1) * ratio]]
                 stream += [("r", i) for i in order[len(chunk) * ratio:]]
+            chunk_steps = []
             for _ in range(p["epochs_per_chunk"] * epochs):
                 for start in range(0, len(stream), batch_size):
                     items = stream[start:start + batch_size]
                     forget = tuple(i for k, i in items if k == "f")
                     kept = tuple(i for k, i in items if k == "r")
-                    steps.append(Step(forget, kept, len(forget) / len(items),
-                                      p["positive_factor"] * len(kept) / len(items), "sugd"))
-            steps[-1] = Step(**{**steps[-1].__dict__, "boundary": f"chunk {number}"})
+                    chunk_steps.append(Step(forget, kept, len(forget) / len(items),
+                                            p["positive_factor"] * len(kept) / len(items), "sugd"))
+            if p["restart_per_chunk"]:
+                total = len(chunk_steps)
+                chunk_steps = [replace(step, lr_scale=(total - k) / total, restart=k == 0)
+                               for k, step in enumerate(chunk_steps)]
+            chunk_steps[-1] = replace(chunk_steps[-1], boundary=f"chunk {number}")
+            steps += chunk_steps
         return steps
 
 

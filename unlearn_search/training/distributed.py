@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import Reference
 from unlearn_search.methods.schedules import Step
+from unlearn_search.training.loop import ScheduledOptimizer, torch_optimizer
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
 ZERO_CONFIGS = {0: "zero0.json", 2: "zero2.json", 3: "zero3.json"}
@@ -62,9 +64,10 @@ def mean_over_ranks(value: float, device="cpu") -> float:
 class DeepSpeedBackend:
     """The loop's backend over a DeepSpeed engine: it owns the optimizer, clipping and ZeRO."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, lr: float):
         self.engine = engine
         self.device = engine.device
+        self.scheduled = ScheduledOptimizer(torch_optimizer(engine.optimizer), lr)
         engine.train()
 
     def forward(self, batch) -> torch.Tensor:
@@ -86,11 +89,15 @@ class DeepSpeedBackend:
     def mean_over_ranks(self, value: float) -> float:
         return mean_over_ranks(value, self.device)
 
-    def backward_step(self, loss: torch.Tensor) -> float:
+    def backward_step(self, loss: torch.Tensor, lr_scale: float = 1.0) -> float:
         self.engine.backward(loss)
+        self.scheduled.set_lr_scale(lr_scale)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+    def restart(self) -> None:
+        self.scheduled.restart()
 
 
 def teacher_reference(engine):
@@ -114,7 +121,7 @@ def shard_steps(steps: list[Step], rank: int, world: int) -> list[Step]:
             return ()
         mine = indices[rank::world]
         return mine if mine else (indices[rank % len(indices)],)
-    return [Step(part(s.forget), part(s.retain), s.forget_scale, s.retain_scale, s.phase, s.boundary) for s in steps]
+    return [dataclasses.replace(s, forget=part(s.forget), retain=part(s.retain)) for s in steps]
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:

@@ -29,13 +29,40 @@ class DivergedError(UnlearnSearchError):
 class Backend(Protocol):
     def forward(self, batch: Batch) -> torch.Tensor: ...
 
-    def backward_step(self, loss: torch.Tensor) -> float: ...
+    def backward_step(self, loss: torch.Tensor, lr_scale: float = 1.0) -> float: ...
+
+    def restart(self) -> None:
+        """Drop the optimizer's state (Adam moments and step count): a new run from here."""
 
     # Decisions every rank must take alike: a rank that stops or skips its backward alone
     # leaves the others waiting in a ZeRO collective.
     def all_finite(self, value: float) -> bool: ...
 
     def mean_over_ranks(self, value: float) -> float: ...
+
+
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer holding the moments and learning rates, under DeepSpeed's wrappers."""
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class ScheduledOptimizer:
+    """A step's learning rate as a fraction of the base one, and restarts, on any torch optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float):
+        # The trial's lr, not the groups' current one: a checkpoint restores the last scaled value.
+        self.optimizer, self.lr = optimizer, lr
+
+    def set_lr_scale(self, scale: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * scale
+
+    def restart(self) -> None:
+        # Torch's AdamW (and DeepSpeed's Adams) create a parameter's state on its next step when
+        # it is empty: zero moments, step 0, as a new optimizer would.
+        self.optimizer.state.clear()
 
 
 class TorchBackend:
@@ -47,18 +74,23 @@ class TorchBackend:
         if not self.parameters:
             raise UnlearnSearchError("no trainable parameters (check trainable / last_k / LoRA settings)")
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
+        self.scheduled = ScheduledOptimizer(self.optimizer, lr)
         self.max_grad_norm = max_grad_norm
         model.train()
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    def backward_step(self, loss: torch.Tensor) -> float:
+    def backward_step(self, loss: torch.Tensor, lr_scale: float = 1.0) -> float:
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.scheduled.set_lr_scale(lr_scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def restart(self) -> None:
+        self.scheduled.restart()
 
     def all_finite(self, value: float) -> bool:
         return math.isfinite(value)
@@ -155,13 +187,15 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
                             forget_scale=step.forget_scale, retain_scale=step.retain_scale,
                             forget_loss_bound=forget_loss_bound,
                             mean_over_ranks=backend.mean_over_ranks)
+        if step.restart:
+            backend.restart()
         output = method.loss(inputs)
         value = float(output.loss.detach())
         if not backend.all_finite(value):
             raise DivergedError(f"loss is {value} at step {index + 1} ({step.phase}): the run diverged; "
                                 f"lower lr or the forget weight, or set forget_loss_bound")
         # A bounded ascent with no retain term can leave nothing to differentiate this step.
-        grad_norm = backend.backward_step(output.loss) if output.loss.requires_grad else 0.0
+        grad_norm = backend.backward_step(output.loss, step.lr_scale) if output.loss.requires_grad else 0.0
         record = {"loss": value, "grad_norm": grad_norm, **output.parts,
                   "step_seconds": time.perf_counter() - step_started}
         losses.append(record)

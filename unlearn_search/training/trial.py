@@ -180,7 +180,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     steps = shard_steps(prepared.steps, rank, world)
     try:
-        result = run(prepared.method, steps, prepared.data, DeepSpeedBackend(engine), reference,
+        result = run(prepared.method, steps, prepared.data, DeepSpeedBackend(engine, config.lr), reference,
                      config.forget_loss_bound, on_boundary, progress=rank == 0, start_step=start_step)
     except DivergedError as error:
         # Deterministic: a retry would diverge again. End the run cleanly and write no model.
