@@ -205,12 +205,18 @@ def _first_adam_step_after_restart(backend, step, read) -> None:
     before = read()
     step(0.5)
     fourth = (read() - before).abs()
+    def moments():
+        return [v.data_ptr() for state in backend.scheduled.optimizer.state.values() for v in state.values()
+                if torch.is_tensor(v) and v.numel() > 1]
+    held = moments()
     backend.restart()
     before = read()
     step(0.5)
     fifth = (read() - before).abs()
     assert (fourth - 0.05).abs().max() > 1e-3, fourth
     assert torch.allclose(fifth, torch.full_like(fifth, 0.05), atol=1e-5), fifth
+    # Reset in place: DeepSpeed's ZeRO 1/2 and bf16 optimizers keep views into these tensors.
+    assert held and moments() == held
 
 
 def test_restart_and_lr_scale_on_the_torch_backend():
@@ -224,7 +230,7 @@ def test_restart_and_lr_scale_on_the_torch_backend():
     _first_adam_step_after_restart(backend, step, lambda: model.weight.detach().clone())
 
 
-def _restart_on_zero3(rank: int, init_file: str, out: str) -> None:
+def _restart_on_zero(rank: int, stage: int, init_file: str, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
     import torch.distributed as dist
@@ -234,26 +240,28 @@ def _restart_on_zero3(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
     model = torch.nn.Linear(4, 3, bias=False)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=deepspeed_config(3, False, 0.1, 0.0, 1e9, 2))
+                                      config=deepspeed_config(stage, False, 0.1, 0.0, 1e9, 2))
     backend = DeepSpeedBackend(engine, lr=0.1)
 
     def step(scale):
         backend.backward_step((engine(torch.randn(2, 4)) * torch.randn(2, 3)).sum(), scale)
 
     def read():
-        with deepspeed.zero.GatheredParameters([engine.module.weight]):
+        with deepspeed.zero.GatheredParameters([engine.module.weight], enabled=stage == 3):
             return engine.module.weight.detach().clone()
     _first_adam_step_after_restart(backend, step, read)
     Path(out, "done").write_text(type(backend.scheduled.optimizer).__name__)
     dist.destroy_process_group()
 
 
-def test_restart_and_lr_scale_reach_the_optimizer_inside_a_zero3_engine(tmp_path):
-    """DeepSpeed wraps the torch optimizer (ZeRO-3's partitioned fp32 copy): the learning rate
-    and the restart must reach the optimizer that steps. A real engine in its own process."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_restart_and_lr_scale_reach_the_optimizer_inside_a_zero_engine(tmp_path, stage):
+    """DeepSpeed wraps the torch optimizer (ZeRO's partitioned fp32 copy): the learning rate and
+    the restart must reach the optimizer that steps, and a restart resets the moments in place
+    (ZeRO-2 keeps views into them). A real engine in its own process."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_restart_on_zero3, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=1)
+    mp.spawn(_restart_on_zero, args=(stage, str(tmp_path / "init"), str(tmp_path)), nprocs=1)
     assert (tmp_path / "done").exists()
 
 

@@ -264,6 +264,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
 
     from unlearn_search.search.driver import (TUNE_TRIAL_ATTR, _scheduler, end_stopped_trials, make_searcher,
                                               trial_rows)
+    from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
     from unlearn_search.search.results import OBJECTIVE, TRIAL_OUTPUT, summary_table
     from unlearn_search.search.space import parse_space
     from unlearn_search.tracking import MLflowTracker, default_tracking_uri
@@ -292,8 +293,9 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     try:
         tuner = tune.Tuner(trial, tune_config=tune.TuneConfig(
             search_alg=make_searcher(space, optuna.storages.RDBStorage(storage), "budget", seed=0, num_samples=3),
-            scheduler=_scheduler(space), num_samples=3, max_concurrent_trials=1, time_budget_s=25),
-            run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), callbacks=[tracker], verbose=0))
+            scheduler=_scheduler(space), num_samples=3, max_concurrent_trials=1),
+            run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), callbacks=[tracker], verbose=0,
+                                      stop=TimeBudget(40, tmp_path / BUDGET_FILE)))
         rows = trial_rows(tuner.fit(), space)
     finally:
         ray.shutdown()
@@ -320,6 +322,8 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
         return {t.user_attrs[TUNE_TRIAL_ATTR]: (t.state.name, t.value) for t in study.trials}
     ids = {lr: row["trial_id"] for lr, row in by_lr.items()}
     assert states() == {ids[0.9]: ("COMPLETE", 0.9), ids[0.1]: ("PRUNED", None), ids[0.95]: ("RUNNING", None)}
+    # The budget says it ran out (what the driver checks before ending them): an interrupt would not.
+    assert json.loads((tmp_path / BUDGET_FILE).read_text()) == {"time_budget_s": 40}
     assert end_stopped_trials(storage, "budget", rows) == 1
     assert states()[ids[0.95]] == ("FAIL", None)
     assert end_stopped_trials(storage, "budget", rows) == 0

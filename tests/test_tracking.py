@@ -66,6 +66,40 @@ def test_nested_runs_params_metrics_and_artifacts_in_a_local_store(tmp_path):
     assert again.parent_id == parent.info.run_id and again.trial_runs["t1"] == one.info.run_id
 
 
+def test_a_stopped_trial_is_ended_and_reopened_when_a_resumed_search_continues_it(tmp_path):
+    """Tune reports no end for a trial an interrupt (or the time budget) cuts: the tracker ends
+    its run as stopped when the experiment ends, and reopens it when --resume continues it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = default_tracking_uri(tmp_path)
+    tracker = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"})
+    tracker.setup()
+    done, cut = _trial("t1", tmp_path, lr=1e-4, method="gd"), _trial("t2", tmp_path, lr=1e-3, method="gd")
+    for trial in (done, cut):
+        tracker.on_trial_start(0, [], trial)
+    done.last_result = {"aggregate": 0.4, "trial_output": str(tmp_path)}
+    tracker.on_trial_complete(0, [], done)
+    cut.last_result = {"aggregate": 0.2, "progress": 50.0}  # a quick estimate, then the interrupt
+    tracker.on_experiment_end([done, cut])
+
+    client = MlflowClient(tracking_uri=uri)
+
+    def run(trial):
+        return client.get_run(tracker.trial_runs[trial.trial_id])
+    assert (run(done).info.status, run(done).data.tags["status"]) == ("FINISHED", "completed")
+    assert (run(cut).info.status, run(cut).data.tags["status"]) == ("KILLED", "stopped")
+
+    resumed = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"})
+    resumed.setup()
+    resumed.on_trial_start(0, [], cut)
+    assert (run(cut).info.status, run(cut).data.tags["status"]) == ("RUNNING", "running")
+    cut.last_result = {"aggregate": 0.5, "trial_output": str(tmp_path)}
+    resumed.on_trial_complete(0, [], cut)
+    resumed.on_experiment_end([done, cut])
+    assert (run(cut).info.status, run(cut).data.tags["status"]) == ("FINISHED", "completed")
+    assert run(done).info.status == "FINISHED"  # ended in the first run, not again
+
+
 def test_unreachable_server_is_one_clear_error_before_anything_starts(tmp_path):
     uri = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(UnlearnSearchError) as caught:

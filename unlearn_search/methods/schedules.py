@@ -130,7 +130,7 @@ class SUGD(Schedule):
                 # The whole retain set, reshuffled for each chunk, spread evenly: each forget item
                 # followed by n_retain // chunk items, the rest after the last (the authors' code).
                 order = list(range(n_retain))
-                random.Random(seed + number).shuffle(order)
+                random.Random(f"{seed}/{number}").shuffle(order)  # seed s, chunk k+1 != seed s+1, chunk k
                 ratio = n_retain // len(chunk)
                 for position, index in enumerate(chunk):
                     stream.append(("f", index))

@@ -250,6 +250,7 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
 
     from unlearn_search.data import resolve_data
     from unlearn_search.models import resolve_model
+    from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
     from unlearn_search.training.cluster import init_ray
 
     started = time.time()
@@ -294,18 +295,17 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
         num_samples = options.num_samples or space.search.num_samples
         search = make_searcher(space, storage, study_name, options.seed, num_samples)
         tune_config = TuneConfig(search_alg=search, scheduler=_scheduler(space), num_samples=num_samples,
-                                 max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,
-                                 time_budget_s=options.time_budget_s or space.search.time_budget_s)
+                                 max_concurrent_trials=options.max_concurrent or space.search.max_concurrent)
+        budget = options.time_budget_s or space.search.time_budget_s
         run_config = RunConfig(name=TUNE_DIR, storage_path=str(output), callbacks=callbacks or [],
+                               stop=TimeBudget(budget, output / BUDGET_FILE) if budget else None,
                                failure_config=FailureConfig(max_failures=0),
                                checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=options.verbose)
         tuner = Tuner(trainable, tune_config=tune_config, run_config=run_config)
-    fit_started = time.time()
     grid = tuner.fit()
 
     rows = trial_rows(grid, space)
-    budget = options.time_budget_s or space.search.time_budget_s
-    if budget is not None and time.time() - fit_started >= budget:
+    if (output / BUDGET_FILE).exists():  # the trials it cut will never finish
         end_stopped_trials(storage_url, study_name, rows)
     best = best_trial(rows, space.objectives)
     table = summary_table(rows, [p.name for p in space.params], best["trial_id"] if best else None)

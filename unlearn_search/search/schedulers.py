@@ -9,20 +9,26 @@ can never be the best). Ray's ASHA does act there: a rung can sit at exactly 100
 been recorded in only with its final report (one epoch: its only report is at 100).
 
 Tune ends a trial the same way whether a scheduler stopped it or the search's time budget ran
-out, so each decision to prune is written down in the trial's own directory (``PRUNED_FILE``):
-the results tell a judged trial from one that was only cut short.
+out, so each decision to prune is written down in the trial's own directory (``PRUNED_FILE``),
+and the budget says when it ran out (``TimeBudget``): the results tell a judged trial from one
+that was only cut short, and one cut for good from one an interrupt paused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.stopper import TimeoutStopper
+
+logger = logging.getLogger(__name__)
 
 TRAINED = 100.0  # progress, in percent, of a report after the last training step
 PRUNED_FILE = "pruned.json"
+BUDGET_FILE = "time_budget_spent.json"
 
 
 def pruned_record(trial_dir: str | Path | None) -> dict[str, Any] | None:
@@ -44,11 +50,14 @@ class _UntilTrained:
         # A stub trial (scheduler tests) has no storage, and so no directory.
         if getattr(trial, "storage", None) is None:
             return
-        directory = Path(trial.path)
-        directory.mkdir(parents=True, exist_ok=True)
         record = {"at": result.get(self._time_attr), "metric": self._metric, "value": result.get(self._metric),
                   "by": type(self).__name__}
-        (directory / PRUNED_FILE).write_text(json.dumps(record, indent=2))
+        try:
+            directory = Path(trial.path)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / PRUNED_FILE).write_text(json.dumps(record, indent=2, default=float))
+        except (OSError, TypeError, ValueError) as error:  # the search goes on; the trial reads as stopped
+            logger.warning("could not record pruning trial %s: %s", trial.trial_id, error)
 
 
 class TrainingASHA(_UntilTrained, ASHAScheduler):
@@ -65,3 +74,19 @@ class TrainingMedianStopping(_UntilTrained, MedianStoppingRule):
     def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float):
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, grace_period=grace_period,
                          min_samples_required=2)
+
+
+class TimeBudget(TimeoutStopper):
+    """Tune's time budget (``TuneConfig.time_budget_s``), which also says when it ran out: in
+    ``flag`` (``BUDGET_FILE``). Tune ends the trials it cuts for good, and ``--resume`` (which
+    keeps the remaining budget) cannot tell them from an interrupted search's without it."""
+
+    def __init__(self, seconds: float, flag: str | Path):
+        super().__init__(seconds)
+        self.flag = str(flag)
+
+    def stop_all(self) -> bool:
+        spent = super().stop_all()
+        if spent and not Path(self.flag).exists():
+            Path(self.flag).write_text(json.dumps({"time_budget_s": self._timeout_seconds}))
+        return spent

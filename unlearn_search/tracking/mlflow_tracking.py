@@ -163,6 +163,10 @@ class MLflowTracker(Callback):
                     client.log_artifact(run_id, str(directory / name))
             client.set_terminated(run_id, "FAILED" if call["status"] == "failed" else
                                   "KILLED" if call["status"] in ("pruned", "stopped") else "FINISHED")
+        elif what == "trial_resume":
+            run_id = self._trial_run(call["trial_id"], None)
+            client.set_tag(run_id, "status", "running")
+            client.update_run(run_id, status="RUNNING")
         elif what == "parent":
             self._parent()
         else:  # pragma: no cover
@@ -224,6 +228,10 @@ class MLflowTracker(Callback):
         if trial.trial_id not in self.trial_runs:
             # Every setting, defaults included: a run is reproducible from its params alone.
             self._call("trial_start", trial_id=trial.trial_id, params=trial_config(dict(trial.config)).flat())
+        elif trial.trial_id in self.ended:  # stopped by an interrupt, continued by --resume
+            self.ended.discard(trial.trial_id)
+            self._save()
+            self._call("trial_resume", trial_id=trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         values = _numeric(result)

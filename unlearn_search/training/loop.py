@@ -53,6 +53,7 @@ class ScheduledOptimizer:
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float):
         # The trial's lr, not the groups' current one: a checkpoint restores the last scaled value.
+        # Every group gets it (a trial's optimizer has one group).
         self.optimizer, self.lr = optimizer, lr
 
     def set_lr_scale(self, scale: float) -> None:
@@ -60,9 +61,18 @@ class ScheduledOptimizer:
             group["lr"] = self.lr * scale
 
     def restart(self) -> None:
-        # Torch's AdamW (and DeepSpeed's Adams) create a parameter's state on its next step when
-        # it is empty: zero moments, step 0, as a new optimizer would.
-        self.optimizer.state.clear()
+        # In place, not by emptying the state: ZeRO 1/2 and DeepSpeed's bf16 optimizer keep views
+        # into the moments (linked once, after the first step), which would then hold the old
+        # ones forever. Zero moments and step 0 are what a new Adam starts from.
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    state[key] = type(value)(0)
+        for group in self.optimizer.param_groups:
+            if "step" in group:  # DeepSpeed's FusedAdam counts steps per group
+                group["step"] = 0
 
 
 class TorchBackend:
