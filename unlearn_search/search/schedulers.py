@@ -77,9 +77,10 @@ class TrainingMedianStopping(_UntilTrained, MedianStoppingRule):
 
 
 class TimeBudget(TimeoutStopper):
-    """Tune's time budget (``TuneConfig.time_budget_s``), which also says when it ran out: in
-    ``flag`` (``BUDGET_FILE``). Tune ends the trials it cuts for good, and ``--resume`` (which
-    keeps the remaining budget) cannot tell them from an interrupted search's without it."""
+    """The search's time budget: Tune's own stopper (what ``TuneConfig.time_budget_s`` builds),
+    given as ``RunConfig(stop=...)``, which also says when it ran out: in ``flag``
+    (``BUDGET_FILE``). Tune ends the trials it cuts for good, and ``--resume`` (which keeps the
+    remaining budget) cannot tell them from an interrupted search's without it."""
 
     def __init__(self, seconds: float, flag: str | Path):
         super().__init__(seconds)
