@@ -88,6 +88,22 @@ def test_agad_alternates_forgetting_and_annealing_phases():
     assert len(sampled) == 10 and sum(len(s.retain) for s in annealing) == 20  # half the retain set, 2 epochs
     final = [s for s in steps if s.phase == "final-annealing"]
     assert sorted(i for s in final for i in s.retain) == sorted(list(range(20)) * 2)
+    # Each phase its own run (the authors' Trainer per phase): a restart, then lr decaying to 0.
+    phases = [s.phase + (s.boundary or "") for s in steps]
+    assert [s.lr_scale for s in steps[:2]] == [1.0, 0.5]  # chunk 1: 4 items, batch 4, 2 epochs
+    assert [s.lr_scale for s in final] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    assert sum(s.restart for s in steps) == len(boundaries) and steps[0].restart
+    assert all(steps[i + 1].restart for i, s in enumerate(steps[:-1]) if s.boundary), phases
+    constant = AGAD(chunk_size=4, interleaving=0.5, annealing=0.5, restart_per_phase=False).plan(10, 20, 4, 2, 0)
+    assert [s.boundary for s in constant if s.boundary] == boundaries
+    assert all(s.lr_scale == 1.0 and not s.restart for s in constant)
+
+
+def test_agad_leftover_forget_items_get_no_annealing_phase():
+    """As in the authors' code, items after the last whole chunk (here all of them) are forgotten
+    without an annealing phase after them; the final annealing still runs."""
+    steps = AGAD(chunk_size=8, interleaving=1.0).plan(n_forget=5, n_retain=8, batch_size=4, epochs=1, seed=0)
+    assert [s.boundary for s in steps if s.boundary] == ["chunk 1 forgetting", "final annealing"]
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -297,7 +313,7 @@ RUNS = {
     "flat": {"lr": 2.2e-4, "epochs": 4},
     "adversarial": {"lr": 3e-4, "epochs": 5},
     "sugd": {"method": "gd", "schedule": "sugd", "lr": 5e-4, "chunk_size": 8, "epochs_per_chunk": 3},
-    "agad": {"method": "gd", "schedule": "agad", "lr": 5e-4, "chunk_size": 8, "epochs": 3},
+    "agad": {"method": "gd", "schedule": "agad", "lr": 1e-3, "chunk_size": 8, "epochs": 3},
 }
 # Methods without a retain term (GA, FLAT) drag the retain set along on a 2M-parameter model.
 RETAIN_TOLERANCE = {"ga": 0.3, "flat": 0.65, "adversarial": 0.25, "sugd": 0.25}

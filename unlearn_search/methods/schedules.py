@@ -82,6 +82,14 @@ def chunks(n_forget: int, chunk_size: int) -> list[list[int]]:
     return [list(range(i, min(i + chunk_size, n_forget))) for i in range(0, n_forget, chunk_size)]
 
 
+def own_run(steps: list[Step]) -> list[Step]:
+    """``steps`` trained as one Hugging Face ``Trainer`` run trains them (the SemEval winners' code
+    makes one per chunk or phase): a fresh AdamW at the first step and the Trainer's default
+    learning rate, decaying linearly from ``lr`` to 0 (step k of T: (T - k) / T)."""
+    total = len(steps)
+    return [replace(step, lr_scale=(total - k) / total, restart=k == 0) for k, step in enumerate(steps)]
+
+
 class SUGD(Schedule):
     """Sequential unlearning with gradient difference (AILS-NTUA, SemEval-2025 Task 4 winners).
 
@@ -145,9 +153,7 @@ class SUGD(Schedule):
                     chunk_steps.append(Step(forget, kept, len(forget) / len(items),
                                             p["positive_factor"] * len(kept) / len(items), "sugd"))
             if p["restart_per_chunk"]:
-                total = len(chunk_steps)
-                chunk_steps = [replace(step, lr_scale=(total - k) / total, restart=k == 0)
-                               for k, step in enumerate(chunk_steps)]
+                chunk_steps = own_run(chunk_steps)
             chunk_steps[-1] = replace(chunk_steps[-1], boundary=f"chunk {number}")
             steps += chunk_steps
         return steps
@@ -158,9 +164,12 @@ class AGAD(Schedule):
 
     Forget chunks in dataset order; each gets a forgetting phase (gradient ascent on the chunk
     alone, ``epochs`` epochs). After every ``1 / interleaving`` forgetting phases an annealing
-    phase follows: descent on a fresh random ``annealing`` fraction of the retain set. With
-    ``final_annealing`` the run ends with descent on the whole retain set. Follows the authors'
-    code (iraklis07/llm-unlearning, methods/alternating.py).
+    phase follows: descent on a fresh random ``annealing`` fraction of the retain set. Forget
+    items left over after the last whole chunk get a forgetting phase and no annealing. With
+    ``final_annealing`` the run ends with descent on the whole retain set. With
+    ``restart_per_phase`` each phase is its own fine-tuning run, as the authors' code makes a new
+    Hugging Face ``Trainer`` per phase (see ``own_run``). Follows the authors' code
+    (iraklis07/llm-unlearning, methods/alternating.py).
     """
 
     name = "agad"
@@ -171,7 +180,10 @@ class AGAD(Schedule):
                   low=0, high=1),
              Knob("annealing", 0.25, "fraction of the retain set sampled for each annealing phase", high=1,
                   positive=True),
-             Knob("final_annealing", True, "end with descent on the whole retain set"))
+             Knob("final_annealing", True, "end with descent on the whole retain set"),
+             Knob("restart_per_phase", True, "each phase its own run, as the authors train it: a fresh AdamW and "
+                                             "the lr decaying linearly to 0 over the phase (else one optimizer "
+                                             "at a constant lr)"))
     needs_retain = True
 
     def plan(self, n_forget, n_retain, batch_size, epochs, seed):
@@ -185,17 +197,18 @@ class AGAD(Schedule):
                 rng.shuffle(order)
                 out += [Step(b, (), phase=kind) if kind == "ascent" else Step((), b, phase=kind)
                         for b in batches(order, batch_size)]
-            out[-1] = Step(**{**out[-1].__dict__, "boundary": boundary})
+            if p["restart_per_phase"]:
+                out = own_run(out)
+            out[-1] = replace(out[-1], boundary=boundary)
             return out
 
         steps, count = [], 0
-        groups = chunks(n_forget, p["chunk_size"])
-        for number, chunk in enumerate(groups, start=1):
+        for number, chunk in enumerate(chunks(n_forget, p["chunk_size"]), start=1):
             steps += phase(chunk, "ascent", f"chunk {number} forgetting")
             count += 1
-            remainder = number == len(groups) and len(groups) > 1 and len(chunk) < p["chunk_size"]
+            remainder = len(chunk) < p["chunk_size"]  # the authors' "final forgetting": no annealing after it
             if p["interleaving"] > 0 and count >= 1 / p["interleaving"] and not remainder and n_retain:
-                sample = rng.sample(range(n_retain), max(1, round(p["annealing"] * n_retain)))
+                sample = rng.sample(range(n_retain), max(1, int(p["annealing"] * n_retain)))
                 steps += phase(sample, "annealing", f"chunk {number} annealing")
                 count = 0
         if p["final_annealing"] and n_retain:
