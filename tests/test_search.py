@@ -76,7 +76,7 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     output = tmp_path / "search"
     command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
                "--data", str(data_paths.root), "--output", str(output), "--tracking-uri", mlflow_server,
-               "--num-cpus", "2", "--final-mmlu-limit", "1", "--final-split", "validation",
+               "--num-cpus", "2", "--final-mmlu-limit", "2", "--final-split", "validation",
                "--final-max-new-tokens", "32", "--verbose", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines: list[str] = []
@@ -126,6 +126,19 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert (best / "model" / "config.json").exists() and (best / "forget_0.csv").exists()
     best_results = json.loads((best / "evaluation_results.json").read_text())
     assert "aggregate-score" in best_results
+    # The utility threshold is a fraction of the original model's MMLU on the same questions:
+    # one per subject during the search, two in the re-evaluation (--final-mmlu-limit 2).
+    from unlearn_search.evaluation.evaluate import DEFAULT_THRESHOLD_FRACTION
+    from unlearn_search.evaluation.mmlu import evaluate_mmlu
+    from unlearn_search.models import load_model, load_tokenizer
+
+    def original(limit):
+        return evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, limit, 32)["average"]
+    search_threshold = json.loads((output / "search.json").read_text())["mmlu_threshold"]
+    assert search_threshold == pytest.approx(DEFAULT_THRESHOLD_FRACTION * original(1))
+    assert best_results["mmlu_questions"] == 2 * 57
+    assert best_results["mmlu_threshold"] == pytest.approx(DEFAULT_THRESHOLD_FRACTION * original(2))
+    assert best_results["mmlu_threshold"] != pytest.approx(search_threshold)
     # Re-evaluated on the split asked for (--final-split validation), where trials used train items.
     import pandas as pd
 
@@ -272,15 +285,15 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
 
     def trial(config):
         """Stands in for ``search_trial`` (defined here: workers cannot import a test module):
-        one quick estimate at half of training, then, unless it sleeps past the budget, the
-        full evaluation."""
-        tune.report({"progress": 50.0, "aggregate": config["lr"]})
+        unless it sleeps past the budget, one quick estimate at half of training, then the full
+        evaluation."""
         if config["lr"] > 0.92:
-            time.sleep(300)  # cut by the search's time budget
+            time.sleep(300)  # cut by the search's time budget before its first report
+        tune.report({"progress": 50.0, "aggregate": config["lr"]})
         tune.report({"progress": 100.0, "aggregate": config["lr"], OBJECTIVE: config["lr"], TRIAL_OUTPUT: "-"})
 
     # One at a time, in this order: 0.9 finishes; 0.1 falls below the rung 0.9 set and is pruned
-    # at 50 %; 0.95 passes the rung and is still training when the budget runs out.
+    # at 50 %; 0.95 is still training, not yet judged, when the budget runs out.
     space = parse_space({"name": "budget", "settings": {"method": "gd", "schedule": "joint"},
                          "params": {"lr": {"distribution": "uniform", "low": 0.01, "high": 1.0}},
                          "starts": [{"lr": 0.9}, {"lr": 0.1}, {"lr": 0.95}],
@@ -297,10 +310,15 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
             run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), callbacks=[tracker], verbose=0,
                                       stop=TimeBudget(40, tmp_path / BUDGET_FILE)))
         rows = trial_rows(tuner.fit(), space)
+        # Read back from the experiment's state as --resume does: the cut trial reported nothing,
+        # and keeps its parameters (from the configuration Tune wrote when it started).
+        restored = trial_rows(tune.Tuner.restore(str(tmp_path / "tune"), trial).get_results(), space)
     finally:
         ray.shutdown()
     by_lr = {row["lr"]: row for row in rows}
     assert {lr: row["status"] for lr, row in by_lr.items()} == {0.9: "completed", 0.1: "pruned", 0.95: "stopped"}
+    assert [(r["trial_id"], r["lr"], r["status"]) for r in restored] == \
+        [(r["trial_id"], r["lr"], r["status"]) for r in rows]
     assert by_lr[0.1]["pruned_at"] == 50.0 and "pruned_at" not in by_lr[0.95]
     table = summary_table(rows, ["lr"], None)
     assert "stopped" in table and "pruned" in table

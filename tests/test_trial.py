@@ -87,3 +87,23 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     assert reports[-1]["trained"] and reports[-1]["step"] == 18
     boundaries = [r["step"] for r in reports if not r["trained"]]
     assert boundaries.count(3) == 1  # epoch 1 was never trained twice
+
+
+def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, data_paths, tmp_path):
+    """A student's MMLU is held against the original's on the same questions: the target's own
+    report when it scored those (one per subject here), else the original scored now."""
+    import shutil
+
+    from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.evaluation.mmlu import evaluate_mmlu
+    from unlearn_search.models import load_tokenizer
+    from unlearn_search.training.trial import original_mmlu
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_target, target)
+    (target / "target_evaluation.json").write_text(json.dumps({"mmlu_average": 0.5, "mmlu_questions": 57}))
+    assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1)) == 0.5
+    scored = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, 2, 32)
+    assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=2)) == pytest.approx(scored["average"])
+    # Other shots than the report's: scored again.
+    assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1, mmlu_shots=0)) != 0.5

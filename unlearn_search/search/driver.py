@@ -217,24 +217,32 @@ def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:
     return output
 
 
-def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: Path) -> float:
-    """The original model's MMLU on the search's questions (computed once, kept in the output)."""
+def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:
+    """The original model's MMLU on an evaluation's questions (``limit`` per subject), scored on
+    the cluster and kept in the output, one entry per setting."""
+    from unlearn_search.training.trial import on_cluster, score_mmlu
+
     path = output / "original_mmlu.json"
     ev = space.evaluation
-    key = {"model": str(model_dir), "shots": ev.mmlu_shots, "limit": ev.mmlu_limit}
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["mmlu_average"]
-    from unlearn_search.data.locate import paths_from_root
-    from unlearn_search.evaluation.mmlu import evaluate_mmlu
-    from unlearn_search.models import load_model, load_tokenizer
+    key = {"model": str(model_dir), "shots": ev.mmlu_shots, "limit": limit}
+    saved = json.loads(path.read_text()) if path.exists() else []
+    saved = [saved] if isinstance(saved, dict) else saved  # one entry, as earlier versions wrote it
+    for entry in saved:
+        if entry.get("key") == key:
+            return entry["mmlu_average"]
+    average = on_cluster(space.resources, score_mmlu, model_dir, data_root, ev.mmlu_shots, limit, ev.batch_size)
+    path.write_text(json.dumps(saved + [{"key": key, "mmlu_average": average}], indent=2))
+    return average
 
-    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    scores = evaluate_mmlu(model, tokenizer, paths_from_root(data_root).mmlu, ev.mmlu_shots, ev.mmlu_limit,
-                           ev.batch_size)
-    path.write_text(json.dumps({"key": key, "mmlu_average": scores["average"]}, indent=2))
-    return scores["average"]
+
+def mmlu_threshold(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:
+    """The space's utility threshold, else a fixed fraction of the original model's MMLU on the
+    same questions: the search's subset for trials, the final one for the best trial."""
+    if space.evaluation.mmlu_threshold is not None:
+        return space.evaluation.mmlu_threshold
+    from unlearn_search.evaluation.evaluate import DEFAULT_THRESHOLD_FRACTION
+
+    return DEFAULT_THRESHOLD_FRACTION * original_mmlu(model_dir, data_root, space, output, limit)
 
 
 def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | None = None,
@@ -257,16 +265,8 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
     output = prepare_output(space, options)
     paths = resolve_data(options.data)
     model_dir = resolve_model(options.model, paths)
-    threshold = space.evaluation.mmlu_threshold
-    if threshold is None:
-        from unlearn_search.evaluation.evaluate import DEFAULT_THRESHOLD_FRACTION
-
-        threshold = DEFAULT_THRESHOLD_FRACTION * original_mmlu(model_dir, paths.root, space, output)
     study_name = space.name
     storage_url = options.storage or f"sqlite:///{output / 'optuna.db'}"
-    (output / STATE_FILE).write_text(json.dumps({"space": space.name, "source": str(space.source or ""),
-                                                 "model": str(model_dir), "storage": storage_url,
-                                                 "study": study_name, "mmlu_threshold": threshold}, indent=2))
     if space.source:
         shutil.copyfile(space.source, output / "space.yaml")
 
@@ -279,6 +279,10 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
         dashboard_url = f"http://{dashboard_url}"
     if on_start:
         on_start(dashboard_url)
+    threshold = mmlu_threshold(model_dir, paths.root, space, output, space.evaluation.mmlu_limit)
+    (output / STATE_FILE).write_text(json.dumps({"space": space.name, "source": str(space.source or ""),
+                                                 "model": str(model_dir), "storage": storage_url,
+                                                 "study": study_name, "mmlu_threshold": threshold}, indent=2))
 
     trial_context = {"model_dir": str(model_dir), "data_root": str(paths.root), "output": str(output),
                      "resources": dataclasses.asdict(space.resources),
@@ -315,7 +319,7 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
     best_dir, best_evaluation = None, None
     if best is not None:
         try:
-            best_dir, best_evaluation = export_best(best, model_dir, paths.root, space, threshold, options, output)
+            best_dir, best_evaluation = export_best(best, model_dir, paths.root, space, options, output)
         except Exception as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise UnlearnSearchError(f"exporting the best trial {best['trial_id']} failed ({reason}); the trials are "
@@ -323,6 +327,13 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
                                      f"retries the export") from error
     return SearchOutcome(output, rows, best, best_dir, best_evaluation, time.time() - started, dashboard_url,
                          study_name, storage_url, table)
+
+
+def started_with(trial_path: str) -> dict[str, Any]:
+    """The configuration Tune wrote when the trial started (its JSON logger's ``params.json``): a
+    trial cut before its first report, read back by ``--resume``, has no result to carry it."""
+    params = Path(trial_path) / "params.json"
+    return json.loads(params.read_text()) if params.is_file() else {}
 
 
 def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
@@ -333,7 +344,7 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
     searched = [p.name for p in space.params]
     for result in grid:
         metrics = dict(result.metrics or {})
-        config = dict(result.config or {})
+        config = dict(result.config or {}) or started_with(result.path)
         trial_id = metrics.get("trial_id") or Path(result.path).name
         pruned = pruned_record(result.path)
         status = trial_status(metrics, result.error is not None, pruned is not None)
@@ -355,8 +366,8 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
     return rows
 
 
-def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, threshold: float,
-                options: SearchOptions, output: Path) -> tuple[Path, dict]:
+def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions,
+                output: Path) -> tuple[Path, dict]:
     """Re-evaluate the best trial with the full evaluation and export it as a checkpoint."""
     from unlearn_search.evaluation import EvalConfig
     from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
@@ -371,7 +382,8 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
     ev = space.evaluation
     config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,
                         mmlu_shots=ev.mmlu_shots, mmlu_limit=options.final_mmlu_limit,
-                        mmlu_threshold=threshold, progress=options.verbose > 0)
+                        mmlu_threshold=mmlu_threshold(model_dir, data_root, space, output, options.final_mmlu_limit),
+                        progress=options.verbose > 0)
     # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
     evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, space.resources)
     (partial / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))

@@ -320,27 +320,32 @@ def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path |
                         "auto" if config.teacher_top_k is None else config.teacher_top_k)
 
 
-def evaluate_on_cluster(model_path: Path, original_dir, data_root, evaluation, output: Path,
-                        resources: Resources) -> dict:
-    """The full evaluation as a Ray task holding the trial's CPUs (freed by its finished workers)
-    and one GPU on GPU clusters, so that a 7B student is never scored on a CPU-only process."""
+def on_cluster(resources: Resources, function, *args):
+    """``function(*args)`` as a Ray task holding a trial's CPUs (freed by its finished workers) and
+    one GPU on GPU clusters, so that a 7B model is never scored on a CPU-only process."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     # Outside the Tune trial's placement group (which holds only the trial's own memory).
-    task = ray.remote(_evaluation_task).options(
+    task = ray.remote(_cluster_task).options(
         num_cpus=resources.workers * resources.cpus_per_worker, num_gpus=1 if resources.gpus_per_worker > 0 else 0,
         max_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
-    return ray.get(task.remote(model_path, original_dir, data_root, evaluation, output))
+    return ray.get(task.remote(function, *args))
 
 
-def _evaluation_task(*args) -> dict:
+def evaluate_on_cluster(model_path: Path, original_dir, data_root, evaluation, output: Path,
+                        resources: Resources) -> dict:
+    """The full evaluation of a trained student, on the cluster (``on_cluster``)."""
+    return on_cluster(resources, evaluate_checkpoint, model_path, original_dir, data_root, evaluation, output)
+
+
+def _cluster_task(function, *args):
     import ray
     import torch
 
     # As many threads as the CPUs the task holds (a reused worker process may have set fewer).
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return evaluate_checkpoint(*args)
+    return function(*args)
 
 
 def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation,
@@ -354,10 +359,39 @@ def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: s
     from unlearn_search.evaluation import evaluate
     from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
 
-    original = Path(original_dir) / "target_evaluation.json"
-    if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None and original.exists():
-        evaluation = dataclasses.replace(evaluation, original_mmlu=json.loads(original.read_text())["mmlu_average"])
+    if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None:
+        evaluation = dataclasses.replace(evaluation, original_mmlu=original_mmlu(original_dir, data_root, evaluation))
     model, tokenizer = load_model(model_path), load_tokenizer(model_path)
     if torch.cuda.is_available():
         model = model.to("cuda")
     return evaluate(model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir), output)
+
+
+def original_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -> float:
+    """The original model's MMLU on ``evaluation``'s questions, for its utility threshold: from the
+    target's own report (``unlearn-search target build``) when that scored the same questions,
+    else scored now."""
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.data.mmlu import load_mmlu
+    from unlearn_search.evaluation import EvalConfig
+
+    report = Path(original_dir) / "target_evaluation.json"
+    if report.exists() and evaluation.mmlu_shots == EvalConfig().mmlu_shots:  # the shots a target build uses
+        saved = json.loads(report.read_text())
+        if saved.get("mmlu_questions") == len(load_mmlu(paths_from_root(data_root).mmlu, "test", evaluation.mmlu_limit)):
+            return saved["mmlu_average"]
+    return score_mmlu(original_dir, data_root, evaluation.mmlu_shots, evaluation.mmlu_limit, evaluation.batch_size)
+
+
+def score_mmlu(model_path: str | Path, data_root: str | Path, shots: int, limit: int | None, batch_size: int) -> float:
+    """A checkpoint's MMLU average (``limit`` questions per subject, all if None)."""
+    import torch
+
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.evaluation.mmlu import evaluate_mmlu
+    from unlearn_search.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return evaluate_mmlu(model, tokenizer, paths_from_root(data_root).mmlu, shots, limit, batch_size)["average"]
