@@ -100,8 +100,9 @@ def test_agad_alternates_forgetting_and_annealing_phases():
 
 
 def test_agad_leftover_forget_items_get_no_annealing_phase():
-    """As in the authors' code, items after the last whole chunk (here all of them) are forgotten
-    without an annealing phase after them; the final annealing still runs."""
+    """As in the authors' code, items after the last whole chunk are forgotten without an
+    annealing phase after them; also when they are all there is (where the authors' code fails);
+    the final annealing still runs."""
     steps = AGAD(chunk_size=8, interleaving=1.0).plan(n_forget=5, n_retain=8, batch_size=4, epochs=1, seed=0)
     assert [s.boundary for s in steps if s.boundary] == ["chunk 1 forgetting", "final annealing"]
 

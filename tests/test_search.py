@@ -139,6 +139,7 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert best_results["mmlu_questions"] == 2 * 57
     assert best_results["mmlu_threshold"] == pytest.approx(DEFAULT_THRESHOLD_FRACTION * original(2))
     assert best_results["mmlu_threshold"] != pytest.approx(search_threshold)
+    assert sorted(e["key"]["limit"] for e in json.loads((output / "original_mmlu.json").read_text())) == [1, 2]
     # Re-evaluated on the split asked for (--final-split validation), where trials used train items.
     import pandas as pd
 
@@ -285,15 +286,17 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
 
     def trial(config):
         """Stands in for ``search_trial`` (defined here: workers cannot import a test module):
-        unless it sleeps past the budget, one quick estimate at half of training, then the full
-        evaluation."""
-        if config["lr"] > 0.92:
-            time.sleep(300)  # cut by the search's time budget before its first report
+        one quick estimate at half of training, then, unless it sleeps past the budget, the
+        full evaluation."""
+        if config["lr"] > 0.98:
+            time.sleep(300)  # cut by the time budget before its first report
         tune.report({"progress": 50.0, "aggregate": config["lr"]})
+        if config["lr"] > 0.92:
+            time.sleep(300)  # cut by the search's time budget
         tune.report({"progress": 100.0, "aggregate": config["lr"], OBJECTIVE: config["lr"], TRIAL_OUTPUT: "-"})
 
     # One at a time, in this order: 0.9 finishes; 0.1 falls below the rung 0.9 set and is pruned
-    # at 50 %; 0.95 is still training, not yet judged, when the budget runs out.
+    # at 50 %; 0.95 passes the rung and is still training when the budget runs out.
     space = parse_space({"name": "budget", "settings": {"method": "gd", "schedule": "joint"},
                          "params": {"lr": {"distribution": "uniform", "low": 0.01, "high": 1.0}},
                          "starts": [{"lr": 0.9}, {"lr": 0.1}, {"lr": 0.95}],
@@ -310,15 +313,17 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
             run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), callbacks=[tracker], verbose=0,
                                       stop=TimeBudget(40, tmp_path / BUDGET_FILE)))
         rows = trial_rows(tuner.fit(), space)
-        # Read back from the experiment's state as --resume does: the cut trial reported nothing,
-        # and keeps its parameters (from the configuration Tune wrote when it started).
-        restored = trial_rows(tune.Tuner.restore(str(tmp_path / "tune"), trial).get_results(), space)
+        # A trial cut before its first report, read back from the experiment's state as --resume
+        # reads it: no result carries its parameters; the configuration Tune wrote when it
+        # started does.
+        tune.Tuner(trial, param_space={"lr": 0.99}, run_config=tune.RunConfig(
+            name="cut", storage_path=str(tmp_path), verbose=0, stop=TimeBudget(5, tmp_path / "cut.json"))).fit()
+        restored = trial_rows(tune.Tuner.restore(str(tmp_path / "cut"), trial).get_results(), space)
     finally:
         ray.shutdown()
+    assert [(r["lr"], r["status"]) for r in restored] == [(0.99, "stopped")]
     by_lr = {row["lr"]: row for row in rows}
     assert {lr: row["status"] for lr, row in by_lr.items()} == {0.9: "completed", 0.1: "pruned", 0.95: "stopped"}
-    assert [(r["trial_id"], r["lr"], r["status"]) for r in restored] == \
-        [(r["trial_id"], r["lr"], r["status"]) for r in rows]
     assert by_lr[0.1]["pruned_at"] == 50.0 and "pruned_at" not in by_lr[0.95]
     table = summary_table(rows, ["lr"], None)
     assert "stopped" in table and "pruned" in table

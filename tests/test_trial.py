@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -14,6 +15,7 @@ from unlearn_search.models import load_model
 from unlearn_search.training.trial import Resources, read_metrics_log, run_trial
 
 pytestmark = pytest.mark.slow
+SPACE = Path(__file__).resolve().parent / "spaces" / "tiny_gd.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -106,4 +108,38 @@ def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, 
     scored = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, 2, 32)
     assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=2)) == pytest.approx(scored["average"])
     # Other shots than the report's: scored again.
-    assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1, mmlu_shots=0)) != 0.5
+    zero_shot = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 0, 1, 32)
+    assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1, mmlu_shots=0)) == \
+        pytest.approx(zero_shot["average"])
+
+
+def test_a_search_keeps_the_original_mmlu_per_question_set(ray_cluster, tiny_target, data_paths, tmp_path,
+                                                           monkeypatch):
+    """Scoring the original on all of MMLU takes minutes: a search scores it on the cluster once,
+    keeps it in its output and in the user cache, and a later search of the same checkpoint
+    reuses it, also when its own copy is damaged."""
+    from unlearn_search.evaluation.mmlu import evaluate_mmlu
+    from unlearn_search.models import load_tokenizer
+    from unlearn_search.search import driver
+    from unlearn_search.search.space import load_space
+    from unlearn_search.training import trial
+
+    monkeypatch.setenv("UNLEARN_SEARCH_CACHE", str(tmp_path / "cache"))
+    space = load_space(SPACE)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    scored = driver.original_mmlu(tiny_target, data_paths.root, space, first, 2)
+    expected = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, 2, 32)
+    assert scored == pytest.approx(expected["average"])
+    assert driver.mmlu_threshold(tiny_target, data_paths.root, space, first, 2) == pytest.approx(0.75 * scored)
+
+    def no_scoring(*args):
+        raise AssertionError("scored again")
+    monkeypatch.setattr(trial, "on_cluster", no_scoring)
+    (second / driver.ORIGINAL_MMLU_FILE).write_text("{")  # damaged: read from the user cache instead
+    assert driver.original_mmlu(tiny_target, data_paths.root, space, second, 2) == scored
+    for output in (first, second, tmp_path / "cache"):
+        entries = json.loads((output / driver.ORIGINAL_MMLU_FILE).read_text())
+        assert [(e["key"]["limit"], e["mmlu_average"]) for e in entries] == [(2, scored)]
+    with pytest.raises(AssertionError, match="scored again"):  # other questions: scored
+        driver.original_mmlu(tiny_target, data_paths.root, space, second, 3)

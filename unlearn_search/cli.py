@@ -11,7 +11,6 @@ from pathlib import Path
 
 from unlearn_search.errors import UnlearnSearchError
 
-TARGET_EVALUATION = "target_evaluation.json"
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +53,8 @@ def _headline(results: dict) -> str:
 def cmd_target_build(args) -> None:
     from unlearn_search.data import resolve_data
     from unlearn_search.evaluation import EvalConfig, evaluate
-    from unlearn_search.models import build_target, get_preset, load_model, load_tokenizer, read_target_manifest
+    from unlearn_search.models import (TARGET_EVALUATION, build_target, get_preset, load_model, load_tokenizer,
+                                       read_target_manifest)
 
     paths = resolve_data(args.data)
     preset = get_preset(args.preset)
@@ -79,13 +79,14 @@ def cmd_evaluate(args) -> None:
     from unlearn_search.data import resolve_data
     from unlearn_search.evaluation import evaluate
     from unlearn_search.models import load_model, load_tokenizer, read_target_manifest, resolve_model
+    from unlearn_search.training.trial import reported_mmlu
 
     paths = resolve_data(args.data)
     directory = resolve_model(args.model, paths)
     manifest = None if args.all_items else read_target_manifest(directory)
     original = args.original_mmlu
-    if original is None and (directory / TARGET_EVALUATION).exists():
-        original = json.loads((directory / TARGET_EVALUATION).read_text())["mmlu_average"]
+    if original is None:  # a target scored against its own report, when that scored the same questions
+        original = reported_mmlu(directory, paths.root, _eval_config(args))
     model = load_model(directory, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(directory, trust_remote_code=args.trust_remote_code)
     started = time.time()

@@ -72,7 +72,7 @@ class Joint(Schedule):
             order = list(range(n_forget))
             rng.shuffle(order)
             epoch_steps = [Step(b, retain.take(len(b))) for b in batches(order, batch_size)]
-            epoch_steps[-1] = Step(**{**epoch_steps[-1].__dict__, "boundary": f"epoch {epoch}"})
+            epoch_steps[-1] = replace(epoch_steps[-1], boundary=f"epoch {epoch}")
             steps += epoch_steps
         return steps
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unlearn_search.errors import UnlearnSearchError
 
 TARGET_MANIFEST = "unlearn_target.json"
+TARGET_EVALUATION = "target_evaluation.json"  # the target's own scores (`unlearn-search target build`)
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -43,3 +44,16 @@ def read_target_manifest(path: str | Path) -> dict | None:
     """The reference target's manifest (which items it memorized), or None for other checkpoints."""
     manifest = Path(path) / TARGET_MANIFEST
     return json.loads(manifest.read_text()) if manifest.exists() else None
+
+
+def checkpoint_digest(directory: str | Path, digest) -> None:
+    """Feed what identifies a checkpoint (its model and tokenizer files) into a hashlib ``digest``."""
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
+            digest.update(path.name.encode())
+            stat = path.stat()
+            if path.suffix in (".safetensors", ".bin") and stat.st_size > 256 * 2**20:
+                # Hashing many GB per search costs minutes: size and mtime identify a checkpoint file.
+                digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            else:
+                digest.update(path.read_bytes())

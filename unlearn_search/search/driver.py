@@ -25,6 +25,7 @@ TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 BEST_DIR = "best"
 STATE_FILE = "search.json"
+ORIGINAL_MMLU_FILE = "original_mmlu.json"
 RESULT_FILE = "result.json"  # a finished trial's final metrics, in its own directory
 TRIAL_DRIVER_MEMORY = 512 * 2**20
 
@@ -217,32 +218,63 @@ def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:
     return output
 
 
-def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:
-    """The original model's MMLU on an evaluation's questions (``limit`` per subject), scored on
-    the cluster and kept in the output, one entry per setting."""
-    from unlearn_search.training.trial import on_cluster, score_mmlu
+def _entries(path: Path) -> list[dict]:
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else []
+    except (OSError, ValueError):  # a damaged cache costs a rescoring, never the search
+        return []
+    return [saved] if isinstance(saved, dict) else saved  # one entry, as earlier versions wrote it
 
-    path = output / "original_mmlu.json"
+
+def _keep(path: Path, entry: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps([e for e in _entries(path) if e.get("key") != entry["key"]] + [entry], indent=2))
+        partial.replace(path)  # whole or not at all
+    except OSError as error:
+        print(f"warning: could not write {path} ({error}); the original's MMLU will be scored again next time")
+
+
+def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:
+    """The original model's MMLU on ``limit`` questions per subject (all if None): kept in the
+    output and, for later searches of the same checkpoint, in the user cache; else the target's
+    own report when it scored those questions; else scored on the cluster (minutes for all of
+    MMLU, hence the caches)."""
+    import hashlib
+
+    from unlearn_search.data.locate import cache_root
+    from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.models import checkpoint_digest
+    from unlearn_search.training.trial import on_cluster
+    from unlearn_search.training.trial import original_mmlu as score_original
+
     ev = space.evaluation
-    key = {"model": str(model_dir), "shots": ev.mmlu_shots, "limit": limit}
-    saved = json.loads(path.read_text()) if path.exists() else []
-    saved = [saved] if isinstance(saved, dict) else saved  # one entry, as earlier versions wrote it
-    for entry in saved:
-        if entry.get("key") == key:
-            return entry["mmlu_average"]
-    average = on_cluster(space.resources, score_mmlu, model_dir, data_root, ev.mmlu_shots, limit, ev.batch_size)
-    path.write_text(json.dumps(saved + [{"key": key, "mmlu_average": average}], indent=2))
-    return average
+    digest = hashlib.sha256()
+    checkpoint_digest(model_dir, digest)
+    key = {"model": str(model_dir), "checkpoint": digest.hexdigest()[:16], "data": str(data_root),
+           "shots": ev.mmlu_shots, "limit": limit}
+    kept, shared = output / ORIGINAL_MMLU_FILE, cache_root() / ORIGINAL_MMLU_FILE
+    entry = next((e for place in (kept, shared) for e in _entries(place) if e.get("key") == key), None)
+    if entry is None:
+        evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
+        entry = {"key": key, "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root,
+                                                         evaluation)}
+        _keep(shared, entry)
+    _keep(kept, entry)
+    return entry["mmlu_average"]
 
 
 def mmlu_threshold(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:
-    """The space's utility threshold, else a fixed fraction of the original model's MMLU on the
-    same questions: the search's subset for trials, the final one for the best trial."""
-    if space.evaluation.mmlu_threshold is not None:
-        return space.evaluation.mmlu_threshold
-    from unlearn_search.evaluation.evaluate import DEFAULT_THRESHOLD_FRACTION
+    """The space's utility threshold, else the usual fraction of the original model's MMLU on the
+    same questions: the search's subset for trials, the final questions for the best trial."""
+    from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.evaluation.evaluate import utility_threshold
 
-    return DEFAULT_THRESHOLD_FRACTION * original_mmlu(model_dir, data_root, space, output, limit)
+    threshold = space.evaluation.mmlu_threshold
+    if threshold is not None:
+        return threshold
+    return utility_threshold(EvalConfig(original_mmlu=original_mmlu(model_dir, data_root, space, output, limit)))
 
 
 def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | None = None,

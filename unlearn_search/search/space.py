@@ -98,7 +98,7 @@ class SearchEvaluation:
     max_new_tokens: int = 128
     batch_size: int = 32
     mmlu_shots: int = 5
-    mmlu_limit: int | None = 4  # questions per subject during the search; the best trial gets all
+    mmlu_limit: int | None = 4  # questions per subject during the search (the best trial's: --final-mmlu-limit)
     mmlu_threshold: float | None = None
 
 

@@ -23,27 +23,16 @@ import torch
 from unlearn_search.data.tokenize import Encoded, collate
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import Reference
+from unlearn_search.models.loading import checkpoint_digest
 
 FULL_VOCAB_LIMIT = 8192  # above this, top-k is the default: full log-probs would be [T, V] per sequence
 DEFAULT_TOP_K = 128
 
 
-def _files_digest(directory: Path, digest) -> None:
-    for path in sorted(Path(directory).iterdir()):
-        if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
-            digest.update(path.name.encode())
-            stat = path.stat()
-            if path.suffix in (".safetensors", ".bin") and stat.st_size > 256 * 2**20:
-                # Hashing many GB per search costs minutes: size and mtime identify a checkpoint file.
-                digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-            else:
-                digest.update(path.read_bytes())
-
-
 def cache_key(model_dir: Path, sequences: dict[str, Sequence[Encoded]], top_k: int | None, version: str = "1") -> str:
     """Model and tokenizer files, every token and label of every sequence, and the settings."""
     digest = hashlib.sha256(f"teacher-cache:{version}:{top_k}".encode())
-    _files_digest(model_dir, digest)
+    checkpoint_digest(model_dir, digest)
     for name in sorted(sequences):
         digest.update(name.encode())
         for example in sequences[name]:

@@ -321,8 +321,9 @@ def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path |
 
 
 def on_cluster(resources: Resources, function, *args):
-    """``function(*args)`` as a Ray task holding a trial's CPUs (freed by its finished workers) and
-    one GPU on GPU clusters, so that a 7B model is never scored on a CPU-only process."""
+    """``function(*args)`` as a Ray task holding as many CPUs as a trial's workers (after a trial,
+    the ones its finished workers freed) and one GPU on GPU clusters, so that a 7B model is never
+    scored on a CPU-only process."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -367,19 +368,29 @@ def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: s
     return evaluate(model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir), output)
 
 
-def original_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -> float:
-    """The original model's MMLU on ``evaluation``'s questions, for its utility threshold: from the
-    target's own report (``unlearn-search target build``) when that scored the same questions,
-    else scored now."""
+def reported_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -> float | None:
+    """The target's MMLU from its own report (``unlearn-search target build``) when that scored
+    ``evaluation``'s questions with the same shots; None otherwise."""
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.data.mmlu import load_mmlu
     from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.models import TARGET_EVALUATION
 
-    report = Path(original_dir) / "target_evaluation.json"
-    if report.exists() and evaluation.mmlu_shots == EvalConfig().mmlu_shots:  # the shots a target build uses
-        saved = json.loads(report.read_text())
-        if saved.get("mmlu_questions") == len(load_mmlu(paths_from_root(data_root).mmlu, "test", evaluation.mmlu_limit)):
-            return saved["mmlu_average"]
+    report = Path(original_dir) / TARGET_EVALUATION
+    if not report.exists() or evaluation.mmlu_shots != EvalConfig().mmlu_shots:  # the shots a target build uses
+        return None
+    saved = json.loads(report.read_text())
+    # The first n questions of each subject: the same count is the same questions.
+    same = saved.get("mmlu_questions") == len(load_mmlu(paths_from_root(data_root).mmlu, "test", evaluation.mmlu_limit))
+    return saved["mmlu_average"] if same else None
+
+
+def original_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -> float:
+    """The original model's MMLU on ``evaluation``'s questions, for its utility threshold: the
+    target's report when it scored them, else scored now."""
+    reported = reported_mmlu(original_dir, data_root, evaluation)
+    if reported is not None:
+        return reported
     return score_mmlu(original_dir, data_root, evaluation.mmlu_shots, evaluation.mmlu_limit, evaluation.batch_size)
 
 
