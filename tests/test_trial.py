@@ -143,3 +143,16 @@ def test_a_search_keeps_the_original_mmlu_per_question_set(ray_cluster, tiny_tar
         assert [(e["key"]["limit"], e["mmlu_average"]) for e in entries] == [(2, scored)]
     with pytest.raises(AssertionError, match="scored again"):  # other questions: scored
         driver.original_mmlu(tiny_target, data_paths.root, space, second, 3)
+
+
+def test_cluster_work_fits_one_node_when_the_workers_spread_over_several(ray_cluster):
+    """Four spread workers of one CPU each hold more than this 2-CPU node has: the evaluation
+    (and the original's MMLU) must take what one node has instead of waiting forever."""
+    from unlearn_search.training.trial import on_cluster
+
+    done: dict = {}
+    runner = threading.Thread(target=lambda: done.update(pid=on_cluster(
+        Resources(workers=4, cpus_per_worker=1, placement="spread"), os.getpid)), daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert done.get("pid", os.getpid()) != os.getpid(), "the task never ran"

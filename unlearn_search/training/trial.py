@@ -322,15 +322,22 @@ def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path |
 
 def on_cluster(resources: Resources, function, *args):
     """``function(*args)`` as a Ray task holding as many CPUs as a trial's workers (after a trial,
-    the ones its finished workers freed) and one GPU on GPU clusters, so that a 7B model is never
-    scored on a CPU-only process."""
+    the ones its finished workers freed; at most one node's) and one GPU on GPU clusters, so that
+    a 7B model is never scored on a CPU-only process."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    gpus = 1 if resources.gpus_per_worker > 0 else 0
+    # At most what one node that can run it has: spread workers may hold more CPUs than any node,
+    # and a task asking for more would wait forever.
+    fitting = [node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+               if node["Alive"] and node["Resources"].get("GPU", 0.0) >= gpus]
+    cpus = resources.workers * resources.cpus_per_worker
+    cpus = min(cpus, max(fitting)) if fitting and max(fitting) > 0 else cpus
     # Outside the Tune trial's placement group (which holds only the trial's own memory).
     task = ray.remote(_cluster_task).options(
-        num_cpus=resources.workers * resources.cpus_per_worker, num_gpus=1 if resources.gpus_per_worker > 0 else 0,
-        max_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        num_cpus=cpus, num_gpus=gpus, max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     return ray.get(task.remote(function, *args))
 
 
