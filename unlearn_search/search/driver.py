@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -20,6 +21,8 @@ from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.search.results import (OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated, final_metrics,
                                            mmlu_violation, objective_value, summary_table, trial_status)
 from unlearn_search.search.space import PROGRESS, SearchSpace
+
+logger = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -233,7 +236,7 @@ def _keep(path: Path, entry: dict) -> None:
         partial.write_text(json.dumps([e for e in _entries(path) if e.get("key") != entry["key"]] + [entry], indent=2))
         partial.replace(path)  # whole or not at all
     except OSError as error:
-        print(f"warning: could not write {path} ({error}); the original's MMLU will be scored again next time")
+        logger.warning("could not write %s (%s); the original's MMLU will be scored again next time", path, error)
 
 
 def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:
