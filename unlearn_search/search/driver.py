@@ -258,13 +258,18 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
     key = {"model": str(model_dir), "checkpoint": digest.hexdigest()[:16], "data": str(data_root),
            "shots": ev.mmlu_shots, "limit": limit}
     kept, shared = output / ORIGINAL_MMLU_FILE, cache_root() / ORIGINAL_MMLU_FILE
-    entry = next((e for place in (kept, shared) for e in _entries(place) if e.get("key") == key), None)
-    if entry is None:
-        evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
-        entry = {"key": key, "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root,
-                                                         evaluation)}
-        _keep(shared, entry)
-    _keep(kept, entry)
+
+    def find(path: Path) -> dict | None:
+        return next((e for e in _entries(path) if e.get("key") == key), None)
+    entry = find(kept)
+    if entry is None:  # written only when new to this output (--resume and the export retry read it)
+        entry = find(shared)
+        if entry is None:
+            evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
+            entry = {"key": key, "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root,
+                                                             evaluation)}
+            _keep(shared, entry)
+        _keep(kept, entry)
     return entry["mmlu_average"]
 
 
