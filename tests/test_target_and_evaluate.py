@@ -112,7 +112,8 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
     """What a search prunes on estimates the trial's result: on the whole data with the final
     limits, the quick scores equal the full evaluation's metrics, and on a subset they combine
     their own terms the way the final aggregate does."""
-    from unlearn_search.evaluation.evaluate import EvalConfig, evaluate, load_eval_data, metric_values
+    from unlearn_search.evaluation.evaluate import (METRIC_NAMES, EvalConfig, evaluate, load_eval_data,
+                                                    metric_values)
     from unlearn_search.evaluation.inference import document_nll
     from unlearn_search.evaluation.quick import quick_config, quick_data, quick_scores
     from unlearn_search.models import load_model, load_tokenizer
@@ -124,6 +125,7 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
 
     whole = quick_scores(model, tokenizer, quick_data(data, 10**6, 10**6), data_paths.mmlu, quick_config(final, 24, 2))
     assert whole == pytest.approx(metric_values(evaluate(model, tokenizer, data_paths, final, manifest)))
+    assert set(whole) == set(METRIC_NAMES)  # the names MLflow keeps apart as estimates
 
     subset = quick_data(data, items=8, documents=6)
     assert [len(subset.benchmark.forget), len(subset.benchmark.retain), len(subset.members), len(subset.nonmembers)] \

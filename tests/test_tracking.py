@@ -36,12 +36,14 @@ def test_nested_runs_params_metrics_and_artifacts_in_a_local_store(tmp_path):
     tracker.setup()
     trial = _trial("t1", tmp_path, lr=1e-4, method="gd")
     tracker.on_trial_start(0, [], trial)
-    for step, value in enumerate([0.2, 0.5], start=1):
-        tracker.on_trial_result(0, [], trial, {"task_aggregate": value, "training_iteration": step,
-                                               "boundary": "epoch", "done": False})
+    for step, value in enumerate([0.2, 0.5], start=1):  # the boundaries' quick estimates
+        tracker.on_trial_result(0, [], trial, {"task_aggregate": value, "aggregate": value / 2, "loss": 1.5 * step,
+                                               "training_iteration": step, "boundary": "epoch", "done": False})
     (tmp_path / "t1").mkdir()
     (tmp_path / "t1" / "evaluation_results.json").write_text(json.dumps({"aggregate-score": 0.4}))
-    trial.last_result = {"aggregate": 0.4, "trial_output": str(tmp_path / "t1")}
+    trial.last_result = {"aggregate": 0.4, "task_aggregate": 0.45, "training_iteration": 3,
+                         "trial_output": str(tmp_path / "t1")}
+    tracker.on_trial_result(0, [], trial, trial.last_result)  # the full evaluation
     tracker.on_trial_complete(0, [], trial)
     failed = _trial("t2", tmp_path, lr=1e-3, method="gd")
     failed.error_file = str(tmp_path / "error.txt")
@@ -57,7 +59,13 @@ def test_nested_runs_params_metrics_and_artifacts_in_a_local_store(tmp_path):
     assert one.data.params["lr"] == "0.0001" and one.data.tags["status"] == "completed"
     # Defaults too (the method's own knobs included): the run alone says how to reproduce it.
     assert one.data.params["max_length"] == "512" and one.data.params["forget_weight"] == "1.0"
-    assert [m.value for m in client.get_metric_history(one.info.run_id, "task_aggregate")] == [0.2, 0.5]
+    # Estimates apart from the evaluation: the run's "aggregate" is only ever a full evaluation's.
+    def history(name):
+        return [(m.step, m.value) for m in client.get_metric_history(one.info.run_id, name)]
+    assert history("estimate.task_aggregate") == [(1, 0.2), (2, 0.5)]
+    assert history("estimate.aggregate") == [(1, 0.1), (2, 0.25)]
+    assert history("task_aggregate") == [(3, 0.45)] and history("aggregate") == [(3, 0.4)]
+    assert history("loss") == [(1, 1.5), (2, 3.0)]  # not an estimate: the training loss itself
     assert "done" not in one.data.metrics
     assert [a.path for a in client.list_artifacts(one.info.run_id)] == ["evaluation_results.json"]
     assert two.info.status == "FAILED" and two.data.tags["failure_reason"] == "DivergedError: loss is nan at step 3"
@@ -135,7 +143,7 @@ def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path):
         os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT")
     kept = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
     assert [k["what"] for k in kept] == ["parent", "trial_start", "metrics"]
-    assert kept[2]["values"] == {"task_aggregate": 0.3} and "error" in kept[0]
+    assert kept[2]["values"] == {"estimate.task_aggregate": 0.3} and "error" in kept[0]
 
 
 def test_params_are_logged_on_the_retry_when_the_first_attempt_fails_after_creating_the_run(tmp_path):

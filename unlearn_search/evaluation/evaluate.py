@@ -147,6 +147,13 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
     return results, frames
 
 
+# metric_values' names (the two NLLs only where the evaluation computed them): what a finished
+# trial reports and what the quick evaluation estimates at each boundary.
+METRIC_NAMES = ("aggregate", "task_aggregate", "mia_auc", "mia_score", "mmlu", "forget_regurgitation",
+                "forget_knowledge", "retain_regurgitation", "retain_knowledge", "forget_efficacy",
+                "retain_utility", "forget_nll", "retain_nll")
+
+
 def metric_values(results: dict) -> dict[str, float]:
     """The flat metrics of an evaluation (``evaluation_results.json``) under the platform's names:
     what trials report, MLflow logs and a search may optimize."""

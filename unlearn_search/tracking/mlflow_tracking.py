@@ -17,7 +17,8 @@ from typing import Any
 from ray.tune import Callback
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.search.results import TRIAL_OUTPUT, trial_status
+from unlearn_search.evaluation.evaluate import METRIC_NAMES
+from unlearn_search.search.results import TRIAL_OUTPUT, evaluated, trial_status
 from unlearn_search.search.schedulers import pruned_record
 from unlearn_search.training.config import trial_config
 
@@ -27,6 +28,10 @@ TRIAL_ARTIFACTS = ("evaluation_results.json", "forget_0.csv", "retain_0.csv", "m
 # Bookkeeping keys Tune adds to every result; not worth a metric series each.
 SKIPPED_METRICS = {"timestamp", "time_this_iter_s", "time_since_restore", "iterations_since_restore", "pid",
                    "done", "trained", "training_iteration", "resumed_from", "steps_total", "step"}
+# Tune gives a boundary's quick estimates the final metrics' names (the pruner compares them with
+# finished trials'); a run keeps them apart, so that its "aggregate" is only ever a full evaluation's
+# and a pruned or stopped trial never ranks among finished ones on an estimate.
+ESTIMATE_PREFIX = "estimate."
 
 
 def default_tracking_uri(output: Path) -> str:
@@ -235,6 +240,8 @@ class MLflowTracker(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         values = _numeric(result)
+        if not evaluated(result):
+            values = {ESTIMATE_PREFIX + k if k in METRIC_NAMES else k: v for k, v in values.items()}
         if values:
             self._call("metrics", trial_id=trial.trial_id, values=values,
                        step=int(result.get("training_iteration", 0)), time=time.time())
