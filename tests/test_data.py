@@ -90,6 +90,14 @@ def test_data_resolution_order_and_error(tmp_path, monkeypatch, data_paths):
     assert resolve_data(data_paths.root).benchmark == data_paths.benchmark  # explicit wins
     with pytest.raises(UnlearnSearchError, match=r"looked in --data .*nowhere.*unlearn-search data fetch"):
         resolve_data(tmp_path / "nowhere")
+    # A benchmark folder itself: MMLU and refusals inside it, else beside it.
+    flat = tmp_path / "flat"
+    _valid(flat)
+    assert resolve_data(flat).mmlu == tmp_path / "mmlu"
+    (flat / "mmlu").mkdir()
+    (flat / "refusals").mkdir()
+    found = resolve_data(flat)
+    assert (found.benchmark, found.mmlu, found.refusals) == (flat, flat / "mmlu", flat / "refusals")
 
 
 def test_fetch_splits_by_document_deterministically(tmp_path):

@@ -200,12 +200,15 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     import optuna
 
     output = tmp_path / "search"
-    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
-               "--data", str(data_paths.root), "--output", str(output), "--num-cpus", "2",
-               "--final-mmlu-limit", "1", "--verbose", "0", "--num-samples", "2"]
+    # The study and the runs outside the output: --resume must find them without being told again.
+    database, tracking = tmp_path / "elsewhere" / "study.db", f"sqlite:///{tmp_path / 'elsewhere' / 'runs.db'}"
+    database.parent.mkdir()
+    options = ["--model", str(tiny_target), "--data", str(data_paths.root), "--output", str(output),
+               "--num-cpus", "2", "--final-mmlu-limit", "1", "--verbose", "0", "--num-samples", "2"]
+    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), *options,
+               "--storage", f"sqlite:///{database}", "--tracking-uri", tracking]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    database = output / "optuna.db"
 
     def completed() -> int:
         if not database.exists():
@@ -232,7 +235,15 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert refused.returncode == 2 and "already holds a search (use --resume" in refused.stderr
 
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=1500)
+    # Resuming with another study or tracking store is refused; with neither named, the first
+    # run's are used. The space may be the copy the search keeps in its output.
+    resume = [sys.executable, str(REPO / "run_search.py"), "--space", str(output / "space.yaml"), *options, "--resume"]
+    for option, other in (("--storage", f"sqlite:///{tmp_path / 'other.db'}"),
+                          ("--tracking-uri", f"sqlite:///{tmp_path / 'other-runs.db'}")):
+        refused = subprocess.run(resume + [option, other], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+            f"unlearn-search: error: {option} {other}: this search"), refused.stderr[-2000:]
+    resumed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, timeout=1500)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     study = optuna.load_study(study_name="tiny_gd", storage=f"sqlite:///{database}")
     finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
@@ -242,10 +253,11 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     rows = json.loads((output / "trials.json").read_text())
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
     assert all(r["status"] in ("completed", "pruned") for r in rows)
-    # MLflow (the default local store): still one parent run, one nested run per trial.
+    # MLflow (the first run's store): still one parent run, one nested run per trial.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
+    assert not (output / "mlflow.db").exists() and not (output / "optuna.db").exists()
+    client = MlflowClient(tracking_uri=tracking)
     runs = client.search_runs([client.get_experiment_by_name("unlearn-search/tiny_gd").experiment_id])
     assert sum(r.data.tags.get("unlearn_search.role") == "search" for r in runs) == 1
     assert sorted(r.data.tags["trial_id"] for r in runs if r.data.tags.get("trial_id")) == sorted(r["trial_id"] for r in rows)
@@ -257,7 +269,7 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     (Path(best_row["trial_output"]) / "model").rename(tmp_path / "moved-model")
     for name in ("trials.json", "summary.txt"):
         (output / name).unlink()
-    failed = subprocess.run(command + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    failed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
     message = failed.stderr.strip().splitlines()[-1]
     assert f"exporting the best trial {best_row['trial_id']} failed" in message and "--resume retries" in message, message

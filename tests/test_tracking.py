@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.tracking import MLflowTracker, check_reachable, default_tracking_uri
+from unlearn_search.tracking import MLflowTracker, check_reachable, default_tracking_uri, resumed_tracking
 from unlearn_search.tracking.mlflow_tracking import PENDING_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,20 @@ def test_a_stopped_trial_is_ended_and_reopened_when_a_resumed_search_continues_i
     resumed.on_experiment_end([done, cut])
     assert (run(cut).info.status, run(cut).data.tags["status"]) == ("FINISHED", "completed")
     assert run(done).info.status == "FINISHED"  # ended in the first run, not again
+
+
+def test_a_resumed_search_keeps_the_tracking_store_of_its_first_run(tmp_path):
+    """Its parent and trial runs live there: another store would start a second parent run."""
+    MLflowTracker("sqlite:///first.db", "unlearn-search/a", tmp_path, "search-a", {})._save()
+    assert resumed_tracking(tmp_path, None, None) == ("sqlite:///first.db", "unlearn-search/a")
+    assert resumed_tracking(tmp_path, "sqlite:///first.db", "unlearn-search/a") == ("sqlite:///first.db",
+                                                                                   "unlearn-search/a")
+    with pytest.raises(UnlearnSearchError, match=r"^--tracking-uri sqlite:///other.db: this search's runs are in "
+                                                 r"sqlite:///first.db \(mlflow.json\); omit --tracking-uri"):
+        resumed_tracking(tmp_path, "sqlite:///other.db", None)
+    with pytest.raises(UnlearnSearchError, match=r"^--experiment b: this search's runs are in unlearn-search/a"):
+        resumed_tracking(tmp_path, None, "b")
+    assert resumed_tracking(tmp_path / "never-tracked", "sqlite:///x.db", None) == ("sqlite:///x.db", None)
 
 
 def test_unreachable_server_is_one_clear_error_before_anything_starts(tmp_path):

@@ -186,7 +186,8 @@ def cmd_search(args) -> None:
 
     from unlearn_search.search import SearchOptions, load_space, run_search
     from unlearn_search.search.driver import prepare_output
-    from unlearn_search.tracking import MLflowTracker, check_reachable, default_tracking_uri, study_plots
+    from unlearn_search.tracking import (MLflowTracker, check_reachable, default_tracking_uri, resumed_tracking,
+                                         study_plots)
 
     from unlearn_search.training.config import parse_assignments
 
@@ -200,13 +201,16 @@ def cmd_search(args) -> None:
                             final_mmlu_limit=args.final_mmlu_limit, final_split=args.final_split,
                             final_max_new_tokens=args.final_max_new_tokens, verbose=args.verbose)
     output = prepare_output(space, options)  # refuses to overwrite an earlier search before anything starts
-    tracking_uri = args.tracking_uri or default_tracking_uri(output)
+    tracking_uri, experiment = args.tracking_uri, args.experiment
+    if options.resume:
+        tracking_uri, experiment = resumed_tracking(output, tracking_uri, experiment)
+    tracking_uri = tracking_uri or default_tracking_uri(output)
     check_reachable(tracking_uri)
     settings = {**space.settings, "space": space.name, "sampler": space.search.sampler,
                 "pruner": space.search.pruner, "num_samples": options.num_samples or space.search.num_samples,
                 "model": args.model, "search_seed": args.seed,  # "seed" is a trial setting
                 "objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives)}
-    tracker = MLflowTracker(tracking_uri, args.experiment or f"unlearn-search/{space.name}", output,
+    tracker = MLflowTracker(tracking_uri, experiment or f"unlearn-search/{space.name}", output,
                             f"search-{space.name}", settings)
 
     def on_start(url):
@@ -310,10 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
     search.add_argument("--num-samples", type=int, help="trials (default: the space's search.num_samples)")
     search.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's)")
-    search.add_argument("--time-budget", type=float, help="seconds before no new trial starts")
-    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the output)")
-    search.add_argument("--experiment", help="MLflow experiment (default: unlearn-search/<space name>)")
-    search.add_argument("--storage", help="Optuna storage URL (default: SQLite under the output)")
+    search.add_argument("--time-budget", type=float,
+                        help="seconds of search: then no trial starts and running ones are cut (default: the space's)")
+    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the output; "
+                        "with --resume, the first run's)")
+    search.add_argument("--experiment", help="MLflow experiment (default: unlearn-search/<space name>; "
+                        "with --resume, the first run's)")
+    search.add_argument("--storage", help="Optuna storage URL (default: SQLite under the output; "
+                        "with --resume, the first run's)")
     search.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     search.add_argument("--resume", action="store_true", help="continue the interrupted search in OUTPUT")
     search.add_argument("--resources", action="append", metavar="KEY=VALUE",

@@ -35,11 +35,15 @@ def _is_benchmark(folder: Path) -> bool:
 
 
 def paths_from_root(root: Path) -> DataPaths:
-    """A data root holds ``semeval25/``, ``mmlu/``, ``refusals/``; a benchmark folder itself also works."""
+    """A data root holds ``semeval25/``, ``mmlu/``, ``refusals/``; a benchmark folder itself also
+    works, holding ``mmlu/`` and ``refusals/`` or with them beside it."""
     root = Path(root).expanduser().resolve()
     benchmark = root if _is_benchmark(root) else root / "semeval25"
-    base = root.parent if benchmark == root else root
-    return DataPaths(root, benchmark, base / "mmlu", base / "refusals")
+
+    def folder(name: str) -> Path:
+        inside = root / name
+        return root.parent / name if benchmark == root and not inside.is_dir() else inside
+    return DataPaths(root, benchmark, folder("mmlu"), folder("refusals"))
 
 
 def candidate_roots(explicit: str | Path | None = None) -> list[tuple[str, Path]]:

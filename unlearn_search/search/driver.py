@@ -214,11 +214,22 @@ def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:
             raise UnlearnSearchError(f"--resume: no search to resume in {output} (expected {output / TUNE_DIR})")
         if state.get("space") != space.name:
             raise UnlearnSearchError(f"--resume: {output} holds search {state.get('space')!r}, not {space.name!r}")
+        if options.storage and state.get("storage") and options.storage != state["storage"]:
+            # The restored searcher keeps writing to the first one: two stores would each hold half.
+            raise UnlearnSearchError(f"--storage {options.storage}: this search's study is in {state['storage']} "
+                                     f"({STATE_FILE}); omit --storage to resume it there")
     elif (output / TUNE_DIR).exists():
         raise UnlearnSearchError(f"--output {output}: already holds a search (use --resume to continue it, "
                                  f"or another --output)")
     output.mkdir(parents=True, exist_ok=True)
     return output
+
+
+def study_storage(output: Path, options: SearchOptions) -> str:
+    """The Optuna study's storage: ``--storage``, else on ``--resume`` the first run's, else a
+    SQLite file in the output."""
+    saved = _state(output).get("storage") if options.resume else None
+    return options.storage or saved or f"sqlite:///{output / 'optuna.db'}"
 
 
 def _entries(path: Path) -> list[dict]:
@@ -306,9 +317,10 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
     paths = resolve_data(options.data)
     model_dir = resolve_model(options.model, paths)
     study_name = space.name
-    storage_url = options.storage or f"sqlite:///{output / 'optuna.db'}"
-    if space.source:
-        shutil.copyfile(space.source, output / "space.yaml")
+    storage_url = study_storage(output, options)
+    kept = output / "space.yaml"
+    if space.source and Path(space.source).resolve() != kept.resolve():  # --resume may name the kept copy
+        shutil.copyfile(space.source, kept)
 
     # Intermediate reports carry the quick metrics, the final one the full evaluation: they differ.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"

@@ -56,6 +56,19 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                  f"option for a local store under the output") from None
 
 
+def resumed_tracking(output: Path, tracking_uri: str | None, experiment: str | None) -> tuple[str | None, str | None]:
+    """On ``--resume``, the tracking URI and experiment of the first run (``mlflow.json``), which
+    hold its parent and trial runs; naming others is one clear error."""
+    path = Path(output) / PARENT_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    for option, given, key in (("--tracking-uri", tracking_uri, "tracking_uri"),
+                               ("--experiment", experiment, "experiment")):
+        if given and saved.get(key) and given != saved[key]:
+            raise UnlearnSearchError(f"{option} {given}: this search's runs are in {saved[key]} ({PARENT_FILE}); "
+                                     f"omit {option} to resume them there")
+    return tracking_uri or saved.get("tracking_uri"), experiment or saved.get("experiment")
+
+
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     values = {}
     for key, value in metrics.items():
