@@ -74,7 +74,10 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
 
     before = _tree_digest(tiny_target)
     output = tmp_path / "search"
-    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
+    # Constraints every finished trial meets: they reach the trials and their results, and change nothing else.
+    space = tmp_path / "tiny_gd.yaml"
+    space.write_text(SPACE.read_text() + "constraints: [{metric: retain_utility, min: 0.0}, {metric: mmlu, max: 1.0}]\n")
+    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(space), "--model", str(tiny_target),
                "--data", str(data_paths.root), "--output", str(output), "--tracking-uri", mlflow_server,
                "--num-cpus", "2", "--final-mmlu-limit", "2", "--final-split", "validation",
                "--final-max-new-tokens", "32", "--verbose", "0"]
@@ -118,6 +121,7 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert len(rows) == 2 and completed
     for row in completed:
         assert 0.0 <= row["aggregate"] <= 1.0
+        assert row["meets_constraints"] == 1.0
         evaluation = json.loads((Path(row["trial_output"]) / "evaluation_results.json").read_text())
         assert evaluation["aggregate-score"] == pytest.approx(row["aggregate"])
 
@@ -148,6 +152,8 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     trial_ids = set(pd.read_csv(Path(completed[0]["trial_output"]) / "forget_0.csv")["id"])
     assert best_ids and best_ids <= validation and not trial_ids & validation
     assert "best trial" in log and "aggregate" in log
+    assert "meets_constraints" in (output / "summary.txt").read_text().splitlines()[0]
+    assert "meets retain_utility >= 0.0: True" in log and "meets mmlu <= 1.0: True" in log
 
     # MLflow, read back from the server: a parent run with one nested run per trial.
     client = MlflowClient(tracking_uri=mlflow_server)

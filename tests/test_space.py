@@ -11,8 +11,8 @@ import yaml
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.search import load_space, parse_space
-from unlearn_search.search.results import (PASSES, TRIAL_OUTPUT, best_trial, final_metrics, objective_value,
-                                           pareto_front, summary_table)
+from unlearn_search.search.results import (MEETS_CONSTRAINTS, PASSES, TRIAL_OUTPUT, best_trial, final_metrics,
+                                           objective_value, pareto_front, summary_table, with_constraints)
 from unlearn_search.search.space import Objective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +135,14 @@ BAD = [
     (lambda r: (r["params"].pop("trainable"), r["settings"].update(trainable="full")),
      "params.lora_rank.when.trainable: expected values that include trainable's fixed value 'full'"),
     (lambda r: r["settings"].update(forget_weight=-1.0), "settings: method gd: forget_weight=-1.0 (expected a value >= 0)"),
+    (lambda r: r.update(constraints={"retain_utility": 0.5}), "constraints: expected a list of {metric, min} or"),
+    (lambda r: r.update(constraints=[{"metric": "utility", "min": 0.5}]), "constraints[0].metric: expected one of aggregate"),
+    (lambda r: r.update(constraints=[{"metric": "mmlu", "above": 0.5}]), "constraints[0].above: unknown key"),
+    (lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2, "max": 0.9}]),
+     "constraints[0]: expected exactly one of min or max"),
+    (lambda r: r.update(constraints=[{"metric": "mmlu"}]), "constraints[0]: expected exactly one of min or max"),
+    (lambda r: r.update(constraints=[{"metric": "mmlu", "min": "half"}]),
+     "constraints[0].min: expected a finite number (got 'half')"),
 ]
 
 
@@ -185,6 +193,30 @@ def test_final_metrics_and_the_mmlu_constraint():
     assert objective_value(failing, Objective("aggregate")) == 0.0
 
 
+def test_the_spaces_constraints_exclude_a_trial_like_the_mmlu_threshold():
+    """An erased model (retain scores 0) can top the aggregate on a target whose MMLU is at
+    chance; a constraint on retain_utility keeps it from being the best trial."""
+    raw = copy.deepcopy(BASE)
+    raw["constraints"] = [{"metric": "retain_utility", "min": 0.5}, {"metric": "forget_knowledge", "max": 0.3}]
+    constraints = parse_space(raw).constraints
+    assert [str(c) for c in constraints] == ["retain_utility >= 0.5", "forget_knowledge <= 0.3"]
+    metrics = final_metrics(EVALUATION)  # retain_utility 0.8, forget_knowledge 0.4
+    assert [c.violation(metrics) for c in constraints] == [pytest.approx(-0.3), pytest.approx(0.1)]
+    assert with_constraints(metrics, [])== metrics and MEETS_CONSTRAINTS not in metrics
+    assert with_constraints(metrics, constraints[:1])[MEETS_CONSTRAINTS] == 1.0
+    failing = with_constraints(metrics, constraints)
+    assert failing[MEETS_CONSTRAINTS] == 0.0 and failing[PASSES] == 1.0
+    assert objective_value(failing, Objective("aggregate")) == 0.0
+    assert objective_value(failing, Objective("aggregate", "min")) == 1.0
+    rows = [{"trial_id": "erased", "status": "completed", "aggregate": 0.37, PASSES: 1.0, MEETS_CONSTRAINTS: 0.0},
+            {"trial_id": "kept", "status": "completed", "aggregate": 0.30, PASSES: 1.0, MEETS_CONSTRAINTS: 1.0}]
+    assert best_trial(rows, [Objective("aggregate")])["trial_id"] == "kept"
+    assert best_trial(rows[:1], [Objective("aggregate")]) is None
+    assert MEETS_CONSTRAINTS in summary_table(rows, ["lr"], "kept").splitlines()[0]
+    assert MEETS_CONSTRAINTS not in summary_table([{k: v for k, v in r.items() if k != MEETS_CONSTRAINTS}
+                                                   for r in rows], ["lr"], None)
+
+
 def test_best_trial_never_picks_a_trial_under_the_threshold():
     rows = [
         {"trial_id": "a", "status": "completed", "aggregate": 0.9, PASSES: 0.0},
@@ -218,6 +250,7 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
 
     raw = copy.deepcopy(BASE)
     raw["objectives"] = [{"metric": "forget_efficacy"}, {"metric": "retain_utility"}]
+    raw["constraints"] = [{"metric": "retain_utility", "min": 0.5}]
     raw.pop("starts")
     space = parse_space(raw)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -239,10 +272,14 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
     assert len(study.directions) == 2
     assert [t.values for t in study.trials[:5]] == [[0.2 * i, 1 - 0.15 * i] for i in range(5)]
     assert study.trials[5].state == optuna.trial.TrialState.PRUNED and study.trials[5].values is None
-    # Several objectives cannot carry the MMLU constraint in their values: NSGA-II gets it as a constraint.
+    # Several objectives cannot carry the MMLU threshold and the space's constraints in their
+    # values: NSGA-II gets them as constraints (feasible at <= 0).
     constraints = [t.constraints for t in study.trials]
-    assert constraints[:4] == [{"mmlu": pytest.approx(-0.1)}] * 4  # feasible: MMLU 0.1 above the threshold
-    assert constraints[4] == {"mmlu": pytest.approx(0.2)} and constraints[5] == {}  # 0.2 below; pruned: none
+    retain = [-0.5, -0.35, -0.2, -0.05, 0.1]  # 0.5 - retain_utility
+    assert constraints[:4] == [{"mmlu": pytest.approx(-0.1), "retain_utility >= 0.5": pytest.approx(retain[i])}
+                               for i in range(4)]  # MMLU 0.1 above the threshold
+    assert constraints[4] == {"mmlu": pytest.approx(0.2), "retain_utility >= 0.5": pytest.approx(0.1)}
+    assert constraints[5] == {}  # pruned: none
     plots = {p.name for p in study_plots(storage, "mo", tmp_path / "plots", ["forget_efficacy", "retain_utility"])}
     assert {"pareto_front.png", "optimization_history_forget_efficacy.png"} <= plots
 
@@ -258,9 +295,9 @@ SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(al
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                         st.dictionaries(st.text(max_size=8) | SCALARS.filter(lambda v: v is not None), inner, max_size=3)),
                       max_leaves=8)
-PATHS = st.lists(st.sampled_from(["name", "settings", "params", "starts", "objective", "objectives", "search",
+PATHS = st.lists(st.sampled_from(["name", "settings", "params", "starts", "objective", "objectives", "constraints", "search",
                                   "resources", "evaluation", "lr", "epochs", "trainable", "lora_rank", "low", "high",
-                                  "choices", "when", "distribution", "method", "sampler", "metric", 0]),
+                                  "choices", "when", "distribution", "method", "sampler", "metric", "min", 0]),
                  min_size=1, max_size=4)
 
 

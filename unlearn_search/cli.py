@@ -186,6 +186,7 @@ def cmd_search(args) -> None:
 
     from unlearn_search.search import SearchOptions, load_space, run_search
     from unlearn_search.search.driver import prepare_output
+    from unlearn_search.search.results import final_metrics
     from unlearn_search.tracking import (MLflowTracker, check_reachable, default_tracking_uri, resumed_tracking,
                                          study_plots)
 
@@ -224,12 +225,16 @@ def cmd_search(args) -> None:
     print(outcome.table)
     print(f"search {space.name}: {len(outcome.rows)} trials in {outcome.seconds:.0f} s -> {output}")
     if outcome.best is None:
-        print("no trial finished above the MMLU threshold: no best trial")
+        bounds = " and ".join(["the MMLU threshold", *map(str, space.constraints)])
+        print(f"no finished trial met {bounds}: no best trial")
         return
     print(f"best trial {outcome.best['trial_id']}: aggregate {outcome.best['aggregate']:.4f} (search evaluation); "
           f"exported to {outcome.best_dir}")
     print("full evaluation of the best trial:")
     print(_headline(outcome.best_evaluation))
+    final = final_metrics(outcome.best_evaluation)
+    for constraint in space.constraints:
+        print(f"  meets {constraint}: {constraint.violation(final) <= 0}")
 
 
 def cmd_plan(args) -> None:

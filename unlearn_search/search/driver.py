@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.search.results import (OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated, final_metrics,
-                                           mmlu_violation, objective_value, summary_table, trial_status)
+from unlearn_search.search.results import (MEETS_CONSTRAINTS, OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated,
+                                           final_metrics, mmlu_violation, objective_value, summary_table,
+                                           trial_status, with_constraints)
 from unlearn_search.search.space import PROGRESS, SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     result = run_trial(context["model_dir"], context["data_root"], config, output, Resources(**context["resources"]),
                        context["evaluation"], name="train", storage=output / "ray", resume=True,
                        teacher_cache_dir=Path(context["output"]) / "teacher_cache")
-    metrics = final_metrics(result.evaluation)
+    metrics = with_constraints(final_metrics(result.evaluation), context["constraints"])
     objectives = context["objectives"]
     if len(objectives) == 1:
         metrics[OBJECTIVE] = objective_value(metrics, objectives[0])
@@ -146,6 +147,8 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
                 # One objective carries the MMLU constraint in its value (objective_value); several
                 # cannot, so the samplers (NSGA-II, TPE) get it as a constraint.
                 self._ot_trials[trial_id].set_constraint(MMLU_CONSTRAINT, mmlu_violation(result))
+                for constraint in space.constraints:
+                    self._ot_trials[trial_id].set_constraint(str(constraint), constraint.violation(result))
             super().on_trial_complete(trial_id, result if finished else None, error)
 
     sampler = {
@@ -338,7 +341,8 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
 
     trial_context = {"model_dir": str(model_dir), "data_root": str(paths.root), "output": str(output),
                      "resources": dataclasses.asdict(space.resources),
-                     "evaluation": _trial_evaluation(space, threshold), "objectives": list(space.objectives)}
+                     "evaluation": _trial_evaluation(space, threshold), "objectives": list(space.objectives),
+                     "constraints": list(space.constraints)}
     # The trial itself waits on its Ray Train run, whose workers hold the CPUs and GPUs, then
     # evaluates; it reserves only memory so that it never blocks its own workers' placement.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(search_trial, context=trial_context),
@@ -407,7 +411,7 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
         row["settings"] = config
         for key in ("aggregate", "task_aggregate", "mia_score", "mia_auc", "mmlu", "forget_efficacy",
                     "retain_utility", "forget_regurgitation", "forget_knowledge", "retain_regurgitation",
-                    "retain_knowledge", PASSES, OBJECTIVE, TRIAL_OUTPUT, PROGRESS, "worker_nodes"):
+                    "retain_knowledge", PASSES, MEETS_CONSTRAINTS, OBJECTIVE, TRIAL_OUTPUT, PROGRESS, "worker_nodes"):
             if key in metrics:
                 row[key] = metrics[key]
         row["seconds"] = metrics.get("time_total_s")

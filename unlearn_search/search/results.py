@@ -6,10 +6,11 @@ import math
 from typing import Any, Sequence
 
 from unlearn_search.evaluation.evaluate import metric_values
-from unlearn_search.search.space import Objective
+from unlearn_search.search.space import Constraint, Objective
 
 OBJECTIVE = "objective"  # what a single-objective search maximizes or minimizes
 PASSES = "passes_utility_threshold"
+MEETS_CONSTRAINTS = "meets_constraints"  # the space's own constraints; only where it has some
 # Only a finished trial's result holds it: the quick reports during training carry estimates
 # of the same metrics under the same names, so a metric's presence says nothing.
 TRIAL_OUTPUT = "trial_output"
@@ -24,6 +25,18 @@ def final_metrics(results: dict) -> dict[str, float]:
     if results.get("mmlu_threshold") is not None:
         values["mmlu_threshold"] = results["mmlu_threshold"]
     return values
+
+
+def with_constraints(metrics: dict[str, float], constraints: Sequence[Constraint]) -> dict[str, float]:
+    """A finished trial's metrics with whether it meets the space's constraints (none: unchanged)."""
+    if not constraints:
+        return metrics
+    return {**metrics, MEETS_CONSTRAINTS: float(all(c.violation(metrics) <= 0 for c in constraints))}
+
+
+def feasible(metrics: dict[str, Any]) -> bool:
+    """Whether a finished trial passes the MMLU threshold and meets the space's constraints."""
+    return metrics.get(PASSES, 1.0) >= 1.0 and metrics.get(MEETS_CONSTRAINTS, 1.0) >= 1.0
 
 
 def mmlu_violation(metrics: dict[str, float]) -> float:
@@ -51,12 +64,13 @@ def trial_status(result: dict[str, Any], failed: bool, pruned: bool) -> str:
 
 
 def objective_value(metrics: dict[str, float], objective: Objective) -> float:
-    """The single objective: the metric, or the worst value when the MMLU constraint fails.
+    """The single objective: the metric, or the worst value when the MMLU threshold or one of the
+    space's constraints fails.
 
     A failing trial still teaches the sampler (it sees a bad value, not a gap) and can never be
     the best trial.
     """
-    if metrics.get(PASSES, 1.0) >= 1.0:
+    if feasible(metrics):
         return metrics[objective.metric]
     return CONSTRAINT_PENALTY if objective.mode == "max" else 1.0 - CONSTRAINT_PENALTY
 
@@ -80,12 +94,12 @@ def _finite(value: Any) -> bool:
 
 
 def best_trial(rows: list[dict[str, Any]], objectives: Sequence[Objective]) -> dict[str, Any] | None:
-    """The best finished trial that passes the MMLU constraint.
+    """The best finished trial that passes the MMLU threshold and meets the space's constraints.
 
     One objective: its best value. Several: on the Pareto front, the trial with the highest
     SemEval aggregate (the figure every trial is finally compared on).
     """
-    passing = [r for r in rows if r.get("status") == "completed" and r.get(PASSES, 0.0) >= 1.0]
+    passing = [r for r in rows if r.get("status") == "completed" and PASSES in r and feasible(r)]
     if not passing:
         return None
     if len(objectives) == 1:
@@ -106,6 +120,8 @@ def summary_table(rows: list[dict[str, Any]], params: Sequence[str], best_id: st
     a subset and are not comparable with finished trials' figures.
     """
     metrics = ["aggregate", "task_aggregate", "mia_score", "mmlu", PASSES]
+    if any(MEETS_CONSTRAINTS in row for row in rows):
+        metrics.append(MEETS_CONSTRAINTS)
     header = ["trial", "status"] + list(params) + metrics + ["seconds"]
     lines = [header]
     for row in rows:

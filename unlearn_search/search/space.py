@@ -71,6 +71,26 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A bound a finished trial must meet, as it must pass the MMLU threshold: ``metric >= min``
+    or ``metric <= max``. On a model whose MMLU sits at chance the threshold cannot tell an erased
+    model from a good one; ``retain_utility >= x`` can."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    def violation(self, metrics: dict[str, float]) -> float:
+        """How far the trial's metric lies on the wrong side: <= 0 when it meets the bound (Optuna's
+        convention for a constraint)."""
+        value = metrics[self.metric]
+        return self.min - value if self.min is not None else value - self.max
+
+    def __str__(self) -> str:
+        return f"{self.metric} >= {self.min}" if self.min is not None else f"{self.metric} <= {self.max}"
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     sampler: str = "tpe"
     pruner: str = "asha"
@@ -114,6 +134,7 @@ class SearchSpace:
     evaluation: SearchEvaluation
     description: str = ""
     source: Path | None = None
+    constraints: tuple[Constraint, ...] = ()
 
     @property
     def multi_objective(self) -> bool:
@@ -154,8 +175,8 @@ class DefineByRun:
 
 # ---------------------------------------------------------------- validation
 
-TOP_KEYS = {"name", "description", "settings", "params", "starts", "objective", "objectives", "search",
-            "resources", "evaluation"}
+TOP_KEYS = {"name", "description", "settings", "params", "starts", "objective", "objectives", "constraints",
+            "search", "resources", "evaluation"}
 PARAM_KEYS = {"distribution", "low", "high", "step", "log", "choices", "when"}
 
 
@@ -299,6 +320,28 @@ def _objectives(raw: dict) -> tuple[Objective, ...]:
     return tuple(result)
 
 
+def _constraints(raw: Any) -> tuple[Constraint, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise _fail("constraints", "a list of {metric, min} or {metric, max}", raw)
+    result = []
+    for i, item in enumerate(raw):
+        where = f"constraints[{i}]"
+        item = _mapping(item, where)
+        for key in item:
+            if key not in ("metric", "min", "max"):
+                raise UnlearnSearchError(f"{where}.{key}: unknown key (expected metric, min or max)")
+        if item.get("metric") not in OBJECTIVE_METRICS:
+            raise _fail(f"{where}.metric", f"one of {', '.join(OBJECTIVE_METRICS)}", item.get("metric"))
+        bounds = [key for key in ("min", "max") if key in item]
+        if len(bounds) != 1:
+            raise _fail(where, "exactly one of min or max", dict(item))
+        value = float(_number(item[bounds[0]], f"{where}.{bounds[0]}", False))
+        result.append(Constraint(item["metric"], **{bounds[0]: value}))
+    return tuple(result)
+
+
 def _check_settings(settings: dict[str, Any], path: str) -> None:
     from unlearn_search.training.config import trial_config
 
@@ -412,7 +455,7 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
             raise _fail(f"evaluation.{key}", "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""),
                         getattr(evaluation, key))
     space = SearchSpace(name, settings, tuple(params), tuple(starts), objectives, search, resources, evaluation,
-                        description, source)
+                        description, source, _constraints(raw.get("constraints")))
     if search.sampler == "grid":
         space.grid()
     return space
