@@ -93,7 +93,8 @@ def test_data_resolution_order_and_error(tmp_path, monkeypatch, data_paths):
     # A benchmark folder itself: MMLU and refusals inside it, else beside it.
     flat = tmp_path / "flat"
     _valid(flat)
-    assert resolve_data(flat).mmlu == tmp_path / "mmlu"
+    flat = flat.resolve()
+    assert resolve_data(flat).mmlu == tmp_path.resolve() / "mmlu"
     (flat / "mmlu").mkdir()
     (flat / "refusals").mkdir()
     found = resolve_data(flat)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import optuna
@@ -141,6 +142,8 @@ BAD = [
     (lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2, "max": 0.9}]),
      "constraints[0]: expected exactly one of min or max"),
     (lambda r: r.update(constraints=[{"metric": "mmlu"}]), "constraints[0]: expected exactly one of min or max"),
+    (lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2}, {"metric": "mmlu", "min": 0.3}]),
+     "constraints: each metric at most once with min and once with max"),
     (lambda r: r.update(constraints=[{"metric": "mmlu", "min": "half"}]),
      "constraints[0].min: expected a finite number (got 'half')"),
 ]
@@ -202,12 +205,15 @@ def test_the_spaces_constraints_exclude_a_trial_like_the_mmlu_threshold():
     assert [str(c) for c in constraints] == ["retain_utility >= 0.5", "forget_knowledge <= 0.3"]
     metrics = final_metrics(EVALUATION)  # retain_utility 0.8, forget_knowledge 0.4
     assert [c.violation(metrics) for c in constraints] == [pytest.approx(-0.3), pytest.approx(0.1)]
-    assert with_constraints(metrics, [])== metrics and MEETS_CONSTRAINTS not in metrics
+    assert with_constraints(metrics, []) == metrics and MEETS_CONSTRAINTS not in with_constraints(metrics, [])
     assert with_constraints(metrics, constraints[:1])[MEETS_CONSTRAINTS] == 1.0
     failing = with_constraints(metrics, constraints)
     assert failing[MEETS_CONSTRAINTS] == 0.0 and failing[PASSES] == 1.0
     assert objective_value(failing, Objective("aggregate")) == 0.0
     assert objective_value(failing, Objective("aggregate", "min")) == 1.0
+    # A metric the evaluation could not compute (NaN) fails its constraint; Optuna refuses NaN.
+    assert constraints[0].violation({**metrics, "retain_utility": math.nan}) == math.inf
+    assert with_constraints({**metrics, "retain_utility": math.nan}, constraints[:1])[MEETS_CONSTRAINTS] == 0.0
     rows = [{"trial_id": "erased", "status": "completed", "aggregate": 0.37, PASSES: 1.0, MEETS_CONSTRAINTS: 0.0},
             {"trial_id": "kept", "status": "completed", "aggregate": 0.30, PASSES: 1.0, MEETS_CONSTRAINTS: 1.0}]
     assert best_trial(rows, [Objective("aggregate")])["trial_id"] == "kept"
@@ -280,6 +286,8 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
                                for i in range(4)]  # MMLU 0.1 above the threshold
     assert constraints[4] == {"mmlu": pytest.approx(0.2), "retain_utility >= 0.5": pytest.approx(0.1)}
     assert constraints[5] == {}  # pruned: none
+    ask = optuna.create_study().ask()  # a metric the evaluation could not compute: violation inf, which Optuna takes
+    ask.set_constraint("retain_utility >= 0.5", space.constraints[0].violation({"retain_utility": math.nan}))
     plots = {p.name for p in study_plots(storage, "mo", tmp_path / "plots", ["forget_efficacy", "retain_utility"])}
     assert {"pareto_front.png", "optimization_history_forget_efficacy.png"} <= plots
 
@@ -423,6 +431,34 @@ def test_the_pruner_compares_the_estimate_of_the_objective():
     raw["objectives"] = [{"metric": "task_aggregate"}, {"metric": "mmlu"}]
     del raw["objective"]
     assert parse_space(raw).pruning_objective == Objective("aggregate", "max")
+
+
+def test_the_pruner_judges_an_estimate_that_misses_a_constraint_as_the_worst():
+    """An erased model estimates a high aggregate with retain at 0. Judged on the raw estimate it
+    would set the bar and prune the trial that could be the best; judged as it will be scored, it
+    is the one pruned."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from unlearn_search.search.driver import _scheduler
+
+    raw = copy.deepcopy(BASE)
+    raw["search"] = {"pruner": "asha", "grace_period": 50, "reduction_factor": 2}
+    raw["constraints"] = [{"metric": "retain_utility", "min": 0.5}]
+    scheduler = _scheduler(parse_space(raw))
+    trials = {name: Trial("trial", stub=True) for name in ("erased", "kept", "erased_again")}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def report(name: str, aggregate: float, retain: float) -> str:
+        return scheduler.on_trial_result(None, trials[name], {"progress": 50, "aggregate": aggregate,
+                                                              "retain_utility": retain})
+    # The rung at 50 judges each report against those recorded before it.
+    assert report("erased", 0.37, 0.0) == TrialScheduler.CONTINUE  # the first: recorded as 0
+    assert report("kept", 0.10, 0.9) == TrialScheduler.CONTINUE  # 0.10 > 0 (on the raw 0.37: pruned)
+    assert report("erased_again", 0.40, 0.0) == TrialScheduler.STOP
+    raw["search"] = {"pruner": "median", "grace_period": 50}
+    assert _scheduler(parse_space(raw)).constraints == parse_space(raw).constraints  # the same rule
 
 
 def test_a_knob_of_a_searched_schedule_is_valid_under_its_condition():

@@ -158,6 +158,8 @@ def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path):
     kept = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
     assert [k["what"] for k in kept] == ["parent", "trial_start", "metrics"]
     assert kept[2]["values"] == {"estimate.task_aggregate": 0.3} and "error" in kept[0]
+    # No call got through, and --resume still finds the store and experiment the runs belong in.
+    assert resumed_tracking(tmp_path, None, None) == (uri, "e")
 
 
 def test_params_are_logged_on_the_retry_when_the_first_attempt_fails_after_creating_the_run(tmp_path):

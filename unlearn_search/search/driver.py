@@ -197,9 +197,9 @@ def _scheduler(space: SearchSpace):
     # Progress is a percent of training, so rungs compare trials at the same fraction of their
     # schedule whatever their chunk counts; nothing is pruned once training is done (schedulers.py).
     if s.pruner == "asha":
-        return TrainingASHA(PROGRESS, target.metric, target.mode, s.grace_period, s.reduction_factor)
+        return TrainingASHA(PROGRESS, target.metric, target.mode, s.grace_period, s.reduction_factor, space.constraints)
     if s.pruner == "median":
-        return TrainingMedianStopping(PROGRESS, target.metric, target.mode, s.grace_period)
+        return TrainingMedianStopping(PROGRESS, target.metric, target.mode, s.grace_period, space.constraints)
     return FIFOScheduler()
 
 

@@ -38,9 +38,20 @@ def pruned_record(trial_dir: str | Path | None) -> dict[str, Any] | None:
 
 
 class _UntilTrained:
+    constraints: tuple = ()
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(self._time_attr, 0.0) >= TRAINED:
             return TrialScheduler.CONTINUE
+        if self.constraints and all(c.metric in result for c in self.constraints):
+            # Judged as it will be scored: an estimate that misses a constraint is the worst value.
+            # Else a trial that erases the model (a high aggregate, but retain at 0) sets the bar
+            # and the trials that could be the best are pruned below it.
+            from unlearn_search.search.results import objective_value, with_constraints
+            from unlearn_search.search.space import Objective
+
+            estimate = objective_value(with_constraints(result, self.constraints), Objective(self._metric, self._mode))
+            result = {**result, self._metric: estimate}
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP:
             self._record(trial, result)
@@ -63,17 +74,20 @@ class _UntilTrained:
 class TrainingASHA(_UntilTrained, ASHAScheduler):
     """ASHA over training progress; a trial that finished training always gets evaluated."""
 
-    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, reduction_factor: float):
+    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, reduction_factor: float,
+                 constraints: tuple = ()):
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=TRAINED,
                          grace_period=grace_period, reduction_factor=reduction_factor)
+        self.constraints = tuple(constraints)
 
 
 class TrainingMedianStopping(_UntilTrained, MedianStoppingRule):
     """The median stopping rule over training progress; never after training is done."""
 
-    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float):
+    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, constraints: tuple = ()):
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, grace_period=grace_period,
                          min_samples_required=2)
+        self.constraints = tuple(constraints)
 
 
 class TimeBudget(TimeoutStopper):

@@ -82,8 +82,11 @@ class Constraint:
 
     def violation(self, metrics: dict[str, float]) -> float:
         """How far the trial's metric lies on the wrong side: <= 0 when it meets the bound (Optuna's
-        convention for a constraint)."""
+        convention for a constraint). A metric the evaluation could not compute (NaN: no QA items
+        in a split, say) fails it: Optuna refuses NaN."""
         value = metrics[self.metric]
+        if math.isnan(value):
+            return math.inf
         return self.min - value if self.min is not None else value - self.max
 
     def __str__(self) -> str:
@@ -339,6 +342,8 @@ def _constraints(raw: Any) -> tuple[Constraint, ...]:
             raise _fail(where, "exactly one of min or max", dict(item))
         value = float(_number(item[bounds[0]], f"{where}.{bounds[0]}", False))
         result.append(Constraint(item["metric"], **{bounds[0]: value}))
+    if len({(c.metric, c.min is None) for c in result}) != len(result):
+        raise UnlearnSearchError("constraints: each metric at most once with min and once with max")
     return tuple(result)
 
 

@@ -240,6 +240,7 @@ class MLflowTracker(Callback):
         self.trial_runs.update(state.get("trial_runs", {}))
         self.params_logged.update(state.get("params_logged", []))
         self.ended.update(state.get("ended", []))
+        self._save()  # the store and experiment, before any call: --resume must find them even if none got through
         self._call("parent")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
