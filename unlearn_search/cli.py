@@ -234,7 +234,7 @@ def cmd_search(args) -> None:
     print(_headline(outcome.best_evaluation))
     final = final_metrics(outcome.best_evaluation)
     for constraint in space.constraints:
-        print(f"  meets {constraint}: {constraint.violation(final) <= 0}")
+        print(f"  meets {constraint}: {constraint.met(final)}")
 
 
 def cmd_plan(args) -> None:

@@ -31,7 +31,7 @@ def with_constraints(metrics: dict[str, float], constraints: Sequence[Constraint
     """A finished trial's metrics with whether it meets the space's constraints (none: unchanged)."""
     if not constraints:
         return metrics
-    return {**metrics, MEETS_CONSTRAINTS: float(all(c.violation(metrics) <= 0 for c in constraints))}
+    return {**metrics, MEETS_CONSTRAINTS: float(all(c.met(metrics) for c in constraints))}
 
 
 def feasible(metrics: dict[str, Any]) -> bool:

@@ -89,6 +89,9 @@ class Constraint:
             return math.inf
         return self.min - value if self.min is not None else value - self.max
 
+    def met(self, metrics: dict[str, float]) -> bool:
+        return self.violation(metrics) <= 0
+
     def __str__(self) -> str:
         return f"{self.metric} >= {self.min}" if self.min is not None else f"{self.metric} <= {self.max}"
 

@@ -56,11 +56,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                  f"option for a local store under the output") from None
 
 
+def _saved(output: Path) -> dict:
+    """What the tracker wrote to ``mlflow.json`` (its store, experiment and runs); empty before."""
+    path = Path(output) / PARENT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def resumed_tracking(output: Path, tracking_uri: str | None, experiment: str | None) -> tuple[str | None, str | None]:
     """On ``--resume``, the tracking URI and experiment of the first run (``mlflow.json``), which
     hold its parent and trial runs; naming others is one clear error."""
-    path = Path(output) / PARENT_FILE
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved = _saved(output)
     for option, given, key in (("--tracking-uri", tracking_uri, "tracking_uri"),
                                ("--experiment", experiment, "experiment")):
         if given and saved.get(key) and given != saved[key]:
@@ -100,7 +105,7 @@ class MLflowTracker(Callback):
         self.retries, self.retry_wait_s = retries, retry_wait_s
         self.pending: list[dict] = []
         self._client = None
-        state = self._load()
+        state = _saved(self.output)
         self.parent_id: str | None = state.get("parent_id")
         self.trial_runs: dict[str, str] = state.get("trial_runs", {})
         # Runs whose params are logged: a run created by a call that then failed gets them on the retry.
@@ -121,10 +126,6 @@ class MLflowTracker(Callback):
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
-
-    def _load(self) -> dict:
-        path = self.output / PARENT_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
 
     def _save(self) -> None:
         (self.output / PARENT_FILE).write_text(json.dumps(
@@ -235,7 +236,7 @@ class MLflowTracker(Callback):
     def setup(self, **info) -> None:
         # A restored search unpickles this callback as it was at the last experiment checkpoint;
         # the file holds every run created since.
-        state = self._load()
+        state = _saved(self.output)
         self.parent_id = state.get("parent_id", self.parent_id)
         self.trial_runs.update(state.get("trial_runs", {}))
         self.params_logged.update(state.get("params_logged", []))
