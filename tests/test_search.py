@@ -181,6 +181,9 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
             assert {"evaluation_results.json", "forget_0.csv", "retain_0.csv"} <= artifacts
     best_row = next(r for r in rows if r["trial_id"] == parent.data.tags["best_trial"])
     assert parent.data.metrics["best.aggregate"] == pytest.approx(best_row["aggregate"])
+    # The re-evaluation of the best trial, with whether it meets the constraints (the CLI's lines).
+    assert parent.data.metrics["best_full.aggregate"] == pytest.approx(best_results["aggregate-score"])
+    assert parent.data.metrics["best_full.meets_constraints"] == 1.0
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.txt", "plots", "best"} <= parent_artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}

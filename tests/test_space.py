@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -433,20 +434,65 @@ def test_the_pruner_compares_the_estimate_of_the_objective():
     assert parse_space(raw).pruning_objective == Objective("aggregate", "max")
 
 
-def test_the_pruner_judges_an_estimate_that_misses_a_constraint_as_the_worst():
-    """An erased model estimates a high aggregate with retain at 0. Judged on the raw estimate it
-    would set the bar and prune the trial that could be the best; judged as it will be scored, it
-    is the one pruned."""
+@pytest.mark.parametrize("pruner", ["asha", "median"])
+def test_the_pruner_takes_an_estimate_within_min_delta_of_the_bar_as_a_tie(pruner):
+    """The main job's estimates at its first rung (2026-11-27): the untouched start point 0.117,
+    a trial halfway to forgetting 0.111, one MMLU question of the quick subset apart (task
+    aggregate and MIA still 0 in both). Ray's rules prune the second; within min_delta (default
+    0.02) it goes on, and a trial clearly below still stops. The same both ways for a minimized metric."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
     from unlearn_search.search.driver import _scheduler
 
+    def decisions(min_delta: float | None, metric: str = "aggregate", mode: str = "max",
+                  sign: float = 1.0) -> list[str]:
+        raw = copy.deepcopy(BASE)
+        raw["search"] = {"pruner": pruner, "grace_period": 50, "reduction_factor": 2}
+        if min_delta is not None:
+            raw["search"]["min_delta"] = min_delta
+        raw["objective"] = {"metric": metric, "mode": mode}
+        scheduler = _scheduler(parse_space(raw))
+        trials = [Trial("trial", stub=True) for _ in range(4)]
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        # The median rule needs two earlier trials past the grace period: both report the bar.
+        values = [0.117, 0.117, 0.111, 0.08] if pruner == "median" else [0.117, 0.111, 0.08]
+        controller = SimpleNamespace(get_live_trials=lambda: [])  # the median rule asks it while samples are few
+        return [scheduler.on_trial_result(controller, trial, {"progress": 60, metric: sign * value})
+                for trial, value in zip(trials, values)]
+
+    tie, below = (2, 3) if pruner == "median" else (1, 2)
+    default = decisions(None)
+    assert (default[tie], default[below]) == (TrialScheduler.CONTINUE, TrialScheduler.STOP)
+    raw_rule = decisions(0.0)
+    assert (raw_rule[tie], raw_rule[below]) == (TrialScheduler.STOP, TrialScheduler.STOP)
+    # Minimized: the same gaps on a metric where lower is better.
+    minimized = decisions(0.02, "forget_regurgitation", "min", sign=-1.0)
+    assert (minimized[tie], minimized[below]) == (TrialScheduler.CONTINUE, TrialScheduler.STOP)
+    with pytest.raises(UnlearnSearchError, match=r"search.min_delta"):
+        parse_space({**copy.deepcopy(BASE), "search": {"min_delta": -0.1}})
+
+
+def test_the_pruner_judges_an_estimate_that_misses_a_constraint_as_the_worst(tmp_path):
+    """An erased model estimates a high aggregate with retain at 0. Judged on the raw estimate it
+    would set the bar and prune the trial that could be the best; judged as it will be scored, it
+    is the one pruned, and its record keeps the estimate it reported."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from unlearn_search.search.driver import _scheduler
+    from unlearn_search.search.schedulers import pruned_record
+
+    class TrialWithDirectory:  # what the record needs of Tune's trial: an id, storage and a path
+        trial_id, storage, path = "erased_again", "local", str(tmp_path / "erased_again")
+
     raw = copy.deepcopy(BASE)
     raw["search"] = {"pruner": "asha", "grace_period": 50, "reduction_factor": 2}
     raw["constraints"] = [{"metric": "retain_utility", "min": 0.5}]
     scheduler = _scheduler(parse_space(raw))
-    trials = {name: Trial("trial", stub=True) for name in ("erased", "kept", "erased_again")}
+    trials = {name: Trial("trial", stub=True) for name in ("erased", "kept")}
+    trials["erased_again"] = TrialWithDirectory()
     for trial in trials.values():
         scheduler.on_trial_add(None, trial)
 
@@ -457,6 +503,9 @@ def test_the_pruner_judges_an_estimate_that_misses_a_constraint_as_the_worst():
     assert report("erased", 0.37, 0.0) == TrialScheduler.CONTINUE  # the first: recorded as 0
     assert report("kept", 0.10, 0.9) == TrialScheduler.CONTINUE  # 0.10 > 0 (on the raw 0.37: pruned)
     assert report("erased_again", 0.40, 0.0) == TrialScheduler.STOP
+    assert pruned_record(trials["erased_again"].path) == {
+        "at": 50, "metric": "aggregate", "value": 0.40, "judged": 0.0, "by": "TrainingASHA",
+        "missed": ["retain_utility >= 0.5"]}
     raw["search"] = {"pruner": "median", "grace_period": 50}
     assert _scheduler(parse_space(raw)).constraints == parse_space(raw).constraints  # the same rule
 
@@ -485,3 +534,28 @@ def test_grid_values_stay_in_range_when_the_step_does_not_divide_it():
     raw["search"] = {"sampler": "grid"}
     (param,) = parse_space(raw).params
     assert param.grid() == pytest.approx([0.0, 0.35, 0.7])
+
+
+def test_a_resumed_search_finds_its_relative_storage_from_another_directory(tmp_path, monkeypatch):
+    import json
+
+    from unlearn_search.search.driver import STATE_FILE, TUNE_DIR, SearchOptions, prepare_output, study_storage
+
+    space = parse_space(copy.deepcopy(BASE))
+    output, elsewhere = tmp_path / "search", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    first = SearchOptions(output=output, storage="sqlite:///studies.db")
+    prepare_output(space, first)
+    storage = study_storage(output, first)
+    assert storage == f"sqlite:///{tmp_path / 'studies.db'}"
+    # What the first run leaves: its state (with the storage as the driver saves it) and Tune's directory.
+    (output / STATE_FILE).write_text(json.dumps({"space": space.name, "storage": storage}))
+    (output / TUNE_DIR).mkdir()
+
+    monkeypatch.chdir(elsewhere)
+    assert study_storage(output, SearchOptions(output=output, resume=True)) == storage
+    same = SearchOptions(output=output, resume=True, storage="sqlite:///../studies.db")
+    assert prepare_output(space, same) == output and study_storage(output, same) == storage
+    with pytest.raises(UnlearnSearchError, match=r"^--storage sqlite:///studies.db: this search's study is in "):
+        prepare_output(space, SearchOptions(output=output, resume=True, storage="sqlite:///studies.db"))

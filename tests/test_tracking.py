@@ -4,6 +4,7 @@ start, and logging calls kept (not dropped) when the server goes away mid-search
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -108,18 +109,39 @@ def test_a_stopped_trial_is_ended_and_reopened_when_a_resumed_search_continues_i
     assert run(done).info.status == "FINISHED"  # ended in the first run, not again
 
 
-def test_a_resumed_search_keeps_the_tracking_store_of_its_first_run(tmp_path):
-    """Its parent and trial runs live there: another store would start a second parent run."""
+def test_a_resumed_search_keeps_the_tracking_store_of_its_first_run(tmp_path, monkeypatch):
+    """Its parent and trial runs live there: another store would start a second parent run. A
+    relative store is saved as an absolute one, so a search resumed from another directory finds it."""
+    first_dir, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first_dir.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(first_dir)
     MLflowTracker("sqlite:///first.db", "unlearn-search/a", tmp_path, "search-a", {})._save()
-    assert resumed_tracking(tmp_path, None, None) == ("sqlite:///first.db", "unlearn-search/a")
-    assert resumed_tracking(tmp_path, "sqlite:///first.db", "unlearn-search/a") == ("sqlite:///first.db",
-                                                                                   "unlearn-search/a")
-    with pytest.raises(UnlearnSearchError, match=r"^--tracking-uri sqlite:///other.db: this search's runs are in "
-                                                 r"sqlite:///first.db \(mlflow.json\); omit --tracking-uri"):
-        resumed_tracking(tmp_path, "sqlite:///other.db", None)
+    first = f"sqlite:///{first_dir / 'first.db'}"
+    monkeypatch.chdir(elsewhere)
+    assert resumed_tracking(tmp_path, None, None) == (first, "unlearn-search/a")
+    assert resumed_tracking(tmp_path, first + "/", "unlearn-search/a") == (first + "/", "unlearn-search/a")
+    assert resumed_tracking(tmp_path, "sqlite:///../first/first.db", None)[0] == "sqlite:///../first/first.db"
+    # The same relative name from here is another file: another store.
+    with pytest.raises(UnlearnSearchError, match=r"^--tracking-uri sqlite:///first.db: this search's runs are in "
+                                                 rf"{re.escape(first)} \(mlflow.json\); omit --tracking-uri"):
+        resumed_tracking(tmp_path, "sqlite:///first.db", None)
     with pytest.raises(UnlearnSearchError, match=r"^--experiment b: this search's runs are in unlearn-search/a"):
         resumed_tracking(tmp_path, None, "b")
     assert resumed_tracking(tmp_path / "never-tracked", "sqlite:///x.db", None) == ("sqlite:///x.db", None)
+
+
+def test_a_stores_uri_names_the_same_store_from_any_directory(tmp_path, monkeypatch):
+    from unlearn_search.search.driver import absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///studies.db") == f"sqlite:///{tmp_path / 'studies.db'}"
+    assert absolute_uri(f"sqlite:///{tmp_path}/studies.db") == f"sqlite:///{tmp_path / 'studies.db'}"
+    assert absolute_uri("sqlite:///s.db?timeout=5") == f"sqlite:///{tmp_path / 's.db'}?timeout=5"
+    assert absolute_uri("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert absolute_uri("file:mlruns") == f"file://{tmp_path / 'mlruns'}"
+    assert absolute_uri("mlruns") == str(tmp_path / "mlruns")
+    assert absolute_uri("http://127.0.0.1:5000/") == "http://127.0.0.1:5000"
+    assert absolute_uri("postgresql://user@host/optuna") == "postgresql://user@host/optuna"
 
 
 def test_unreachable_server_is_one_clear_error_before_anything_starts(tmp_path):

@@ -186,7 +186,6 @@ def cmd_search(args) -> None:
 
     from unlearn_search.search import SearchOptions, load_space, run_search
     from unlearn_search.search.driver import prepare_output
-    from unlearn_search.search.results import final_metrics
     from unlearn_search.tracking import (MLflowTracker, check_reachable, default_tracking_uri, resumed_tracking,
                                          study_plots)
 
@@ -232,7 +231,7 @@ def cmd_search(args) -> None:
           f"exported to {outcome.best_dir}")
     print("full evaluation of the best trial:")
     print(_headline(outcome.best_evaluation))
-    final = final_metrics(outcome.best_evaluation)
+    final = outcome.best_final
     for constraint in space.constraints:
         print(f"  meets {constraint}: {constraint.met(final)}")
 

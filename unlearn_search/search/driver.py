@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.evaluation.evaluate import METRIC_NAMES
 from unlearn_search.search.results import (MEETS_CONSTRAINTS, OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated,
                                            final_metrics, mmlu_violation, objective_value, summary_table,
                                            trial_status, with_constraints)
-from unlearn_search.search.space import PROGRESS, SearchSpace
+from unlearn_search.search.space import PROGRESS, Constraint, SearchSpace
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,14 @@ class SearchOutcome:
     study_name: str
     storage: str
     table: str = ""
+    constraints: tuple[Constraint, ...] = ()
+
+    @property
+    def best_final(self) -> dict[str, float] | None:
+        """The best trial's full re-evaluation as metrics, with whether it meets the constraints."""
+        if self.best_evaluation is None:
+            return None
+        return with_constraints(final_metrics(self.best_evaluation), self.constraints)
 
 
 def _trial_evaluation(space: SearchSpace, threshold: float | None):
@@ -197,15 +206,31 @@ def _scheduler(space: SearchSpace):
     # Progress is a percent of training, so rungs compare trials at the same fraction of their
     # schedule whatever their chunk counts; nothing is pruned once training is done (schedulers.py).
     if s.pruner == "asha":
-        return TrainingASHA(PROGRESS, target.metric, target.mode, s.grace_period, s.reduction_factor, space.constraints)
+        return TrainingASHA(PROGRESS, target.metric, target.mode, s.grace_period, s.reduction_factor, space.constraints,
+                            s.min_delta)
     if s.pruner == "median":
-        return TrainingMedianStopping(PROGRESS, target.metric, target.mode, s.grace_period, space.constraints)
+        return TrainingMedianStopping(PROGRESS, target.metric, target.mode, s.grace_period, space.constraints,
+                                      s.min_delta)
     return FIFOScheduler()
 
 
 def _state(output: Path) -> dict:
     path = output / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def absolute_uri(uri: str) -> str:
+    """A store's URI as it names the same store from any working directory: a relative SQLite
+    (Optuna, MLflow) or file-store path (MLflow) made absolute, without a trailing slash. What
+    ``--resume`` saves and compares, so that it resumes from another directory into the same store."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return uri if path in ("", ":memory:") else f"sqlite:///{Path(path).expanduser().resolve()}"
+    if uri.startswith("file:") and not uri.startswith("file://"):
+        return Path(uri[len("file:"):]).expanduser().resolve().as_uri()
+    if "://" not in uri:  # MLflow's plain path for a file store
+        return str(Path(uri).expanduser().resolve())
+    return uri.rstrip("/")
 
 
 def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:
@@ -217,7 +242,7 @@ def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:
             raise UnlearnSearchError(f"--resume: no search to resume in {output} (expected {output / TUNE_DIR})")
         if state.get("space") != space.name:
             raise UnlearnSearchError(f"--resume: {output} holds search {state.get('space')!r}, not {space.name!r}")
-        if options.storage and state.get("storage") and options.storage != state["storage"]:
+        if options.storage and state.get("storage") and absolute_uri(options.storage) != absolute_uri(state["storage"]):
             # The restored searcher keeps writing to the first one: two stores would each hold half.
             raise UnlearnSearchError(f"--storage {options.storage}: this search's study is in {state['storage']} "
                                      f"({STATE_FILE}); omit --storage to resume it there")
@@ -232,7 +257,7 @@ def study_storage(output: Path, options: SearchOptions) -> str:
     """The Optuna study's storage: ``--storage``, else on ``--resume`` the first run's, else a
     SQLite file in the output."""
     saved = _state(output).get("storage") if options.resume else None
-    return options.storage or saved or f"sqlite:///{output / 'optuna.db'}"
+    return absolute_uri(options.storage) if options.storage else saved or f"sqlite:///{output / 'optuna.db'}"
 
 
 def _entries(path: Path) -> list[dict]:
@@ -269,6 +294,8 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
     ev = space.evaluation
     digest = hashlib.sha256()
     checkpoint_digest(model_dir, digest)
+    # No batch size: prompts are length-sorted and padded with matching position ids, so it moves
+    # the score by float rounding at most, and a new one should not cost minutes of rescoring.
     key = {"model": str(model_dir), "checkpoint": digest.hexdigest()[:16], "data": str(data_root),
            "shots": ev.mmlu_shots, "limit": limit}
     kept, shared = output / ORIGINAL_MMLU_FILE, cache_root() / ORIGINAL_MMLU_FILE
@@ -382,7 +409,7 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
                                      f"in {output / 'trials.json'} and {output / 'summary.txt'}, and --resume "
                                      f"retries the export") from error
     return SearchOutcome(output, rows, best, best_dir, best_evaluation, time.time() - started, dashboard_url,
-                         study_name, storage_url, table)
+                         study_name, storage_url, table, space.constraints)
 
 
 def started_with(trial_path: str) -> dict[str, Any]:
@@ -409,9 +436,7 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
             row["pruned_at"] = pruned["at"]  # progress, percent of training
         row.update({name: config.get(name) for name in searched})
         row["settings"] = config
-        for key in ("aggregate", "task_aggregate", "mia_score", "mia_auc", "mmlu", "forget_efficacy",
-                    "retain_utility", "forget_regurgitation", "forget_knowledge", "retain_regurgitation",
-                    "retain_knowledge", PASSES, MEETS_CONSTRAINTS, OBJECTIVE, TRIAL_OUTPUT, PROGRESS, "worker_nodes"):
+        for key in (*METRIC_NAMES, PASSES, MEETS_CONSTRAINTS, OBJECTIVE, TRIAL_OUTPUT, PROGRESS, "worker_nodes"):
             if key in metrics:
                 row[key] = metrics[key]
         row["seconds"] = metrics.get("time_total_s")

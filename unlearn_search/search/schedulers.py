@@ -8,6 +8,12 @@ can never be the best). Ray's ASHA does act there: a rung can sit at exactly 100
 25 with reduction factor 2), and a trial with few boundaries reaches a lower rung it has not
 been recorded in only with its final report (one epoch: its only report is at 100).
 
+The quick estimates are taken on a small fixed subset, so two trials a question apart on it are
+a tie, not a ranking: while no trial has unlearned enough to move the task aggregate off 0, an
+untouched model and one halfway to forgetting differ only by an MMLU question or two, and ASHA
+on the raw values pruned the second (the main job, 2026-11-27). A trial is pruned only when its
+estimate is worse than the bar by more than ``min_delta`` (``search.min_delta``).
+
 Tune ends a trial the same way whether a scheduler stopped it or the search's time budget ran
 out, so each decision to prune is written down in the trial's own directory (``PRUNED_FILE``),
 and the budget says when it ran out (``TimeBudget``): the results tell a judged trial from one
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.stopper import TimeoutStopper
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,7 @@ class _UntilTrained:
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(self._time_attr, 0.0) >= TRAINED:
             return TrialScheduler.CONTINUE
+        judged = result
         if self.constraints and all(c.metric in result for c in self.constraints):
             # Judged as it will be scored: an estimate that misses a constraint is the worst value.
             # Else a trial that erases the model (a high aggregate, but retain at 0) sets the bar
@@ -51,18 +59,22 @@ class _UntilTrained:
             from unlearn_search.search.space import Objective
 
             estimate = objective_value(with_constraints(result, self.constraints), Objective(self._metric, self._mode))
-            result = {**result, self._metric: estimate}
-        decision = super().on_trial_result(tune_controller, trial, result)
+            judged = {**result, self._metric: estimate}
+        decision = super().on_trial_result(tune_controller, trial, judged)
         if decision == TrialScheduler.STOP:
-            self._record(trial, result)
+            self._record(trial, result, judged)
         return decision
 
-    def _record(self, trial, result: dict) -> None:
+    def _record(self, trial, result: dict, judged: dict) -> None:
         # A stub trial (scheduler tests) has no storage, and so no directory.
         if getattr(trial, "storage", None) is None:
             return
+        # The estimate as reported, and what the pruner compared when a constraint changed it.
         record = {"at": result.get(self._time_attr), "metric": self._metric, "value": result.get(self._metric),
-                  "by": type(self).__name__}
+                  "judged": judged.get(self._metric), "by": type(self).__name__}
+        missed = [str(c) for c in self.constraints if c.metric in result and not c.met(result)]
+        if missed:
+            record["missed"] = missed
         try:
             directory = Path(trial.path)
             directory.mkdir(parents=True, exist_ok=True)
@@ -71,23 +83,49 @@ class _UntilTrained:
             logger.warning("could not record pruning trial %s: %s", trial.trial_id, error)
 
 
+class _BracketWithMargin(_Bracket):
+    """ASHA's rung bookkeeping with its bar lowered by ``min_delta``: a trial is pruned only when
+    its estimate falls further below the rung's quantile than that (rewards are sign-flipped for
+    a minimized metric, so lowering the bar is a margin either way)."""
+
+    def __init__(self, *args, min_delta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.min_delta = min_delta
+
+    def cutoff(self, recorded):
+        bar = super().cutoff(recorded)
+        return None if bar is None else bar - self.min_delta
+
+
 class TrainingASHA(_UntilTrained, ASHAScheduler):
-    """ASHA over training progress; a trial that finished training always gets evaluated."""
+    """ASHA over training progress; a trial that finished training always gets evaluated, and
+    one within ``min_delta`` of a rung's bar goes on."""
 
     def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, reduction_factor: float,
-                 constraints: tuple = ()):
+                 constraints: tuple = (), min_delta: float = 0.0):
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=TRAINED,
                          grace_period=grace_period, reduction_factor=reduction_factor)
         self.constraints = tuple(constraints)
+        # Ray's ASHA has no margin: its brackets are rebuilt with one, from the arguments it gave them.
+        self._brackets = [_BracketWithMargin(grace_period, TRAINED, reduction_factor, s, stop_last_trials=True,
+                                             min_delta=min_delta) for s in range(len(self._brackets))]
 
 
 class TrainingMedianStopping(_UntilTrained, MedianStoppingRule):
-    """The median stopping rule over training progress; never after training is done."""
+    """The median stopping rule over training progress; never after training is done, and not
+    for a trial within ``min_delta`` of the median."""
 
-    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, constraints: tuple = ()):
+    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, constraints: tuple = (),
+                 min_delta: float = 0.0):
         super().__init__(time_attr=time_attr, metric=metric, mode=mode, grace_period=grace_period,
                          min_samples_required=2)
         self.constraints = tuple(constraints)
+        self.min_delta = min_delta
+
+    def _best_result(self, trial):
+        # The rule stops a trial whose best is worse than the median: shifted, it must be worse by min_delta.
+        best = super()._best_result(trial)
+        return best + self.min_delta if self._mode == "max" else best - self.min_delta
 
 
 class TimeBudget(TimeoutStopper):

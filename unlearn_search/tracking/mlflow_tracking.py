@@ -18,6 +18,7 @@ from ray.tune import Callback
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.evaluation.evaluate import METRIC_NAMES
+from unlearn_search.search.driver import absolute_uri
 from unlearn_search.search.results import TRIAL_OUTPUT, evaluated, trial_status
 from unlearn_search.search.schedulers import pruned_record
 from unlearn_search.training.config import trial_config
@@ -68,7 +69,8 @@ def resumed_tracking(output: Path, tracking_uri: str | None, experiment: str | N
     saved = _saved(output)
     for option, given, key in (("--tracking-uri", tracking_uri, "tracking_uri"),
                                ("--experiment", experiment, "experiment")):
-        if given and saved.get(key) and given != saved[key]:
+        same = absolute_uri if key == "tracking_uri" else str
+        if given and saved.get(key) and same(given) != same(saved[key]):
             raise UnlearnSearchError(f"{option} {given}: this search's runs are in {saved[key]} ({PARENT_FILE}); "
                                      f"omit {option} to resume them there")
     return tracking_uri or saved.get("tracking_uri"), experiment or saved.get("experiment")
@@ -99,7 +101,7 @@ class MLflowTracker(Callback):
 
     def __init__(self, tracking_uri: str, experiment: str, output: Path, parent_name: str,
                  parent_params: dict[str, Any], retries: int = 3, retry_wait_s: float = 1.0):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.tracking_uri, self.experiment = absolute_uri(tracking_uri), experiment
         self.output = Path(output).resolve()
         self.parent_name, self.parent_params = parent_name, parent_params
         self.retries, self.retry_wait_s = retries, retry_wait_s
@@ -320,10 +322,8 @@ class MLflowTracker(Callback):
             client.set_tag(parent, "best_trial", outcome.best["trial_id"])
             for key, value in _numeric({k: v for k, v in outcome.best.items() if k != "seconds"}).items():
                 client.log_metric(parent, f"best.{key}", value)
-            if outcome.best_evaluation is not None:
-                from unlearn_search.search.results import final_metrics
-
-                for key, value in _numeric(final_metrics(outcome.best_evaluation)).items():
+            if outcome.best_final is not None:
+                for key, value in _numeric(outcome.best_final).items():
                     client.log_metric(parent, f"best_full.{key}", value)
             client.log_artifacts(parent, str(outcome.best_dir), "best")
         client.set_terminated(parent, "FINISHED")
