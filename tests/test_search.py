@@ -122,6 +122,7 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     for row in completed:
         assert 0.0 <= row["aggregate"] <= 1.0
         assert row["meets_constraints"] == 1.0
+        assert row["forget_nll"] > 0 and row["retain_nll"] > 0  # every metric a trial reports
         evaluation = json.loads((Path(row["trial_output"]) / "evaluation_results.json").read_text())
         assert evaluation["aggregate-score"] == pytest.approx(row["aggregate"])
 

@@ -474,6 +474,25 @@ def test_the_pruner_takes_an_estimate_within_min_delta_of_the_bar_as_a_tie(prune
         parse_space({**copy.deepcopy(BASE), "search": {"min_delta": -0.1}})
 
 
+def test_a_scheduler_pickled_before_the_margin_resumes_without_one():
+    """--resume unpickles Tune's scheduler without calling __init__: one saved before min_delta
+    existed must still judge (with Ray's rule, the one it started with)."""
+    from ray import cloudpickle  # what Tune saves its scheduler with
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from unlearn_search.search.schedulers import TrainingMedianStopping
+
+    scheduler = TrainingMedianStopping("progress", "aggregate", "max", grace_period=50)
+    del scheduler.__dict__["min_delta"]  # as an older pickle has it
+    scheduler = cloudpickle.loads(cloudpickle.dumps(scheduler))
+    trials = [Trial("trial", stub=True) for _ in range(3)]
+    controller = SimpleNamespace(get_live_trials=lambda: [])
+    decisions = [scheduler.on_trial_result(controller, trial, {"progress": 60, "aggregate": value})
+                 for trial, value in zip(trials, (0.117, 0.117, 0.111))]
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
 def test_the_pruner_judges_an_estimate_that_misses_a_constraint_as_the_worst(tmp_path):
     """An erased model estimates a high aggregate with retain at 0. Judged on the raw estimate it
     would set the bar and prune the trial that could be the best; judged as it will be scored, it

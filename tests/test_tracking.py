@@ -119,7 +119,7 @@ def test_a_resumed_search_keeps_the_tracking_store_of_its_first_run(tmp_path, mo
     first = f"sqlite:///{first_dir / 'first.db'}"
     monkeypatch.chdir(elsewhere)
     assert resumed_tracking(tmp_path, None, None) == (first, "unlearn-search/a")
-    assert resumed_tracking(tmp_path, first + "/", "unlearn-search/a") == (first + "/", "unlearn-search/a")
+    assert resumed_tracking(tmp_path, first, "unlearn-search/a") == (first, "unlearn-search/a")
     assert resumed_tracking(tmp_path, "sqlite:///../first/first.db", None)[0] == "sqlite:///../first/first.db"
     # The same relative name from here is another file: another store.
     with pytest.raises(UnlearnSearchError, match=r"^--tracking-uri sqlite:///first.db: this search's runs are in "
@@ -140,8 +140,13 @@ def test_a_stores_uri_names_the_same_store_from_any_directory(tmp_path, monkeypa
     assert absolute_uri("sqlite:///:memory:") == "sqlite:///:memory:"
     assert absolute_uri("file:mlruns") == f"file://{tmp_path / 'mlruns'}"
     assert absolute_uri("mlruns") == str(tmp_path / "mlruns")
+    assert absolute_uri("sqlite+pysqlite:///studies.db") == f"sqlite+pysqlite:///{tmp_path / 'studies.db'}"
+    assert absolute_uri("./mlruns") == str(tmp_path / "mlruns")
     assert absolute_uri("http://127.0.0.1:5000/") == "http://127.0.0.1:5000"
-    assert absolute_uri("postgresql://user@host/optuna") == "postgresql://user@host/optuna"
+    # Not paths here: left exactly as given.
+    for uri in ("postgresql://user@host/optuna", "databricks", "databricks://profile", "sqlite://",
+                "sqlite:///file:studies.db?mode=ro&uri=true", "file:///abs/mlruns"):
+        assert absolute_uri(uri) == uri
 
 
 def test_unreachable_server_is_one_clear_error_before_anything_starts(tmp_path):

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -221,16 +222,24 @@ def _state(output: Path) -> dict:
 
 def absolute_uri(uri: str) -> str:
     """A store's URI as it names the same store from any working directory: a relative SQLite
-    (Optuna, MLflow) or file-store path (MLflow) made absolute, without a trailing slash. What
-    ``--resume`` saves and compares, so that it resumes from another directory into the same store."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return uri if path in ("", ":memory:") else f"sqlite:///{Path(path).expanduser().resolve()}"
+    (Optuna, MLflow) or file-store path (MLflow) made absolute, and an HTTP server's without a
+    trailing slash. What ``--resume`` saves and compares, so that it resumes from another
+    directory into the same store. Anything else (``databricks``, ``postgresql://``, SQLite's
+    ``file:`` URI filenames) is left as given."""
+    sqlite = re.fullmatch(r"(sqlite(?:\+\w+)?:///)(.*)", uri, re.DOTALL)
+    if sqlite:
+        prefix, path = sqlite.groups()
+        # Absolute already (a fourth slash), in memory, or an SQLite URI filename: as given.
+        if not path or path.startswith(("/", ":memory:", "file:")):
+            return uri
+        return prefix + os.path.abspath(path)
     if uri.startswith("file:") and not uri.startswith("file://"):
-        return Path(uri[len("file:"):]).expanduser().resolve().as_uri()
-    if "://" not in uri:  # MLflow's plain path for a file store
-        return str(Path(uri).expanduser().resolve())
-    return uri.rstrip("/")
+        return Path(os.path.abspath(uri[len("file:"):])).as_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    if ":" not in uri and uri not in ("databricks", "databricks-uc", "uc"):  # MLflow's plain path of a file store
+        return os.path.abspath(uri)
+    return uri
 
 
 def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:

@@ -12,7 +12,9 @@ The quick estimates are taken on a small fixed subset, so two trials a question 
 a tie, not a ranking: while no trial has unlearned enough to move the task aggregate off 0, an
 untouched model and one halfway to forgetting differ only by an MMLU question or two, and ASHA
 on the raw values pruned the second (the main job, 2026-11-27). A trial is pruned only when its
-estimate is worse than the bar by more than ``min_delta`` (``search.min_delta``).
+estimate is worse than the bar by more than ``min_delta`` (``search.min_delta``). That holds
+for a judged value too: an estimate that misses a constraint counts as the worst value, and is
+spared only while the bar itself lies within ``min_delta`` of it.
 
 Tune ends a trial the same way whether a scheduler stopped it or the search's time budget ran
 out, so each decision to prune is written down in the trial's own directory (``PRUNED_FILE``),
@@ -46,11 +48,12 @@ def pruned_record(trial_dir: str | Path | None) -> dict[str, Any] | None:
 
 class _UntilTrained:
     constraints: tuple = ()
+    min_delta: float = 0.0  # also what a scheduler pickled before the margin existed resumes with
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if result.get(self._time_attr, 0.0) >= TRAINED:
             return TrialScheduler.CONTINUE
-        judged = result
+        judged, missed = result, []
         if self.constraints and all(c.metric in result for c in self.constraints):
             # Judged as it will be scored: an estimate that misses a constraint is the worst value.
             # Else a trial that erases the model (a high aggregate, but retain at 0) sets the bar
@@ -60,19 +63,19 @@ class _UntilTrained:
 
             estimate = objective_value(with_constraints(result, self.constraints), Objective(self._metric, self._mode))
             judged = {**result, self._metric: estimate}
+            missed = [str(c) for c in self.constraints if not c.met(result)]
         decision = super().on_trial_result(tune_controller, trial, judged)
         if decision == TrialScheduler.STOP:
-            self._record(trial, result, judged)
+            self._record(trial, result, judged, missed)
         return decision
 
-    def _record(self, trial, result: dict, judged: dict) -> None:
+    def _record(self, trial, result: dict, judged: dict, missed: list[str]) -> None:
         # A stub trial (scheduler tests) has no storage, and so no directory.
         if getattr(trial, "storage", None) is None:
             return
         # The estimate as reported, and what the pruner compared when a constraint changed it.
         record = {"at": result.get(self._time_attr), "metric": self._metric, "value": result.get(self._metric),
                   "judged": judged.get(self._metric), "by": type(self).__name__}
-        missed = [str(c) for c in self.constraints if c.metric in result and not c.met(result)]
         if missed:
             record["missed"] = missed
         try:

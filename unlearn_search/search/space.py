@@ -102,7 +102,7 @@ class SearchSettings:
     pruner: str = "asha"
     grace_period: float = 25.0  # percent of training before a trial can be pruned
     reduction_factor: float = 2.0
-    # How far below a rung's bar (objective units) an estimate must fall to be pruned. The quick
+    # How much worse than a rung's bar (objective units) an estimate must be to be pruned. The quick
     # MMLU's 57 questions move the aggregate estimate by 0.006 each, and its standard error is
     # about 0.02 there: closer than that is a tie.
     min_delta: float = 0.02
