@@ -166,6 +166,7 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     parent = parents[0]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert parent.data.params["search_seed"] == "0" and "seed" not in parent.data.params  # seed: a trial setting
+    assert parent.data.params["pruner"] == "asha" and float(parent.data.params["min_delta"]) == 0.02
     by_trial = {c.data.tags["trial_id"]: c for c in children}
     for row in rows:
         run = by_trial[row["trial_id"]]

@@ -210,6 +210,8 @@ def cmd_search(args) -> None:
                 "pruner": space.search.pruner, "num_samples": options.num_samples or space.search.num_samples,
                 "model": args.model, "search_seed": args.seed,  # "seed" is a trial setting
                 "objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives)}
+    if space.search.pruner != "none":  # what decided which trials were pruned, under the space's key names
+        settings.update({key: getattr(space.search, key) for key in ("grace_period", "reduction_factor", "min_delta")})
     tracker = MLflowTracker(tracking_uri, experiment or f"unlearn-search/{space.name}", output,
                             f"search-{space.name}", settings)
 
