@@ -212,6 +212,68 @@ def test_forget_loss_bound_is_decided_alike_on_every_rank(tmp_path, bound, ascen
     assert [r["ascends"] for r in ranks] == [ascends, ascends]
 
 
+def _report_on_rank(rank: int, init_file: str, values: list, out: str) -> None:
+    import torch.distributed as dist
+
+    from unlearn_search.training.distributed import means_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(values))
+    Path(out, f"{rank}.json").write_text(json.dumps(means_over_ranks(values[rank])))
+    dist.destroy_process_group()
+
+
+def test_the_steps_one_reduction_carries_a_diverged_loss_to_every_rank(tmp_path):
+    """The loop's one reduction per step: the loss and its parts averaged over the ranks. A rank
+    whose loss is infinite makes the mean infinite on every rank, so all raise DivergedError at
+    that step (one rank stopping alone would leave the others in a ZeRO collective)."""
+    import torch.multiprocessing as mp
+
+    values = [[2.0, 0.5, 1.0], [math.inf, 1.5, 3.0]]
+    mp.spawn(_report_on_rank, args=(str(tmp_path / "init"), values, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    for loss, *parts in ranks:
+        assert loss == math.inf and parts == [1.0, 2.0]
+
+
+def _gradient(model, method, step, data, reference) -> torch.Tensor:
+    from unlearn_search.training.loop import step_inputs
+
+    model.zero_grad(set_to_none=True)
+    forward = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    method.loss(step_inputs(method, step, data, forward, reference)).loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(name, world, tiny_target, data_paths):
+    """Ranks get parts balanced by padded length, not by rows; with their shares the mean of
+    their gradients (what ZeRO averages) is one process's gradient on the whole step."""
+    import dataclasses
+
+    from unlearn_search.training.distributed import shard_steps
+    from unlearn_search.training.unlearn import live_reference, prepare
+
+    prepared = prepare(tiny_target, data_paths, trial_config({"method": name}))
+    step = prepared.steps[0]
+    teacher, model = load_model(tiny_target), load_model(tiny_target)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a student that has moved off the teacher: NPO's and the KL's terms are not at 0
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    reference = live_reference(teacher)
+    whole = _gradient(model, prepared.method, step, prepared.data, reference)
+    parts = [shard_steps([step], rank, world, prepared.data)[0] for rank in range(world)]
+    assert len({len(part.forget) for part in parts} | {len(part.retain) for part in parts}) > 1  # unequal rows
+    averaged = sum(_gradient(model, prepared.method, part, prepared.data, reference) for part in parts) / world
+    scale = whole.abs().max()
+    assert (averaged - whole).abs().max() <= 1e-4 * scale
+    if name == "ga":  # each rank's plain mean, as before the shares, is another gradient
+        plain = sum(_gradient(model, prepared.method, dataclasses.replace(part, shares=()), prepared.data, reference)
+                    for part in parts) / world
+        assert (plain - whole).abs().max() > 0.05 * scale
+
+
 def _first_adam_step_after_restart(backend, step, read) -> None:
     """Three steps, a fourth at half the lr, a restart, a fifth at half the lr: Adam's first
     step moves every weight by exactly lr (m / sqrt(v) = g / |g|), so only after the restart is

@@ -78,6 +78,16 @@ class StepInputs:
     # A value's mean over the data-parallel ranks (identity on one process): decisions every rank
     # must take alike, since a rank that skips its backward leaves the others' ZeRO collectives hanging.
     mean_over_ranks: Callable[[float], float] = lambda value: value
+    shares: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+    def share(self, batch: str, unit: str) -> float:
+        """How much this rank's mean over ``batch``'s ``unit`` (``rows`` or ``tokens``) counts.
+
+        Data-parallel ranks hold unequal parts of a step (split by padded length, not by rows)
+        and their gradients are averaged, so a mean over this rank's rows or scored tokens, times
+        its share, makes that average the whole step's mean, as on one process (share 1).
+        """
+        return self.shares.get((batch, unit), 1.0)
 
 
 @dataclass
@@ -166,7 +176,7 @@ class Method:
 
 
 def forget_ce(step: StepInputs) -> torch.Tensor:
-    return F.cross_entropy(step.student(step.forget), step.forget["labels"])
+    return F.cross_entropy(step.student(step.forget), step.forget["labels"]) * step.share("forget", "tokens")
 
 
 def retain_term(step: StepInputs, kind: str) -> tuple[torch.Tensor, float]:
@@ -178,6 +188,7 @@ def retain_term(step: StepInputs, kind: str) -> tuple[torch.Tensor, float]:
         value = F.cross_entropy(logits, step.retain["labels"])
     else:
         value = step.reference("retain").kl(logits, step.retain["labels"])
+    value = value * step.share("retain", "tokens")  # both are means over the scored tokens
     return value, float(value.detach())
 
 
@@ -188,7 +199,8 @@ def compose(step: StepInputs, forget_name: str, forget_fn: Callable[[StepInputs]
             forget_weight: float, retain_kind: str, retain_weight: float) -> LossOutput:
     """``forget_weight * forget_fn(step) + retain_weight * retain term``, each scaled by the schedule.
 
-    ``forget_fn`` returns the value to minimize (negated cross-entropy for ascent); it is skipped
+    ``forget_fn`` returns the value to minimize (negated cross-entropy for ascent), each mean in it
+    times this rank's ``step.share`` of what it averages over; it is skipped
     when the step has no forget batch.
     """
     total, parts = torch.zeros(()), {}
@@ -206,7 +218,7 @@ def ascent(step: StepInputs) -> torch.Tensor:
     """Negated forget cross-entropy; zero (no gradient) while the CE is above the bound.
 
     Unbounded ascent runs away: the CE grows without limit and drags the retain set along. With
-    several ranks the bound applies to the mean of their CEs (the whole batch's, as on one process).
+    several ranks the bound applies to the whole step's CE (the mean of their shared CEs).
     """
     ce = forget_ce(step)
     if step.forget_loss_bound is not None and step.mean_over_ranks(float(ce.detach())) > step.forget_loss_bound:

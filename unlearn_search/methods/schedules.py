@@ -24,6 +24,9 @@ class Step:
     boundary: str | None = None  # e.g. "epoch 1" or "chunk 3"
     lr_scale: float = 1.0  # this step's learning rate, as a fraction of the trial's lr
     restart: bool = False  # a fresh optimizer (no Adam moments) from this step on
+    # On a data-parallel rank holding part of the step: how much its means count, as
+    # ((batch, unit), share) pairs (see ``StepInputs.share``); empty on one process.
+    shares: tuple[tuple[tuple[str, str], float], ...] = ()
 
 
 class RetainCycle:

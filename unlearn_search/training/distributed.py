@@ -6,14 +6,15 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
+from unlearn_search.data.tokenize import IGNORE_INDEX
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import Reference
 from unlearn_search.methods.schedules import Step
-from unlearn_search.training.loop import ScheduledOptimizer, torch_optimizer
+from unlearn_search.training.loop import ScheduledOptimizer, TrainData, torch_optimizer
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
 ZERO_CONFIGS = {0: "zero0.json", 2: "zero2.json", 3: "zero3.json"}
@@ -50,15 +51,20 @@ def teacher_config(stage: int = 3, config_dir: Path = DEEPSPEED_DIR) -> dict[str
     return config
 
 
-def mean_over_ranks(value: float, device="cpu") -> float:
-    """``value`` averaged over the ranks (itself without a process group); every rank must call it."""
+def means_over_ranks(values: Sequence[float], device="cpu") -> list[float]:
+    """Each value averaged over the ranks (as given without a process group); every rank must call it."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return value
-    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    # On the given device: NCCL (GPU workers) reduces only CUDA tensors.
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return float(total.item()) / dist.get_world_size()
+    return (total / dist.get_world_size()).tolist()
+
+
+def mean_over_ranks(value: float, device="cpu") -> float:
+    return means_over_ranks([value], device)[0]
 
 
 class DeepSpeedBackend:
@@ -74,20 +80,8 @@ class DeepSpeedBackend:
         return self.engine(input_ids=batch["input_ids"].to(self.device),
                            attention_mask=batch["attention_mask"].to(self.device)).logits
 
-    def all_finite(self, value: float) -> bool:
-        """Whether every rank's loss is finite: all ranks stop at the same step or none does."""
-        import math
-
-        import torch.distributed as dist
-
-        # On the engine's device: NCCL (GPU workers) reduces only CUDA tensors.
-        flag = torch.tensor([1.0 if math.isfinite(value) else 0.0], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
-
-    def mean_over_ranks(self, value: float) -> float:
-        return mean_over_ranks(value, self.device)
+    def mean_over_ranks(self, values: Sequence[float]) -> list[float]:
+        return means_over_ranks(values, self.device)
 
     def backward_step(self, loss: torch.Tensor, lr_scale: float = 1.0) -> float:
         self.engine.backward(loss)
@@ -110,18 +104,79 @@ def teacher_reference(engine):
     return reference
 
 
-def shard_steps(steps: list[Step], rank: int, world: int) -> list[Step]:
-    """This rank's share of every step (data parallel); each rank gets at least one item.
+def padded_parts(indices: Sequence[int], length: Callable[[int], int], world: int) -> list[tuple[int, ...]]:
+    """``indices`` in ``world`` non-empty parts, with the largest padded size (rows times the
+    part's longest row) as small as it gets.
 
-    ZeRO-3 gathers parameters collectively inside each forward, so every rank must run the
-    same forwards: a step smaller than the world repeats items rather than leaving a rank idle.
+    A part costs what its longest row costs each of its rows, so long rows go together: sorted
+    longest first, the parts are runs of that order, cut greedily under the smallest cap that
+    needs no more than ``world`` runs. With fewer indices than parts, some repeat.
     """
-    def part(indices: tuple[int, ...]) -> tuple[int, ...]:
-        if not indices:
-            return ()
-        mine = indices[rank::world]
-        return mine if mine else (indices[rank % len(indices)],)
-    return [dataclasses.replace(s, forget=part(s.forget), retain=part(s.retain)) for s in steps]
+    if not indices:
+        return [()] * world
+    order = sorted(indices, key=lambda i: (-length(i), i))
+    if len(order) <= world:
+        return [(order[r % len(order)],) for r in range(world)]
+    size = [max(1, length(i)) for i in order]
+
+    def runs(cap: int) -> list[list[int]]:
+        cut, start = [], 0
+        while start < len(order):
+            end = min(len(order), start + max(1, cap // size[start]))
+            cut.append(order[start:end])
+            start = end
+        return cut
+
+    low, high = size[0], len(order) * size[0]
+    while low < high:
+        cap = (low + high) // 2
+        low, high = (low, cap) if len(runs(cap)) <= world else (cap + 1, high)
+    parts = runs(low)
+    while len(parts) < world:  # halving a run never raises the largest cost
+        longest = max(range(len(parts)), key=lambda p: len(parts[p]))
+        run = parts.pop(longest)
+        parts[longest:longest] = [run[:len(run) // 2], run[len(run) // 2:]]
+    return [tuple(p) for p in parts]
+
+
+def shard_steps(steps: Sequence[Step], rank: int, world: int, data: TrainData) -> list[Step]:
+    """This rank's part of every step (data parallel), with its ``Step.shares``.
+
+    Ranks wait for each other at every ZeRO collective, so a step takes as long as its slowest
+    part: parts are balanced by padded size, not by rows (SemEval mixes 16-token QA items with
+    250-token passages: a rank holding one passage and three short rows pads all four to 250).
+    Every rank gets at least one forget and one retain item when the step has any, since ZeRO-3
+    gathers parameters collectively inside each forward and every rank must run the same ones.
+    """
+    def length(which: str) -> Callable[[int], int]:
+        examples = getattr(data, which)
+        if which == "forget" and data.alternative is not None:  # the forget rows' substitute answers pad too
+            return lambda i: len(examples[i].input_ids) + len(data.alternative[i].input_ids)
+        return lambda i: len(examples[i].input_ids)
+
+    def cost(which: str, part: tuple[int, ...]) -> int:
+        return len(part) * max((length(which)(i) for i in part), default=0)
+
+    def scored(which: str, part: tuple[int, ...]) -> int:
+        examples = getattr(data, which)
+        return sum(sum(1 for label in examples[i].labels[1:] if label != IGNORE_INDEX) for i in part)
+
+    sharded = []
+    for step in steps:
+        # The longest forget part goes with the shortest retain part.
+        forget = sorted(padded_parts(step.forget, length("forget"), world), key=lambda p: -cost("forget", p))
+        retain = sorted(padded_parts(step.retain, length("retain"), world), key=lambda p: cost("retain", p))
+        parts = {"forget": forget, "retain": retain}
+        if data.alternative is not None:
+            parts["alternative"] = forget
+        shares = []
+        for which, each in parts.items():
+            for unit, count in (("rows", len), ("tokens", lambda part: scored(which, part))):
+                total = sum(count(part) for part in each)
+                if total:
+                    shares.append(((which, unit), world * count(each[rank]) / total))
+        sharded.append(dataclasses.replace(step, forget=forget[rank], retain=retain[rank], shares=tuple(shares)))
+    return sharded
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:

@@ -34,11 +34,12 @@ class Backend(Protocol):
     def restart(self) -> None:
         """Drop the optimizer's state (Adam moments and step count): a new run from here."""
 
-    # Decisions every rank must take alike: a rank that stops or skips its backward alone
-    # leaves the others waiting in a ZeRO collective.
-    def all_finite(self, value: float) -> bool: ...
+    def mean_over_ranks(self, values: Sequence[float]) -> list[float]:
+        """Each value's mean over the data-parallel ranks; every rank must call it.
 
-    def mean_over_ranks(self, value: float) -> float: ...
+        Decisions every rank must take alike go through it: a rank that stops or skips its
+        backward alone leaves the others waiting in a ZeRO collective.
+        """
 
 
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -102,11 +103,8 @@ class TorchBackend:
     def restart(self) -> None:
         self.scheduled.restart()
 
-    def all_finite(self, value: float) -> bool:
-        return math.isfinite(value)
-
-    def mean_over_ranks(self, value: float) -> float:
-        return value  # one process
+    def mean_over_ranks(self, values: Sequence[float]) -> list[float]:
+        return list(values)  # one process
 
 
 @dataclass
@@ -163,6 +161,33 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def step_inputs(method: Method, step: Step, data: TrainData, forward: Callable[[Batch], torch.Tensor],
+                reference: Callable[[Batch], Reference] | None = None, forget_loss_bound: float | None = None,
+                mean_over_ranks: Callable[[float], float] = lambda value: value) -> StepInputs:
+    """What ``method.loss`` sees at ``step``: its batches, and each model's outputs computed once."""
+    batches = {"forget": data.batch("forget", step.forget), "retain": data.batch("retain", step.retain),
+               "alternative": data.batch("alternative", step.forget)}
+    student_cache: dict[int, torch.Tensor] = {}
+    reference_cache: dict[str, Reference] = {}
+
+    def student(batch: Batch) -> torch.Tensor:
+        if id(batch) not in student_cache:
+            student_cache[id(batch)] = forward(batch)
+        return student_cache[id(batch)]
+
+    def reference_of(which: str) -> Reference:
+        if reference is None:
+            raise UnlearnSearchError(f"method {method.name} needs the original model's outputs (no teacher given)")
+        if which not in reference_cache:
+            reference_cache[which] = reference(batches[which])
+        return reference_cache[which]
+
+    return StepInputs(forget=batches["forget"], retain=batches["retain"], student=student, reference=reference_of,
+                      alternative=batches["alternative"], forget_scale=step.forget_scale,
+                      retain_scale=step.retain_scale, forget_loss_bound=forget_loss_bound,
+                      mean_over_ranks=mean_over_ranks, shares=dict(step.shares))
+
+
 def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend,
         reference: Callable[[Batch], Reference] | None = None, forget_loss_bound: float | None = None,
         on_boundary: Callable[[Report], bool | None] | None = None, progress: bool = False,
@@ -175,38 +200,21 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
     for index in bar:
         step_started = time.perf_counter()
         step = steps[index]
-        batches = {"forget": data.batch("forget", step.forget), "retain": data.batch("retain", step.retain),
-                   "alternative": data.batch("alternative", step.forget)}
-        student_cache: dict[int, torch.Tensor] = {}
-        reference_cache: dict[str, Reference] = {}
-
-        def student(batch: Batch) -> torch.Tensor:
-            if id(batch) not in student_cache:
-                student_cache[id(batch)] = backend.forward(batch)
-            return student_cache[id(batch)]
-
-        def reference_of(which: str) -> Reference:
-            if reference is None:
-                raise UnlearnSearchError(f"method {method.name} needs the original model's outputs (no teacher given)")
-            if which not in reference_cache:
-                reference_cache[which] = reference(batches[which])
-            return reference_cache[which]
-
-        inputs = StepInputs(forget=batches["forget"], retain=batches["retain"], student=student,
-                            reference=reference_of, alternative=batches["alternative"],
-                            forget_scale=step.forget_scale, retain_scale=step.retain_scale,
-                            forget_loss_bound=forget_loss_bound,
-                            mean_over_ranks=backend.mean_over_ranks)
+        inputs = step_inputs(method, step, data, backend.forward, reference, forget_loss_bound,
+                             lambda value: backend.mean_over_ranks([value])[0])
         if step.restart:
             backend.restart()
         output = method.loss(inputs)
-        value = float(output.loss.detach())
-        if not backend.all_finite(value):
+        # Each rank's shared values average to the whole step's; one reduction for all of them. A
+        # non-finite loss on any rank makes the mean non-finite, so every rank stops at this step.
+        names = sorted(output.parts)
+        value, *parts = backend.mean_over_ranks([float(output.loss.detach())] + [output.parts[n] for n in names])
+        if not math.isfinite(value):
             raise DivergedError(f"loss is {value} at step {index + 1} ({step.phase}): the run diverged; "
                                 f"lower lr or the forget weight, or set forget_loss_bound")
         # A bounded ascent with no retain term can leave nothing to differentiate this step.
         grad_norm = backend.backward_step(output.loss, step.lr_scale) if output.loss.requires_grad else 0.0
-        record = {"loss": value, "grad_norm": grad_norm, **output.parts,
+        record = {"loss": value, "grad_norm": grad_norm, **dict(zip(names, parts)),
                   "step_seconds": time.perf_counter() - step_started}
         losses.append(record)
         window.append(record)

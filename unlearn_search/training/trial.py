@@ -178,7 +178,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
                 (Path(directory) / PROGRESS_FILE).write_text(json.dumps({"step": report.step}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    steps = shard_steps(prepared.steps, rank, world)
+    steps = shard_steps(prepared.steps, rank, world, prepared.data)
     try:
         result = run(prepared.method, steps, prepared.data, DeepSpeedBackend(engine, config.lr), reference,
                      config.forget_loss_bound, on_boundary, progress=rank == 0, start_step=start_step)

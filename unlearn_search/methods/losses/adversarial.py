@@ -21,7 +21,8 @@ class Adversarial(Method):
         logits = step.student(step.forget)
         with torch.no_grad():
             targets = F.adversarial_targets(logits.detach(), step.forget["labels"])
-        return F.cross_entropy(logits, targets)
+        # The targets are scored where the labels are: the forget batch's tokens.
+        return F.cross_entropy(logits, targets) * step.share("forget", "tokens")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(step, "forget_adversarial_ce", self._adversarial, self.params["forget_weight"],

@@ -17,7 +17,8 @@ class IDK(Method):
 
     @staticmethod
     def _refusal(step: StepInputs):
-        return F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
+        ce = F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
+        return ce * step.share("alternative", "tokens")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(step, "forget_refusal_ce", self._refusal, self.params["forget_weight"],

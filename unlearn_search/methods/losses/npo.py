@@ -16,7 +16,8 @@ class NPO(Method):
     def _npo(self, step: StepInputs):
         labels = step.forget["labels"]
         student = F.sequence_logprob(step.student(step.forget), labels)
-        return F.npo_loss(student, step.reference("forget").sequence_logprob(labels), self.params["beta"])
+        loss = F.npo_loss(student, step.reference("forget").sequence_logprob(labels), self.params["beta"])
+        return loss * step.share("forget", "rows")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(step, "forget_npo", self._npo, self.params["forget_weight"], self.params["retain_loss"],

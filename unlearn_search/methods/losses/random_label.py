@@ -18,7 +18,8 @@ class RandomLabel(Method):
     alternative = "random"
 
     def _forget(self, step: StepInputs):
-        random_ce = F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
+        random_ce = (F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
+                     * step.share("alternative", "tokens"))
         value = self.params["random_weight"] * random_ce
         if self.params["forget_weight"]:
             value = value + self.params["forget_weight"] * ascent(step)

@@ -18,7 +18,7 @@ class SimNPO(Method):
 
     def _simnpo(self, step: StepInputs):
         mean_logprob = F.sequence_logprob(step.student(step.forget), step.forget["labels"], normalize=True)
-        return F.simnpo_loss(mean_logprob, self.params["beta"], self.params["gamma"])
+        return F.simnpo_loss(mean_logprob, self.params["beta"], self.params["gamma"]) * step.share("forget", "rows")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(step, "forget_simnpo", self._simnpo, self.params["forget_weight"], self.params["retain_loss"],
