@@ -138,6 +138,9 @@ BAD = [
      "params.lora_rank.when.trainable: expected values that include trainable's fixed value 'full'"),
     (lambda r: r["settings"].update(forget_weight=-1.0), "settings: method gd: forget_weight=-1.0 (expected a value >= 0)"),
     (lambda r: r.update(constraints={"retain_utility": 0.5}), "constraints: expected a list of {metric, min} or"),
+    (lambda r: (r["settings"].update(keep_best=True), r.update(objective={"metric": "forget_efficacy"})),
+     "settings.keep_best: a trial keeps its boundary with the highest quick aggregate, so the objective must be "
+     "aggregate, max (got forget_efficacy (max))"),
     (lambda r: r.update(constraints=[{"metric": "utility", "min": 0.5}]), "constraints[0].metric: expected one of aggregate"),
     (lambda r: r.update(constraints=[{"metric": "mmlu", "above": 0.5}]), "constraints[0].above: unknown key"),
     (lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2, "max": 0.9}]),

@@ -11,7 +11,9 @@ import psutil
 import pytest
 
 from unlearn_search.cli import main
-from unlearn_search.models import load_model
+from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
+from unlearn_search.evaluation.quick import quick_config, quick_data, quick_scores
+from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
 from unlearn_search.training.trial import Resources, read_metrics_log, run_trial
 
 pytestmark = pytest.mark.slow
@@ -55,7 +57,7 @@ def _train_workers():
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target, data_paths, tmp_path):
     out = tmp_path / "trial"
-    settings = {"method": "gd", "lr": 3e-4, "epochs": 6}
+    settings = {"method": "gd", "lr": 3e-4, "epochs": 6, "keep_best": True}
     outcome = {}
 
     def run():
@@ -89,6 +91,39 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     assert reports[-1]["trained"] and reports[-1]["step"] == 18
     boundaries = [r["step"] for r in reports if not r["trained"]]
     assert boundaries.count(3) == 1  # epoch 1 was never trained twice
+
+    # keep_best: the model holds the boundary with the highest estimate (ties: the later), kept
+    # across the killed worker: its quick scores are the ones that boundary reported.
+    estimates = {r["step"]: r for r in reports if not r["trained"]}  # a boundary redone after the kill: its last
+    kept = max(sorted(estimates), key=lambda step: estimates[step]["aggregate"] + 1e-12 * step)
+    assert reports[-1]["kept_step"] == outcome["result"].kept_step == kept
+    quick = quick_config(EvalConfig(), Resources().eval_max_new_tokens, Resources().eval_mmlu_limit)
+    data = quick_data(load_eval_data(data_paths, quick, read_target_manifest(tiny_target)),
+                      Resources().eval_items, Resources().eval_documents)
+    scores = quick_scores(load_model(out / "model"), load_tokenizer(out / "model"), data, data_paths.mmlu, quick)
+    for name in ("aggregate", "forget_regurgitation", "retain_regurgitation", "forget_nll", "retain_nll"):
+        assert scores[name] == pytest.approx(estimates[kept][name], abs=1e-6), (name, kept, estimates)
+
+
+@pytest.mark.parametrize("estimates,kept", [([0.1, 0.3, 0.3, 0.2], 3), ([0.2, float("nan"), 0.1], 1),
+                                             ([float("nan"), float("nan")], 2)])
+def test_keep_best_holds_the_best_boundary_ties_to_the_later(estimates, kept, tmp_path):
+    import torch
+
+    from unlearn_search.training.trial import KeptBoundary
+
+    model, boundary = torch.nn.Linear(2, 1), KeptBoundary()
+    for step, estimate in enumerate(estimates, 1):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        boundary.offer(step, estimate, model)
+    assert boundary.step == kept and torch.all(boundary.state["weight"] == kept)
+    boundary.save(tmp_path)
+    resumed = KeptBoundary()
+    resumed.load(tmp_path)
+    assert resumed.step == kept and torch.equal(resumed.state["weight"], boundary.state["weight"])
+    best = max((e for e in estimates if e == e), default=float("-inf"))
+    assert resumed.offer(9, 0.25, model) == (0.25 >= best)  # a resumed run compares with what it had kept
 
 
 def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, data_paths, tmp_path):

@@ -178,6 +178,8 @@ def cmd_trial(args) -> None:
     result = run_trial(directory, paths.root, settings, args.output, resources, evaluation, resume=args.resume)
     print(f"trial {config.method}/{config.schedule} on {directory}: {result.seconds:.0f} s, "
           f"{len(result.metrics_history)} reports -> {result.model}")
+    if result.kept_step is not None:
+        print(f"keep_best: the model holds the weights after step {result.kept_step}, its best boundary")
     print(_headline(result.evaluation))
 
 

@@ -114,6 +114,8 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     nodes = sorted({n for record in result.metrics_history for n in record.get("worker_nodes", [])})
     metrics.update({PROGRESS: 100.0, "seconds": result.seconds, TRIAL_OUTPUT: str(output),
                     "worker_nodes": ",".join(nodes)})
+    if result.kept_step is not None:
+        metrics["kept_step"] = result.kept_step
     partial = saved.with_suffix(".tmp")
     partial.write_text(json.dumps(metrics, indent=2))
     partial.replace(saved)

@@ -430,6 +430,11 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         starts.append(dict(start))
 
     objectives = _objectives(raw)
+    if (settings.get("keep_best") is True or "keep_best" in by_name) and \
+            [(o.metric, o.mode) for o in objectives] != [("aggregate", "max")]:
+        got = ", ".join(f"{o.metric} ({o.mode})" for o in objectives)
+        raise UnlearnSearchError(f"settings.keep_best: a trial keeps its boundary with the highest quick aggregate, "
+                                 f"so the objective must be aggregate, max (got {got})")
     search = _dataclass_from(SearchSettings, raw.get("search"), "search")
     if search.sampler not in SAMPLERS:
         raise _fail("search.sampler", f"one of {', '.join(SAMPLERS)}", search.sampler)

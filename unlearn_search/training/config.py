@@ -35,6 +35,7 @@ class TrialConfig:
     teacher: str = "live"  # live: a frozen ZeRO-3 teacher on the workers; cached: its outputs, computed once
     teacher_top_k: int | None = None  # cached teacher: None picks full log-probs for small vocabularies
     seed: int = 0
+    keep_best: bool = False  # end with the weights of the boundary whose quick aggregate was highest
     method_params: dict[str, Any] = field(default_factory=dict)
     schedule_params: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +124,8 @@ FIELD_HELP = {
     "teacher": "the original model's outputs: a frozen ZeRO-3 copy on the workers, or the cache built once per search",
     "teacher_top_k": "log-probs kept per position in the cache (null: all for vocabularies up to 8192, else 128)",
     "seed": "data order, substitute answers, and random initialization (LoRA adapters)",
+    "keep_best": "end with the weights of the schedule boundary whose quick aggregate estimate was highest "
+                 "(ties: the later), not the last step's",
 }
 
 
