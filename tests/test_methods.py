@@ -212,6 +212,26 @@ def test_forget_loss_bound_is_decided_alike_on_every_rank(tmp_path, bound, ascen
     assert [r["ascends"] for r in ranks] == [ascends, ascends]
 
 
+def test_random_token_answers_are_the_same_in_every_process(tiny_target, data_paths):
+    """Every worker of a trial draws the substitute answers itself, and their lengths decide its
+    part of each step: a fast tokenizer's vocabulary order differs between processes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, json\n"
+        "from unlearn_search.training.config import trial_config\n"
+        "from unlearn_search.training.unlearn import prepare\n"
+        "from unlearn_search.data.locate import paths_from_root\n"
+        "config = trial_config({'method': 'random_label', 'random_source': 'tokens'})\n"
+        "from pathlib import Path\n"
+        "prepared = prepare(Path(sys.argv[1]), paths_from_root(Path(sys.argv[2])), config)\n"
+        "print(json.dumps([e.input_ids for e in prepared.data.alternative]))\n")
+    runs = [subprocess.run([sys.executable, "-c", script, str(tiny_target), str(data_paths.root)], check=True,
+                           capture_output=True, text=True).stdout.splitlines()[-1] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
 def _report_on_rank(rank: int, init_file: str, values: list, out: str) -> None:
     import torch.distributed as dist
 
@@ -273,6 +293,11 @@ def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(nam
     averaged = sum(_gradient(model, prepared.method, part, prepared.data, reference) for part in parts) / world
     scale = whole.abs().max()
     assert (averaged - whole).abs().max() <= 1e-4 * scale
+    # A step with fewer items than ranks: the ranks left over repeat an item and count for nothing.
+    few = dataclasses.replace(step, forget=step.forget[:world - 1], retain=step.retain[:world - 1])
+    whole_few = _gradient(model, prepared.method, few, prepared.data, reference)
+    averaged_few = sum(_gradient(model, prepared.method, part, prepared.data, reference) for part in parts_of(few)) / world
+    assert (averaged_few - whole_few).abs().max() <= 1e-4 * whole_few.abs().max()
     if name == "ga":  # each rank's plain mean, as before the shares, is another gradient
         plain = sum(_gradient(model, prepared.method, dataclasses.replace(part, shares=()), prepared.data, reference)
                     for part in parts) / world

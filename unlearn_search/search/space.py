@@ -430,8 +430,9 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         starts.append(dict(start))
 
     objectives = _objectives(raw)
-    if (settings.get("keep_best") is True or "keep_best" in by_name) and \
-            [(o.metric, o.mode) for o in objectives] != [("aggregate", "max")]:
+    searched = by_name.get("keep_best")
+    keeps_best = settings.get("keep_best") is True or (searched is not None and True in (searched.choices or ()))
+    if keeps_best and [(o.metric, o.mode) for o in objectives] != [("aggregate", "max")]:
         got = ", ".join(f"{o.metric} ({o.mode})" for o in objectives)
         raise UnlearnSearchError(f"settings.keep_best: a trial keeps its boundary with the highest quick aggregate, "
                                  f"so the objective must be aggregate, max (got {got})")

@@ -110,7 +110,8 @@ def padded_parts(indices: Sequence[int], length: Callable[[int], int], world: in
 
     A part costs what its longest row costs each of its rows, so long rows go together: sorted
     longest first, the parts are runs of that order, cut greedily under the smallest cap that
-    needs no more than ``world`` runs. With fewer indices than parts, some repeat.
+    needs no more than ``world`` runs. With fewer indices than parts, the parts after the first
+    ``len(indices)`` repeat an item (``shard_steps`` gives them no share).
     """
     if not indices:
         return [()] * world
@@ -161,21 +162,27 @@ def shard_steps(steps: Sequence[Step], rank: int, world: int, data: TrainData) -
         examples = getattr(data, which)
         return sum(sum(1 for label in examples[i].labels[1:] if label != IGNORE_INDEX) for i in part)
 
+    def split(which: str, indices: tuple[int, ...], longest_first: bool) -> list[tuple[tuple[int, ...], bool]]:
+        """(part, counts) per rank: a part that only repeats an item to keep its rank in step counts for nothing."""
+        parts = padded_parts(indices, length(which), world)
+        counted = [(part, r < len(indices)) for r, part in enumerate(parts)]
+        return sorted(counted, key=lambda pc: cost(which, pc[0]) * (-1 if longest_first else 1))
+
     sharded = []
     for step in steps:
         # The longest forget part goes with the shortest retain part.
-        forget = sorted(padded_parts(step.forget, length("forget"), world), key=lambda p: -cost("forget", p))
-        retain = sorted(padded_parts(step.retain, length("retain"), world), key=lambda p: cost("retain", p))
-        parts = {"forget": forget, "retain": retain}
+        parts = {"forget": split("forget", step.forget, True), "retain": split("retain", step.retain, False)}
         if data.alternative is not None:
-            parts["alternative"] = forget
+            parts["alternative"] = parts["forget"]
         shares = []
         for which, each in parts.items():
             for unit, count in (("rows", len), ("tokens", lambda part: scored(which, part))):
-                total = sum(count(part) for part in each)
+                total = sum(count(part) for part, counts in each if counts)
                 if total:
-                    shares.append(((which, unit), world * count(each[rank]) / total))
-        sharded.append(dataclasses.replace(step, forget=forget[rank], retain=retain[rank], shares=tuple(shares)))
+                    mine, counts = each[rank]
+                    shares.append(((which, unit), world * count(mine) / total if counts else 0.0))
+        sharded.append(dataclasses.replace(step, forget=parts["forget"][rank][0], retain=parts["retain"][rank][0],
+                                           shares=tuple(shares)))
     return sharded
 
 

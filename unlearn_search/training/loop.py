@@ -135,7 +135,9 @@ def alternative_answers(kind: str | None, forget: Sequence[Item], retain: Sequen
         return [rng.choice(list(refusals)) for _ in forget]
     if random_source == "retain":
         return [rng.choice(list(retain)).output for _ in forget]
-    vocab = [t for t in tokenizer.get_vocab().values() if t not in tokenizer.all_special_ids]
+    # Sorted: a fast tokenizer's vocabulary comes in a hash order that differs between processes,
+    # and every worker of a trial must draw the same answers (their lengths decide its part).
+    vocab = sorted(t for t in tokenizer.get_vocab().values() if t not in tokenizer.all_special_ids)
     return [tokenizer.decode([rng.choice(vocab) for _ in tokenizer(item.output)["input_ids"]]) for item in forget]
 
 

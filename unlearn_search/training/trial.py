@@ -218,7 +218,9 @@ class KeptBoundary:
     (one SUGD trial here estimated 0.316 at 62 % of its steps and 0.083 at the end) ends with
     its best model rather than its last. Ties go to the later boundary, the further-trained
     model; an estimate that is not a number never wins. Rank 0 holds a copy of the full weights
-    (it already holds one for the quick evaluation) and writes it into each checkpoint.
+    (it already holds one for the quick evaluation) and writes it into each checkpoint: a second
+    full copy in memory and in every checkpoint kept, which for a 7B model is tens of GB. A
+    trial that diverges still fails with no model.
     """
 
     FILE = "kept_boundary.pt"
