@@ -149,22 +149,21 @@ def shard_steps(steps: Sequence[Step], rank: int, world: int, data: TrainData) -
     Every rank gets at least one forget and one retain item when the step has any, since ZeRO-3
     gathers parameters collectively inside each forward and every rank must run the same ones.
     """
-    def length(which: str) -> Callable[[int], int]:
-        examples = getattr(data, which)
-        if which == "forget" and data.alternative is not None:  # the forget rows' substitute answers pad too
-            return lambda i: len(examples[i].input_ids) + len(data.alternative[i].input_ids)
-        return lambda i: len(examples[i].input_ids)
+    # Per example, once: the padded length that balancing weighs (the forget rows' substitute
+    # answers pad too) and the scored tokens that token shares count.
+    kinds = ["forget", "retain"] + (["alternative"] if data.alternative is not None else [])
+    lengths = {which: [len(e.input_ids) for e in getattr(data, which)] for which in kinds}
+    if data.alternative is not None:
+        lengths["forget"] = [f + a for f, a in zip(lengths["forget"], lengths["alternative"])]
+    scored = {which: [sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in getattr(data, which)]
+              for which in kinds}
 
     def cost(which: str, part: tuple[int, ...]) -> int:
-        return len(part) * max((length(which)(i) for i in part), default=0)
-
-    def scored(which: str, part: tuple[int, ...]) -> int:
-        examples = getattr(data, which)
-        return sum(sum(1 for label in examples[i].labels[1:] if label != IGNORE_INDEX) for i in part)
+        return len(part) * max((lengths[which][i] for i in part), default=0)
 
     def split(which: str, indices: tuple[int, ...], longest_first: bool) -> list[tuple[tuple[int, ...], bool]]:
         """(part, counts) per rank: a part that only repeats an item to keep its rank in step counts for nothing."""
-        parts = padded_parts(indices, length(which), world)
+        parts = padded_parts(indices, lengths[which].__getitem__, world)
         counted = [(part, r < len(indices)) for r, part in enumerate(parts)]
         return sorted(counted, key=lambda pc: cost(which, pc[0]) * (-1 if longest_first else 1))
 
@@ -176,7 +175,7 @@ def shard_steps(steps: Sequence[Step], rank: int, world: int, data: TrainData) -
             parts["alternative"] = parts["forget"]
         shares = []
         for which, each in parts.items():
-            for unit, count in (("rows", len), ("tokens", lambda part: scored(which, part))):
+            for unit, count in (("rows", len), ("tokens", lambda part: sum(scored[which][i] for i in part))):
                 total = sum(count(part) for part, counts in each if counts)
                 if total:
                     mine, counts = each[rank]
