@@ -57,7 +57,8 @@ def _train_workers():
 
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target, data_paths, tmp_path):
     out = tmp_path / "trial"
-    settings = {"method": "gd", "lr": 3e-4, "epochs": 6, "keep_best": True}
+    # last_k: keep_best copies only the trained layers, and the written model must still be the kept one.
+    settings = {"method": "gd", "lr": 3e-4, "epochs": 6, "keep_best": True, "trainable": "last_k", "last_k": 2}
     outcome = {}
 
     def run():
@@ -112,16 +113,18 @@ def test_keep_best_holds_the_best_boundary_ties_to_the_later(estimates, kept, tm
 
     from unlearn_search.training.trial import KeptBoundary
 
-    model, boundary = torch.nn.Linear(2, 1), KeptBoundary()
+    model, boundary = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Linear(1, 1)), KeptBoundary()
+    model[1].requires_grad_(False)  # frozen (last_k, LoRA's base): never moves, so never copied
     for step, estimate in enumerate(estimates, 1):
         with torch.no_grad():
-            model.weight.fill_(step)
+            model[0].weight.fill_(step)
         boundary.offer(step, estimate, model)
-    assert boundary.step == kept and torch.all(boundary.state["weight"] == kept)
+    assert boundary.step == kept and torch.all(boundary.state["0.weight"] == kept)
+    assert sorted(boundary.state) == ["0.bias", "0.weight"]
     boundary.save(tmp_path)
     resumed = KeptBoundary()
     resumed.load(tmp_path)
-    assert resumed.step == kept and torch.equal(resumed.state["weight"], boundary.state["weight"])
+    assert resumed.step == kept and torch.equal(resumed.state["0.weight"], boundary.state["0.weight"])
     best = max((e for e in estimates if e == e), default=float("-inf"))
     assert resumed.offer(9, 0.25, model) == (0.25 >= best)  # a resumed run compares with what it had kept
 

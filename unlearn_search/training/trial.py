@@ -198,7 +198,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     refresh_eval_model()
     ending = {"step": result.steps}
     if kept is not None and kept.state is not None:
-        eval_model.load_state_dict(kept.state)
+        eval_model.load_state_dict(kept.state, strict=False)  # the trained parameters; the rest never moved
         ending["kept_step"] = kept.step
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
@@ -217,10 +217,10 @@ class KeptBoundary:
     As ``load_best_model_at_end`` in transformers: a trial whose high learning rate overshoots
     (one SUGD trial here estimated 0.316 at 62 % of its steps and 0.083 at the end) ends with
     its best model rather than its last. Ties go to the later boundary, the further-trained
-    model; an estimate that is not a number never wins. Rank 0 holds a copy of the full weights
-    (it already holds one for the quick evaluation) and writes it into each checkpoint: a second
-    full copy in memory and in every checkpoint kept, which for a 7B model is tens of GB. A
-    trial that diverges still fails with no model.
+    model; an estimate that is not a number never wins. Rank 0 copies the trained parameters
+    only (the frozen ones never move), into memory and into each checkpoint: with LoRA or
+    last_k a small part of a 7B model, with full fine-tuning a second full copy. A trial that
+    diverges still fails with no model.
     """
 
     FILE = "kept_boundary.pt"
@@ -235,7 +235,7 @@ class KeptBoundary:
         if self.state is not None and value < self.value:
             return False
         self.step, self.value = step, value
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
         return True
 
     def save(self, directory: Path) -> None:
