@@ -17,8 +17,9 @@ teacher's share of a step grows. It also depends on the model's shape: with a fr
 student's backward runs through the output layer and the trained layers, which weigh far more
 against a 4-layer body (`small`) than against a 32-layer one (OLMo-7B). So the bench prints the
 ratio's compute bound for the trial it runs, the matrix-multiply FLOPs of the first steps
-(whole steps, one process) with a live teacher over those with stored teacher outputs: no cache
-can beat it. `--layers N` runs the same trials on a model of the target's architecture,
+(whole steps, one process) with a live teacher over those with stored teacher outputs: a cache
+gets near it at best (it also saves the teacher's parameter gathers and other work that is not
+matrix products, so a single pair of trials can touch it). `--layers N` runs the same trials on a model of the target's architecture,
 tokenizer and items with N layers and random weights, for the bound and ratio at another depth
 (step times do not depend on what the weights have learned).
 """
@@ -37,6 +38,7 @@ import torch
 
 from unlearn_search.data import resolve_data
 from unlearn_search.models import load_model, resolve_model
+from unlearn_search.models.loading import TARGET_EVALUATION
 from unlearn_search.models.trainable import prepare_trainable
 from unlearn_search.training.cluster import init_ray
 from unlearn_search.training.config import parse_assignments, trial_config
@@ -132,7 +134,8 @@ def with_layers(model_dir: Path, layers: int, directory: Path) -> Path:
 
     directory.mkdir(parents=True)
     for path in model_dir.glob("*.json"):
-        shutil.copy(path, directory)
+        if path.name != TARGET_EVALUATION:  # the trained target's own scores, not this model's
+            shutil.copy(path, directory)
     config = AutoConfig.from_pretrained(model_dir)
     config.num_hidden_layers = layers
     torch.manual_seed(0)
@@ -156,16 +159,20 @@ def step_flops(model_dir: Path, paths, config, steps: int) -> dict[str, int]:
     computed = live_reference(teacher)
     stored: dict[bytes, object] = {}
 
+    def key(batch) -> bytes:
+        return b"".join(batch[k].numpy().tobytes() + str(batch[k].shape).encode() for k in ("input_ids", "labels"))
+
     def live(batch):
-        stored[batch["input_ids"].numpy().tobytes()] = output = computed(batch)
+        stored[key(batch)] = output = computed(batch)
         return output
 
     totals = {}
-    for kind, reference in (("live", live), ("cached", lambda batch: stored[batch["input_ids"].numpy().tobytes()])):
+    for kind, reference in (("live", live), ("cached", lambda batch: stored[key(batch)])):
         with FlopCounterMode(display=False) as counter:
             for step in prepared.steps[:steps]:
                 student.zero_grad(set_to_none=True)
-                output = prepared.method.loss(step_inputs(prepared.method, step, prepared.data, forward, reference))
+                output = prepared.method.loss(step_inputs(prepared.method, step, prepared.data, forward, reference,
+                                                          config.forget_loss_bound))
                 if output.loss.requires_grad:
                     output.loss.backward()
         totals[kind] = counter.get_total_flops()

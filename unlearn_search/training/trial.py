@@ -198,7 +198,11 @@ def train_worker(cfg: dict[str, Any]) -> None:
     refresh_eval_model()
     ending = {"step": result.steps}
     if kept is not None and kept.state is not None:
-        eval_model.load_state_dict(kept.state, strict=False)  # the trained parameters; the rest never moved
+        # The trained parameters; the rest never moved. Not strict, so check that every kept one landed.
+        unexpected = eval_model.load_state_dict(kept.state, strict=False).unexpected_keys
+        if unexpected:
+            raise UnlearnSearchError(f"keep_best: kept parameters {unexpected[:3]} are not in the model "
+                                     f"(expected the student's trained parameters)")
         ending["kept_step"] = kept.step
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
