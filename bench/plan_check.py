@@ -40,7 +40,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from unlearn_search.models.trainable import prepare_trainable
-    from unlearn_search.training.distributed import deepspeed_config, teacher_config
+    from types import SimpleNamespace
+
+    from unlearn_search.training.distributed import adapter_reference, deepspeed_config, teacher_config
     from unlearn_search.training.plan import GIB, count_parameters, model_config, plan_trial
 
     deepspeed.init_distributed(dist_backend="nccl")
@@ -53,18 +55,22 @@ def main() -> None:
     with torch.device("cuda"):
         student = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     student = prepare_trainable(student, args.trainable, lora_rank=args.lora_rank)
-    ds_config = deepspeed_config(3, False, 1e-5, 0.0, 1.0, 1)
+    ds_config = deepspeed_config(3, False, 1e-5, 0.0, 1.0, 1, torch.bfloat16)
     del ds_config["optimizer"]
     ds_config["zero_allow_untested_optimizer"] = True
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     teacher = None
-    if args.teacher == "live":
+    if args.teacher == "live" and args.trainable == "lora":  # as a trial: the student's base, adapters off
+        reference = adapter_reference(engine)
+        teacher = lambda input_ids: SimpleNamespace(logits=reference(  # noqa: E731
+            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}).label_logprobs)
+    elif args.teacher == "live":
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.requires_grad_(False)
-        teacher, *_ = deepspeed.initialize(model=model, config=teacher_config())
+        teacher, *_ = deepspeed.initialize(model=model, config=teacher_config(dtype=torch.bfloat16))
         teacher.eval()
 
     torch.cuda.empty_cache()

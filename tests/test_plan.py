@@ -139,3 +139,22 @@ def test_kuberay_manifests_run_a_search_this_cli_accepts():
     assert argv[:2] == ["python", "run_search.py"]
     args = build_parser().parse_args(["search", *argv[2:]])
     assert (REPO / args.space).is_file() and args.address == "auto" and args.output.startswith("/shared/")
+
+
+def test_host_memory_per_worker_and_node(counts_7b):
+    """GPU workers hold their base and, on rank 0, the largest checkpoint tensor while it is
+    scattered; CPU workers also hold everything a GPU worker keeps on its GPU, in float32."""
+    base = {device: P.WORKER_BASE_GIB[device] * GIB for device in P.DEVICES}
+    gpu = {s.stage: s for s in P.plan_trial(counts_7b["lora"], 8, 80, "lora", "live").stages}["ZeRO-3"]
+    assert gpu.host_per_worker_gib * GIB == pytest.approx(base["gpu"] + 4 * EMBED)
+    assert gpu.host_per_node_gib * GIB == pytest.approx(8 * base["gpu"] + 4 * EMBED)
+    cpu_plan = P.plan_trial(counts_7b["last_k"], 2, 24, "last_k", "live", device="cpu")
+    cpu = {s.stage: s for s in cpu_plan.stages}["ZeRO-3"]
+    assert cpu.frozen_gib * GIB == pytest.approx(4 * counts_7b["last_k"].frozen / 2)  # fp32, over 2 workers
+    assert cpu.teacher_gib * GIB == pytest.approx(4 * P7B / 2 + 4 * EMBED + 4 * 512 * 50304)
+    lora = {s.stage: s for s in P.plan_trial(counts_7b["lora"], 2, 24, "lora", "live", device="cpu").stages}
+    assert lora["ZeRO-3"].teacher_gib * GIB == pytest.approx(4 * 512 * 50304)  # the base, adapters off
+    assert cpu.host_per_worker_gib == pytest.approx(base["cpu"] / GIB + cpu.total_gib + 4 * EMBED / GIB)
+    assert cpu.host_per_node_gib == pytest.approx(2 * (base["cpu"] / GIB + cpu.total_gib) + 4 * EMBED / GIB)
+    with pytest.raises(P.UnlearnSearchError, match=r"--device 'tpu': expected one of gpu, cpu"):
+        P.plan_trial(counts_7b["lora"], 2, 24, "lora", "live", device="tpu")

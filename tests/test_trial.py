@@ -43,12 +43,50 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
     assert all("retain_kl" in r and "forget_neg_ce" in r for r in boundaries)  # the teacher's KL was computed
     # Each boundary estimates the trial's result (what a search prunes on), not only the task terms.
     assert all(0 <= r["aggregate"] <= 1 and 0 <= r["mia_auc"] <= 1 and 0 <= r["mmlu"] <= 1 for r in boundaries)
+    # dtype auto on CPU workers: float32, on the engine's own shards (no whole copy on rank 0).
+    assert {(r["eval_device"], r["eval_dtype"]) for r in boundaries} == {("cpu", "float32")}
+    assert all(r["gathered_parameters"] == 0 for r in boundaries)  # keep_best off: nothing gathered
     results = json.loads((out / "evaluation_results.json").read_text())
+    assert (results["model_device"], results["model_dtype"]) == ("cpu", "float32")
     assert results["forget-set"]["overall-regurgitation-score"] < 0.9  # the memorized target was at ~1.0
     assert results["retain-set"]["overall-regurgitation-score"] > 0.8
     model = load_model(out / "model")  # a plain Hugging Face checkpoint
     assert type(model).__name__ == "OlmoForCausalLM"
     assert "aggregate-score" in capsys.readouterr().out
+
+
+def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_cluster, tiny_target, data_paths,
+                                                                       tmp_path):
+    """dtype: bfloat16 reaches DeepSpeed (bf16 engines), the quick estimates (on the engine's own
+    shards) and the full evaluation, on CPU too; keep_best's boundary gathers and the export
+    move only the LoRA adapters; the teacher is the student's base with the adapters off (no
+    second copy), and the written model carries the target's manifest."""
+    from safetensors import safe_open
+
+    from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.models.trainable import prepare_trainable
+    from unlearn_search.training.trial import TRAINED_DIR
+
+    out = tmp_path / "trial"
+    settings = {"method": "ga_kl", "lr": 5e-4, "epochs": 2, "trainable": "lora", "lora_rank": 8, "keep_best": True,
+                "dtype": "bfloat16"}
+    result = run_trial(tiny_target, data_paths.root, settings, out, Resources(workers=2, eval_max_new_tokens=16),
+                       EvalConfig(mmlu_limit=1, mmlu_shots=1, max_new_tokens=32))
+    adapters = {name: p.numel() for name, p in prepare_trainable(load_model(tiny_target), "lora", lora_rank=8)
+                .named_parameters() if p.requires_grad}
+    boundaries = [r for r in result.metrics_history if not r["trained"]]
+    assert {(r["eval_device"], r["eval_dtype"]) for r in boundaries} == {("cpu", "bfloat16")}
+    assert boundaries[0]["gathered_parameters"] == sum(adapters.values())  # the first boundary always wins
+    assert boundaries[0]["teacher_parameters"] == 0  # the teacher is the student's base, adapters off
+    assert sum(adapters.values()) < 0.1 * sum(p.numel() for p in load_model(tiny_target).parameters())
+    written = set()
+    for file in (out / TRAINED_DIR).glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            written |= set(handle.keys())
+    assert written == set(adapters) and all(".lora_" in name for name in written)
+    assert (result.evaluation["model_device"], result.evaluation["model_dtype"]) == ("cpu", "bfloat16")
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert read_target_manifest(out / "model") == read_target_manifest(tiny_target)
 
 
 def _train_workers():

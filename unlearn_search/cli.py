@@ -27,6 +27,11 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmlu-threshold", type=float, default=None,
                         help="utility threshold (0.371 for the SemEval 7B); default 75%% of the original model's MMLU")
     parser.add_argument("--original-mmlu", type=float, default=None, help="the original model's MMLU average")
+    from unlearn_search.models.loading import DTYPES
+
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="what the model is scored in: auto is bfloat16 on a GPU (as the organizers ran it), "
+                             "float32 on CPU")
 
 
 def _eval_config(args, **overrides):
@@ -34,7 +39,8 @@ def _eval_config(args, **overrides):
 
     values = dict(split=args.split, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                   mmlu_shots=args.mmlu_shots, mmlu_limit=args.mmlu_limit,
-                  mmlu_threshold=args.mmlu_threshold, original_mmlu=args.original_mmlu, progress=True)
+                  mmlu_threshold=args.mmlu_threshold, original_mmlu=args.original_mmlu, progress=True,
+                  dtype=getattr(args, "dtype", "auto"))
     values.update(overrides)
     return EvalConfig(**values)
 
@@ -87,7 +93,9 @@ def cmd_evaluate(args) -> None:
     original = args.original_mmlu
     if original is None:  # a target scored against its own report, when that scored the same questions
         original = reported_mmlu(directory, paths.root, _eval_config(args))
-    model = load_model(directory, trust_remote_code=args.trust_remote_code)
+    from unlearn_search.models.loading import default_device
+
+    model = load_model(directory, args.dtype, trust_remote_code=args.trust_remote_code, device=default_device())
     tokenizer = load_tokenizer(directory, trust_remote_code=args.trust_remote_code)
     started = time.time()
     results = evaluate(model, tokenizer, paths, _eval_config(args, original_mmlu=original), manifest, args.output)
@@ -252,7 +260,7 @@ def cmd_plan(args) -> None:
     name = f"OLMo {args.model_size}" if not args.model else Path(args.model).name
     counts = count_parameters(config, name, trainable, lora_rank=args.lora_rank or 16, last_k=args.last_k)
     plan = plan_trial(counts, args.gpus_per_trial, args.gpu_mem, trainable, args.teacher, args.micro_batch,
-                      args.seq_len, args.gpus_per_node, args.cluster_gpus)
+                      args.seq_len, args.gpus_per_node, args.cluster_gpus, args.device)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return
@@ -360,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--micro-batch", type=int, default=1)
     plan.add_argument("--seq-len", type=int, default=512)
     plan.add_argument("--cluster-gpus", type=int, help="GPUs in the cluster: how many trials run at once")
+    plan.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                      help="cpu: plan CPU workers (--gpus-per-trial workers, --gpu-mem GiB of host memory each, fp32)")
     plan.add_argument("--json", action="store_true")
     plan.add_argument("--docs", action="store_true", help="print docs/memory_plan.md (the 7B figures)")
     plan.set_defaults(func=cmd_plan)

@@ -31,6 +31,7 @@ class EvalConfig:
     original_mmlu: float | None = None
     mia_split: str = "train"
     progress: bool = False
+    dtype: str = "auto"  # models.loading.DTYPES: what a checkpoint is loaded in to be scored
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
     results["mmlu_threshold"] = threshold
     results["passes_utility_threshold"] = None if threshold is None else bool(mmlu["average"] >= threshold)
 
+    parameter = next(model.parameters())
+    results["model_dtype"], results["model_device"] = str(parameter.dtype).removeprefix("torch."), parameter.device.type
     terms = [results["harmonic-mean-task-aggregate"], results["mmlu_average"], results["mia_final_score"]]
     results["aggregated-terms"] = terms
     results["aggregate-score"] = metrics.aggregate(*terms)

@@ -11,6 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from unlearn_search.errors import UnlearnSearchError
 
 TARGET_MANIFEST = "unlearn_target.json"
+# What a model is loaded, trained and scored in. auto: bfloat16 on a GPU (as DeepSpeed trains
+# and as the SemEval organizers' scorer loads the checkpoint), float32 on CPU.
+DTYPES = ("auto", "bfloat16", "float32")
 TARGET_EVALUATION = "target_evaluation.json"  # the target's own scores (`unlearn-search target build`)
 
 
@@ -32,12 +35,42 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """The model in eval mode; ``trust_remote_code`` stays off unless the user turns it on."""
+def default_device() -> str:
+    """This process's accelerator: ``cuda`` where torch sees a GPU, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """The torch dtype of a ``DTYPES`` name on ``device`` (default: this process's)."""
+    if isinstance(name, torch.dtype):
+        return name
+    name = name or "auto"
+    if name not in DTYPES:
+        raise UnlearnSearchError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "auto":
+        on_gpu = torch.device(device or default_device()).type == "cuda"
+        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+               device: str | None = None):
+    """The model in eval mode, in ``dtype`` (a ``DTYPES`` name; default float32), loaded straight
+    onto ``device`` (default: CPU); ``trust_remote_code`` stays off unless the user turns it on."""
     path = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+    device = device or "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype or "float32", device),
+                                                 device_map=device, trust_remote_code=trust_remote_code)
     model.eval()
     return model
+
+
+def copy_target_manifest(original: str | Path, model_dir: str | Path) -> None:
+    """Give a model written from ``original`` the reference target's manifest, so that scoring it
+    again scores the items the target memorized, not the whole benchmark."""
+    manifest = Path(original) / TARGET_MANIFEST
+    if manifest.exists():
+        (Path(model_dir) / TARGET_MANIFEST).write_text(manifest.read_text())
 
 
 def read_target_manifest(path: str | Path) -> dict | None:

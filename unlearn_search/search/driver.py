@@ -475,7 +475,7 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
     config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,
                         mmlu_shots=ev.mmlu_shots, mmlu_limit=options.final_mmlu_limit,
                         mmlu_threshold=mmlu_threshold(model_dir, data_root, space, output, options.final_mmlu_limit),
-                        progress=options.verbose > 0)
+                        progress=options.verbose > 0, dtype={**space.settings, **best.get("settings", {})}.get("dtype", "auto"))
     # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
     evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, space.resources)
     (partial / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))

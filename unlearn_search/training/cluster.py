@@ -16,10 +16,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    env = dict(WORKER_ENV)
-    if not _has_gpu():
-        env["DS_ACCELERATOR"] = "cpu"
-    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # No DS_ACCELERATOR here: the driver's devices say nothing of the workers' (a CPU head node
+    # submits to GPU workers). Each trial worker decides from its own (trial.accelerator_environment).
+    kwargs = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
     if address:
         return ray.init(address=address, **kwargs)
     kwargs.update(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
@@ -27,12 +26,3 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     if dashboard_port:
         kwargs["dashboard_port"] = dashboard_port
     return ray.init(**kwargs)
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from unlearn_search.data.benchmark import SPLITS
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import METHODS, SCHEDULES, get_method, get_schedule
+from unlearn_search.models.loading import DTYPES
 from unlearn_search.models.trainable import TRAINABLE
 
 
@@ -35,6 +36,7 @@ class TrialConfig:
     teacher: str = "live"  # live: a frozen ZeRO-3 teacher on the workers; cached: its outputs, computed once
     teacher_top_k: int | None = None  # cached teacher: None picks full log-probs for small vocabularies
     seed: int = 0
+    dtype: str = "auto"  # auto: bfloat16 on GPU workers, float32 on CPU ones
     keep_best: bool = False  # end with the weights of the boundary whose quick aggregate was highest
     method_params: dict[str, Any] = field(default_factory=dict)
     schedule_params: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +126,8 @@ FIELD_HELP = {
     "teacher": "the original model's outputs: a frozen ZeRO-3 copy on the workers, or the cache built once per search",
     "teacher_top_k": "log-probs kept per position in the cache (null: all for vocabularies up to 8192, else 128)",
     "seed": "data order, substitute answers, and random initialization (LoRA adapters)",
+    "dtype": "what the student, the teacher and the evaluations run in: auto is bfloat16 on GPU workers "
+             "(DeepSpeed bf16), float32 on CPU",
     "keep_best": "end with the weights of the schedule boundary whose quick aggregate estimate was highest "
                  "(ties: the later), not the last step's",
 }
@@ -132,7 +136,7 @@ FIELD_HELP = {
 def setting_values(name: str) -> str:
     """A trial field's valid values in words, as its errors say them (empty when any value goes)."""
     choices = {"method": tuple(METHODS), "schedule": tuple(SCHEDULES), "trainable": TRAINABLE,
-               "teacher": TEACHERS, "train_split": SPLITS}
+               "teacher": TEACHERS, "train_split": SPLITS, "dtype": DTYPES}
     if name in choices:
         return "one of " + ", ".join(choices[name])
     return FIELD_RANGES[name][1] if name in FIELD_RANGES else ""
@@ -184,6 +188,8 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
         raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")
     if config.teacher not in TEACHERS:
         raise UnlearnSearchError(f"teacher {config.teacher!r}: expected {' or '.join(TEACHERS)}")
+    if config.dtype not in DTYPES:
+        raise UnlearnSearchError(f"dtype {config.dtype!r}: expected one of {', '.join(DTYPES)}")
     if config.train_split not in SPLITS:
         raise UnlearnSearchError(f"train_split {config.train_split!r}: expected one of {', '.join(SPLITS)}")
     for name, (valid, expected) in FIELD_RANGES.items():

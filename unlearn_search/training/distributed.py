@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,8 +24,10 @@ def on_gpu() -> bool:
 
 
 def deepspeed_config(stage: int, offload: bool, lr: float, weight_decay: float, max_grad_norm: float,
-                     micro_batch: int, config_dir: Path = DEEPSPEED_DIR) -> dict[str, Any]:
-    """One of ``cluster/deepspeed/*.json`` with its ``auto`` fields filled from the trial."""
+                     micro_batch: int, dtype: torch.dtype = torch.float32,
+                     config_dir: Path = DEEPSPEED_DIR) -> dict[str, Any]:
+    """One of ``cluster/deepspeed/*.json`` with its ``auto`` fields filled from the trial
+    (``bf16`` on exactly when the trial's dtype is bfloat16)."""
     if stage not in ZERO_CONFIGS:
         raise UnlearnSearchError(f"zero_stage={stage}: expected one of 0, 2, 3")
     name = "zero3_offload.json" if offload and stage == 3 else ZERO_CONFIGS[stage]
@@ -34,7 +35,7 @@ def deepspeed_config(stage: int, offload: bool, lr: float, weight_decay: float, 
     config["train_micro_batch_size_per_gpu"] = micro_batch
     config["gradient_clipping"] = max_grad_norm
     config["optimizer"]["params"].update(lr=lr, weight_decay=weight_decay)
-    config["bf16"]["enabled"] = on_gpu() and torch.cuda.is_bf16_supported()
+    config["bf16"]["enabled"] = dtype == torch.bfloat16
     if offload and stage == 2:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
     if not on_gpu():  # pinned host memory needs a GPU driver
@@ -44,10 +45,11 @@ def deepspeed_config(stage: int, offload: bool, lr: float, weight_decay: float, 
     return config
 
 
-def teacher_config(stage: int = 3, config_dir: Path = DEEPSPEED_DIR) -> dict[str, Any]:
+def teacher_config(stage: int = 3, dtype: torch.dtype = torch.float32,
+                   config_dir: Path = DEEPSPEED_DIR) -> dict[str, Any]:
     config = json.loads((config_dir / "teacher_zero3.json").read_text())
     config["zero_optimization"]["stage"] = stage
-    config["bf16"]["enabled"] = on_gpu() and torch.cuda.is_bf16_supported()
+    config["bf16"]["enabled"] = dtype == torch.bfloat16
     return config
 
 
@@ -100,6 +102,21 @@ def teacher_reference(engine):
     def reference(batch):
         logits = engine(input_ids=batch["input_ids"].to(engine.device),
                         attention_mask=batch["attention_mask"].to(engine.device)).logits
+        return Reference.from_logits(logits, batch["labels"].to(logits.device))
+    return reference
+
+
+def adapter_reference(engine):
+    """Reference outputs of a LoRA student's teacher: the student itself with its adapters off.
+
+    The frozen base of a LoRA student is the original model, so it is the teacher, and no
+    second copy is loaded (at 7B, 14 GB of bf16 shards fewer per trial). Every rank must call in step.
+    """
+    @torch.no_grad()
+    def reference(batch):
+        with engine.module.disable_adapter():
+            logits = engine.module(input_ids=batch["input_ids"].to(engine.device),
+                                   attention_mask=batch["attention_mask"].to(engine.device)).logits
         return Reference.from_logits(logits, batch["labels"].to(logits.device))
     return reference
 
@@ -185,13 +202,137 @@ def shard_steps(steps: Sequence[Step], rank: int, world: int, data: TrainData) -
     return sharded
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on rank 0 (None elsewhere); every rank must call it."""
-    zero = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
-    if zero == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return {k: v.float().cpu() for k, v in state.items()} if state is not None else None
-    if int(os.environ.get("RANK", "0")) == 0:
-        return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-    return None
+def zero3_enabled(ds_config: dict) -> bool:
+    return ds_config.get("zero_optimization", {}).get("stage") == 3
 
+
+def load_partitioned(path: str | Path, ds_config: dict, dtype: torch.dtype):
+    """The checkpoint at ``path`` built straight into ZeRO-3 partitions: ``(model, handle)``.
+
+    No rank ever holds the whole model: transformers builds it under ``deepspeed.zero.Init``
+    (the ``HfDeepSpeedConfig`` handle tells it to; keep the handle while the model is used, since
+    generation reads it too), then each tensor is read from its safetensors file on rank 0 alone,
+    one at a time, and scattered into the partitions. transformers' own ``from_pretrained``
+    under ZeRO-3 maps every shard at once on rank 0, a whole extra copy at 7B.
+    """
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    handle = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    files = safetensors_index(Path(path))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for name, parameter in model.named_parameters():  # the same order on every rank: each gather is collective
+        if name not in files:
+            raise UnlearnSearchError(f"checkpoint {path}: no tensor {name!r} in its safetensors files "
+                                     f"(expected a checkpoint saved by save_pretrained for {type(model).__name__})")
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+            if rank == 0:
+                copy_tensor(files[name], name, parameter.data)
+    model.eval()
+    release_freed_memory()
+    return model, handle
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    library = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(library) if library else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_frees(threshold_bytes: int = 1 << 20) -> None:
+    """Have host allocations of ``threshold_bytes`` and more mapped apart, so that freeing one gives
+    its memory back to the system (glibc only; elsewhere nothing).
+
+    Building and stepping a ZeRO-3 model allocates each layer whole and frees it again: tensors
+    of a few MB, under glibc's adaptive mmap threshold (up to 32 MB), whose pages would otherwise
+    stay in the heap, fragmented: measured on OLMo-1B, 1 to 2 GB more per worker.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc only; elsewhere nothing)."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def safetensors_index(path: Path) -> dict[str, Path]:
+    """Each tensor's file in a Hugging Face checkpoint (one ``model.safetensors`` or shards with an index)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise UnlearnSearchError(f"checkpoint {path}: no model.safetensors or model.safetensors.index.json "
+                                 f"(expected safetensors weights; convert .bin checkpoints with save_pretrained)")
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def copy_tensor(file: Path, name: str, into: torch.Tensor) -> None:
+    """One checkpoint tensor copied into ``into`` (converting its dtype) straight from the file's
+    memory map, which is closed again at once: an open map would keep every page it served
+    resident in this process, and a copy of the tensor would double it."""
+    from safetensors import safe_open
+
+    with safe_open(file, "pt") as handle:
+        into.copy_(handle.get_tensor(name))
+
+
+def trained_parameters(module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def gather_trained(module, rank: int, group_bytes: int = 256 * 2**20) -> dict[str, torch.Tensor] | None:
+    """The trained parameters (LoRA adapters, the last k layers, or every weight), whole, on
+    rank 0's CPU in the dtype they train in; None on other ranks. Every rank must call it.
+
+    Frozen weights never move, so they are never gathered: with LoRA or last_k a boundary moves
+    a small part of the model. The gathers go in groups of about ``group_bytes``, so no rank
+    holds more than one group beyond its own partitions.
+    """
+    import deepspeed
+
+    state: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    for group in byte_groups(trained_parameters(module), group_bytes):
+        with deepspeed.zero.GatheredParameters([p for _, p in group]):
+            if state is not None:
+                state.update((name, p.detach().to("cpu", copy=True)) for name, p in group)
+    return state
+
+
+def byte_groups(named: list[tuple[str, torch.nn.Parameter]], limit: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """``named`` in order, cut into runs of at most ``limit`` bytes (a larger tensor alone)."""
+    groups, size = [[]], 0
+    for name, parameter in named:
+        nbytes = full_numel(parameter) * parameter.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, parameter))
+        size += nbytes
+    return [g for g in groups if g]
+
+
+def full_numel(parameter: torch.nn.Parameter) -> int:
+    """A parameter's element count, also while ZeRO-3 holds it as an empty partition placeholder."""
+    return int(getattr(parameter, "ds_numel", parameter.numel()))

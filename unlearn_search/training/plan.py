@@ -20,6 +20,12 @@ GIB = 2**30
 # ZeRO-3 prefetch buckets. A plan "fits" when its estimate is at most this share of the GPU.
 USABLE_FRACTION = 0.9
 BF16 = 2
+FP32 = 4
+# Host memory of one trial worker before it holds any weights: Python with torch, transformers,
+# DeepSpeed and Ray's worker runtime (measured on CPU workers, bench/load_memory.py; a CUDA
+# context adds about as much again on a GPU worker).
+WORKER_BASE_GIB = {"cpu": 0.9, "gpu": 2.0}
+DEVICES = ("gpu", "cpu")
 
 # The Hugging Face configurations of the SemEval-2025 Task 4 checkpoints' family (OLMo 1B / 7B).
 PRESETS: dict[str, dict] = {
@@ -54,6 +60,8 @@ class StagePlan:
     total_gib: float
     cpu_per_node_gib: float
     fits: bool
+    host_per_worker_gib: float = 0.0  # peak host memory of one worker (rank 0: it reads the checkpoint)
+    host_per_node_gib: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Plan:
     seq_len: int
     stages: list[StagePlan] = field(default_factory=list)
     cluster_gpus: int | None = None
+    device: str = "gpu"
 
     @property
     def recommended(self) -> StagePlan | None:
@@ -135,8 +144,16 @@ def activation_bytes(counts: ModelCounts, micro_batch: int, seq_len: int, batche
 
 def plan_trial(counts: ModelCounts, gpus_per_trial: int, gpu_mem_gib: float, trainable: str = "full",
                teacher: str = "live", micro_batch: int = 1, seq_len: int = 512, gpus_per_node: int | None = None,
-               cluster_gpus: int | None = None) -> Plan:
-    """Memory per GPU of one trial under each ZeRO stage, and whether it fits."""
+               cluster_gpus: int | None = None, device: str = "gpu") -> Plan:
+    """Memory per GPU of one trial under each ZeRO stage, whether it fits, and host memory per
+    worker and per node.
+
+    ``device="cpu"`` plans CPU workers (``gpus_per_trial`` workers, ``gpu_mem_gib`` of host
+    memory each): weights in float32 (the trial's ``dtype: auto`` there), everything in host memory.
+    Host memory per worker: the worker's base, plus, on CPU, all that a GPU worker keeps on its
+    GPU, plus on rank 0 the largest checkpoint tensor it reads while the weights are scattered
+    into the partitions (``training.distributed.load_partitioned``), plus offloaded states.
+    """
     import contextlib
     import sys
 
@@ -150,41 +167,50 @@ def plan_trial(counts: ModelCounts, gpus_per_trial: int, gpu_mem_gib: float, tra
         raise UnlearnSearchError(f"--gpu-mem {gpu_mem_gib}: expected GiB of memory per GPU, a positive number")
     if teacher not in ("live", "cached", "none"):
         raise UnlearnSearchError(f"--teacher {teacher!r}: expected live, cached or none")
+    if device not in DEVICES:
+        raise UnlearnSearchError(f"--device {device!r}: expected one of {', '.join(DEVICES)}")
+    weight = BF16 if device == "gpu" else FP32
     per_node = min(gpus_per_node or 8, gpus_per_trial)
     nodes = math.ceil(gpus_per_trial / per_node)
     n = gpus_per_trial
     frozen = counts.frozen
-    activations = activation_bytes(counts, micro_batch, seq_len)
+    activations = activation_bytes(counts, micro_batch, seq_len) * weight // BF16
     gathered = 4 * counts.largest_layer  # DeepSpeed's own allowance for one gathered layer
-    # The teacher is always a ZeRO-3 inference engine (cluster/deepspeed/teacher_zero3.json):
-    # bf16 shards, one gathered layer, and the fp32 log-probs of one batch.
-    teacher_bytes = {"live": BF16 * counts.parameters / n + gathered + 4 * micro_batch * seq_len * counts.vocab,
-                     "cached": 0, "none": 0}[teacher]
+    # A live teacher is a ZeRO-3 inference engine (cluster/deepspeed/teacher_zero3.json): its
+    # shards, one gathered layer, and the fp32 log-probs of one batch. A LoRA student's teacher
+    # is its own base with the adapters off: the log-probs alone.
+    logprobs = 4 * micro_batch * seq_len * counts.vocab
+    shards = 0 if trainable == "lora" else weight * counts.parameters / n + gathered
+    teacher_bytes = {"live": shards + logprobs, "cached": 0, "none": 0}[teacher]
 
     rows = []
     for stage in STAGES:
         cpu_node = 0.0
         if stage == "ZeRO-0":  # nothing partitioned: DeepSpeed's stage-2 estimate on one GPU
             _, states = estimate_zero2_model_states_mem_needs(counts.trainable, 1, 1, cpu_offload=False)
-            frozen_bytes = BF16 * frozen
+            frozen_bytes = weight * frozen
         elif stage == "ZeRO-2":
             _, states = estimate_zero2_model_states_mem_needs(counts.trainable, per_node, nodes, cpu_offload=False)
-            frozen_bytes = BF16 * frozen
+            frozen_bytes = weight * frozen
         elif stage == "ZeRO-3":
             _, states, _ = estimate_zero3_model_states_mem_needs(counts.trainable, counts.largest_layer, per_node, nodes,
                                                                  cpu_offload=False, zero_init=True)
-            frozen_bytes = BF16 * frozen / n
+            frozen_bytes = weight * frozen / n
         else:
             cpu_node, states, _ = estimate_zero3_model_states_mem_needs(
                 counts.trainable, counts.largest_layer, per_node, nodes, cpu_offload=True, cpu_offload_params=True,
                 zero_init=True)
             frozen_bytes = 0.0
-            cpu_node += BF16 * frozen / nodes
+            cpu_node += weight * frozen / nodes
         total = states + frozen_bytes + activations + teacher_bytes
+        on_device = total if device == "cpu" else 0.0
+        host_worker = WORKER_BASE_GIB[device] * GIB + on_device + FP32 * counts.largest_layer + cpu_node / per_node
+        host_node = per_node * (WORKER_BASE_GIB[device] * GIB + on_device) + FP32 * counts.largest_layer + cpu_node
         rows.append(StagePlan(stage, states / GIB, frozen_bytes / GIB, activations / GIB, teacher_bytes / GIB,
-                              total / GIB, cpu_node / GIB, total <= USABLE_FRACTION * gpu_mem_gib * GIB))
+                              total / GIB, cpu_node / GIB, total <= USABLE_FRACTION * gpu_mem_gib * GIB,
+                              host_worker / GIB, host_node / GIB))
     return Plan(counts, trainable, teacher, gpus_per_trial, per_node, gpu_mem_gib, micro_batch, seq_len, rows,
-                cluster_gpus)
+                cluster_gpus, device)
 
 
 def describe(plan: Plan) -> str:
@@ -199,18 +225,20 @@ def describe(plan: Plan) -> str:
 
 def _cells(s: StagePlan) -> list[str]:
     return [s.stage, *(f"{v:.1f}" for v in (s.student_states_gib, s.frozen_gib, s.activations_gib, s.teacher_gib,
-                                           s.total_gib, s.cpu_per_node_gib)), "yes" if s.fits else "no"]
+                                           s.total_gib, s.cpu_per_node_gib, s.host_per_worker_gib,
+                                           s.host_per_node_gib)), "yes" if s.fits else "no"]
 
 
 def markdown_table(plan: Plan) -> str:
-    lines = ["| stage | student states | frozen weights | activations | teacher | total per GPU | CPU per node | fits |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| stage | student states | frozen weights | activations | teacher | total per GPU | offloaded per node "
+             "| host per worker | host per node | fits |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     return "\n".join(lines + ["| " + " | ".join(_cells(s)) + " |" for s in plan.stages])
 
 
 def text_table(plan: Plan) -> str:
-    widths = (22, 9, 9, 9, 9, 9, 10)
-    header = ["stage", "states", "frozen", "activ.", "teacher", "total", "CPU/node"]
+    widths = (22, 9, 9, 9, 9, 9, 10, 10, 10)
+    header = ["stage", "states", "frozen", "activ.", "teacher", "total", "offload/n", "host/wkr", "host/node"]
 
     def line(cells: list[str]) -> str:
         return cells[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells[1:-1], widths[1:])) + "  " + cells[-1]
@@ -272,9 +300,15 @@ def memory_plan_page(gpus_per_trial: int = 8, gpu_mem_gib: float = 80, cluster_g
              "- **activations**: 34·s·b·h bytes per trained layer (fused attention, no recomputation) plus 10",
              "  bytes per logit, for the forget and the retain batch together;",
              "- **teacher**: the frozen original as a ZeRO-3 inference engine (bf16 shards, one gathered layer,",
-             "  fp32 log-probs of a batch); 0 with the teacher-output cache (`teacher: cached`);",
+             "  fp32 log-probs of a batch); for a LoRA student the student's own base with its adapters off",
+             "  (the log-probs alone); 0 with the teacher-output cache (`teacher: cached`);",
              f"- **fits**: total at most {USABLE_FRACTION:.0%} of the GPU (the rest: CUDA context, fragmentation,",
-             "  communication buckets).", ""]
+             "  communication buckets);",
+             f"- **host per worker / per node**: a worker's base ({WORKER_BASE_GIB['gpu']:g} GiB on a GPU worker: Python,",
+             "  torch with its CUDA context, DeepSpeed, Ray), the largest checkpoint tensor that rank 0 reads while",
+             "  the weights are scattered into ZeRO-3 partitions (no worker ever loads the whole model), and",
+             "  offloaded states. `--device cpu` plans CPU workers, where everything lives in host memory, in",
+             "  float32; `python bench/load_memory.py` measures that case at OLMo-1B's shape.", ""]
     for trainable, teacher in DOC_CASES:
         counts = count_parameters(config, "OLMo 7B", trainable, lora_rank=lora_rank)
         plan = plan_trial(counts, gpus_per_trial, gpu_mem_gib, trainable, teacher, cluster_gpus=cluster_gpus)
@@ -299,7 +333,9 @@ def memory_plan_page(gpus_per_trial: int = 8, gpu_mem_gib: float = 80, cluster_g
               "| 1B | full | live | 26.24 | 28.09 | 1.07 |",
               "| 1B | LoRA 16 | live | 7.35 | 7.96 | 1.08 |",
               "| 7B | LoRA 16 | live | 32.62 | 32.85 | 1.01 |", "",
-              "All within the 10 % headroom the fit test keeps. Not measured: several GPUs (the sharded",
+              "All within the 10 % headroom the fit test keeps. The LoRA rows were measured with a separate",
+              "teacher engine, before a LoRA student's teacher became its own base (the plan now leaves",
+              "those shards out: not yet measured on a GPU). Not measured: several GPUs (the sharded",
               "terms), CPU offload, and 7B full fine-tuning (about 130 GiB on one GPU).", "",
               "## Not estimated", "",
               "Activation recomputation (it would cut the activations column), ZeRO-3 prefetch and bucket sizes",

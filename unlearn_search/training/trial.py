@@ -15,7 +15,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,30 @@ class Resources:
 PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (loading included), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resident_mb() -> float:
+    """This process's resident memory now, MiB (Linux; elsewhere its peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def gpu_memory() -> dict[str, float]:
+    """``peak_gpu_gib``: the most GPU memory PyTorch has allocated in this process (GPU workers only)."""
+    import torch
+
+    return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+
+
 def proportional_memory() -> dict[str, float]:
     """``pss_mb``: this process's memory with shared pages split among their users (Linux only).
 
@@ -64,12 +88,32 @@ def proportional_memory() -> dict[str, float]:
     return {}
 
 
+def accelerator_environment(environ: dict[str, str], has_gpu: bool) -> dict[str, str]:
+    """The environment a trial worker runs DeepSpeed under, decided from that worker's own devices.
+
+    A GPU worker never keeps ``DS_ACCELERATOR=cpu``, whatever the driver or the job's runtime
+    environment had (a CPU head node submitting to GPU workers); a CPU worker gets it.
+    """
+    environ = dict(environ)
+    if has_gpu:
+        if environ.get("DS_ACCELERATOR") == "cpu":
+            del environ["DS_ACCELERATOR"]
+    else:
+        environ["DS_ACCELERATOR"] = "cpu"
+    environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return environ
+
+
 def _worker_environment(cpus: float) -> None:
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from unlearn_search.training.distributed import return_large_frees
+
+    return_large_frees()
+    wanted = accelerator_environment(dict(os.environ), torch.cuda.is_available())
+    for key in set(os.environ) - set(wanted):
+        del os.environ[key]
+    os.environ.update(wanted)
     torch.set_num_threads(max(1, int(cpus)))
 
 
@@ -86,145 +130,275 @@ def scaling_config(resources: Resources):
                          resources_per_worker=per_worker, placement_strategy=PLACEMENTS[resources.placement])
 
 
-def train_worker(cfg: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs."""
+TRAINED_DIR = "trained"  # a checkpoint's trained parameters (safetensors shards)
+
+
+@dataclass
+class Worker:
+    """What one Ray Train worker of a trial knows: its place, settings, data and device."""
+
+    rank: int
+    world: int
+    config: Any  # TrialConfig
+    resources: Resources
+    model_dir: Path
+    paths: Any  # DataPaths
+    prepared: Any  # Prepared
+    dtype: Any  # torch.dtype
+    handles: list  # transformers' ZeRO-3 handles: alive while the models are used
+    memory: dict = field(default_factory=dict)  # resident MiB after each start-up phase (rss_*_mb)
+
+    def record(self, phase: str) -> None:
+        self.memory[f"rss_{phase}_mb"] = resident_mb()
+        self.memory[f"peak_rss_{phase}_mb"] = peak_rss_mb()
+
+    def trainable(self, model):
+        from unlearn_search.models.trainable import prepare_trainable
+
+        c = self.config
+        return prepare_trainable(model, c.trainable, c.last_k, c.lora_rank, c.lora_alpha, c.lora_dropout)
+
+
+def start_worker(cfg: dict[str, Any]) -> Worker:
+    """This process as a trial worker: environment, process group, settings and data."""
     resources = Resources(**cfg["resources"])
     _worker_environment(resources.cpus_per_worker)
     import deepspeed
-    import ray.train
     import torch
     import torch.distributed as dist
 
     from unlearn_search.data.locate import paths_from_root
-    from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
-    from unlearn_search.evaluation.quick import quick_data, quick_scores
-    from unlearn_search.models import load_model, read_target_manifest
-    from unlearn_search.models.trainable import plain_model, prepare_trainable
+    from unlearn_search.models.loading import resolve_dtype
     from unlearn_search.training.config import trial_config
-    from unlearn_search.training.distributed import (DeepSpeedBackend, deepspeed_config, full_state_dict,
-                                                     shard_steps, teacher_config, teacher_reference)
-    from unlearn_search.training.loop import DivergedError, run
     from unlearn_search.training.unlearn import prepare
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     config = trial_config(cfg["settings"])
     model_dir, paths = Path(cfg["model_dir"]), paths_from_root(cfg["data"])
     torch.manual_seed(config.seed)
-    prepared = prepare(model_dir, paths, config)
+    return Worker(dist.get_rank(), dist.get_world_size(), config, resources, model_dir, paths,
+                  prepare(model_dir, paths, config), resolve_dtype(config.dtype), [])
 
-    def trainable(model):
-        return prepare_trainable(model, config.trainable, config.last_k, config.lora_rank, config.lora_alpha,
-                                 config.lora_dropout)
 
-    student = trainable(load_model(model_dir))
-    micro_batch = max(1, math.ceil(config.batch_size / world))
-    engine, *_ = deepspeed.initialize(
-        model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
-        config=deepspeed_config(resources.zero_stage, resources.offload, config.lr, config.weight_decay,
-                                config.max_grad_norm, micro_batch))
-    reference, teacher_parameters = None, 0
-    if prepared.method.uses_reference() and cfg.get("teacher_cache"):
+def load_for(worker: Worker, ds_config: dict):
+    """The original model for one engine, in the trial's dtype: built into ZeRO-3 partitions (no
+    rank holds it whole), or, under ZeRO 0 and 2, which replicate the weights, whole on each
+    rank, loaded straight onto the worker's device (not first into host memory)."""
+    import ray.train.torch
+
+    from unlearn_search.models import load_model
+    from unlearn_search.training.distributed import load_partitioned, zero3_enabled
+
+    if not zero3_enabled(ds_config):
+        return load_model(worker.model_dir, worker.dtype, device=str(ray.train.torch.get_device()))
+    model, handle = load_partitioned(worker.model_dir, ds_config, worker.dtype)
+    worker.handles.append(handle)
+    return model
+
+
+def build_student(worker: Worker):
+    """The student's DeepSpeed engine: the trainable parameters (full, LoRA or last_k) and AdamW."""
+    import deepspeed
+
+    from unlearn_search.training.distributed import deepspeed_config
+
+    c, r = worker.config, worker.resources
+    ds_config = deepspeed_config(r.zero_stage, r.offload, c.lr, c.weight_decay, c.max_grad_norm,
+                                 max(1, math.ceil(c.batch_size / worker.world)), worker.dtype)
+    student = worker.trainable(load_for(worker, ds_config))
+    engine, *_ = deepspeed.initialize(model=student, config=ds_config,
+                                      model_parameters=[p for p in student.parameters() if p.requires_grad])
+    return engine
+
+
+def build_reference(worker: Worker, engine, teacher_cache: str | None):
+    """``(reference, teacher parameters loaded for it)``: the cache of the teacher's outputs, a
+    LoRA student's own base with the adapters off, or the frozen teacher as a ZeRO-3 engine;
+    none when the method needs no reference."""
+    import deepspeed
+
+    from unlearn_search.training.distributed import adapter_reference, full_numel, teacher_config, teacher_reference
+
+    if not worker.prepared.method.uses_reference():
+        return None, 0
+    if teacher_cache:
         from unlearn_search.training.teacher_cache import TeacherCache
 
-        reference = TeacherCache.load(Path(cfg["teacher_cache"]))
-    elif prepared.method.uses_reference():
-        teacher = load_model(model_dir)
-        teacher_parameters = sum(p.numel() for p in teacher.parameters())
-        teacher.requires_grad_(False)
-        teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config())
-        teacher_engine.eval()
-        reference = teacher_reference(teacher_engine)
+        return TeacherCache.load(Path(teacher_cache)), 0
+    if worker.config.trainable == "lora":
+        return adapter_reference(engine), 0
+    teacher = load_for(worker, teacher_config(dtype=worker.dtype))
+    teacher.requires_grad_(False)
+    parameters = sum(full_numel(p) for p in teacher.parameters())
+    teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config(dtype=worker.dtype))
+    teacher_engine.eval()
+    return teacher_reference(teacher_engine), parameters
 
-    start_step, resumed_from = 0, None
-    kept = KeptBoundary() if config.keep_best and rank == 0 else None
+
+@dataclass
+class Resumed:
+    """Where a worker starts: step 0, or the last checkpoint's step (``final``: nothing left)."""
+
+    step: int = 0
+    from_step: int | None = None
+    final: dict | None = None
+
+
+def resume(worker: Worker, engine, kept: KeptBoundary | None) -> Resumed:
+    """The run's last checkpoint, if Ray Train has one, loaded into the engine and ``kept``."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
-            if progress.get("final"):  # the run had finished: nothing left to train
-                ray.train.report({"step": progress["step"], "trained": True, "resumed_from": progress["step"],
-                                  **({"kept_step": progress["kept_step"]} if "kept_step" in progress else {})},
-                                 checkpoint=checkpoint if rank == 0 else None)
-                return
-            engine.load_checkpoint(directory, tag="trial")
-            start_step = progress["step"]
-            if kept is not None:
-                kept.load(Path(directory))
-        resumed_from = start_step
-
-    eval_model, eval_data = None, None
-    quick = EvalConfig(**cfg["quick_evaluation"])
-    if rank == 0:
-        eval_model = trainable(load_model(model_dir))
-        eval_data = quick_data(load_eval_data(paths, quick, read_target_manifest(model_dir)),
-                               resources.eval_items, resources.eval_documents)
-
-    def refresh_eval_model() -> None:
-        state = full_state_dict(engine)
-        if rank == 0:
-            eval_model.load_state_dict(state, strict=False)
-
-    def on_boundary(report) -> None:
-        refresh_eval_model()
-        metrics = {**report.losses, "step": report.step, "boundary": report.boundary, "steps_total": len(steps),
-                   "progress": 100.0 * report.step / max(1, len(steps)),
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   **proportional_memory(),
-                   "teacher_parameters": teacher_parameters,
-                   "resumed_from": -1 if resumed_from is None else resumed_from, "trained": False,
-                   "node_id": ray.get_runtime_context().get_node_id()}
-        if rank == 0:
-            metrics.update(quick_scores(eval_model, prepared.tokenizer, eval_data, paths.mmlu, quick))
+    if checkpoint is None:
+        return Resumed()
+    with checkpoint.as_directory() as directory:
+        progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
+        if progress.get("final"):  # the run had finished: nothing left to train
+            return Resumed(progress["step"], progress["step"], progress)
+        # Not strict: the checkpoints leave out the frozen weights, which are the original's.
+        engine.load_checkpoint(directory, tag="trial", load_module_strict=False)
         if kept is not None:
-            kept.offer(report.step, metrics["aggregate"], eval_model)
-            metrics["kept_step"] = kept.step
+            kept.load(Path(directory), keep_state=worker.rank == 0)
+    return Resumed(progress["step"], progress["step"])
+
+
+class BoundaryReporter:
+    """At each schedule boundary: the quick evaluation on the engine's own shards (every rank runs
+    it, in step, on the trial's device and dtype), keep_best's offer, a checkpoint, the report."""
+
+    def __init__(self, worker: Worker, engine, kept: KeptBoundary | None, resumed: Resumed, steps_total: int,
+                 teacher_parameters: int, quick_evaluation: dict):
+        from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
+        from unlearn_search.evaluation.quick import quick_data
+        from unlearn_search.models import read_target_manifest
+
+        self.worker, self.engine, self.kept, self.resumed = worker, engine, kept, resumed
+        self.steps_total, self.teacher_parameters = steps_total, teacher_parameters
+        self.quick = EvalConfig(**quick_evaluation)
+        r = worker.resources
+        self.data = quick_data(load_eval_data(worker.paths, self.quick, read_target_manifest(worker.model_dir)),
+                               r.eval_items, r.eval_documents)
+
+    def estimates(self) -> dict[str, Any]:
+        """The quick scores, computed on every rank (ZeRO-3 forwards are collective), rank 0's kept."""
+        import torch.distributed as dist
+
+        from unlearn_search.evaluation.quick import quick_scores
+
+        module, started = self.engine.module, time.time()
+        scores = quick_scores(module, self.worker.prepared.tokenizer, self.data, self.worker.paths.mmlu, self.quick)
+        scores.update(eval_device=self.engine.device.type if hasattr(self.engine.device, "type")
+                      else str(self.engine.device).split(":")[0],
+                      eval_dtype=str(next(module.parameters()).dtype).removeprefix("torch."),
+                      eval_seconds=time.time() - started)
+        shared = [scores]
+        dist.broadcast_object_list(shared, src=0, device=self.engine.device)  # one decision for keep_best
+        return shared[0]
+
+    def __call__(self, report) -> None:
+        import ray.train
+
+        before_estimates = peak_rss_mb()
+        metrics = {**report.losses, "step": report.step, "boundary": report.boundary, "steps_total": self.steps_total,
+                   "progress": 100.0 * report.step / max(1, self.steps_total),
+                   "peak_rss_mb": peak_rss_mb(), **proportional_memory(), **gpu_memory(), **self.worker.memory,
+                   "teacher_parameters": self.teacher_parameters,
+                   "resumed_from": -1 if self.resumed.from_step is None else self.resumed.from_step,
+                   "trained": False, "node_id": ray.get_runtime_context().get_node_id(),
+                   "peak_rss_before_estimates_mb": before_estimates, **self.estimates(), "gathered_parameters": 0}
+        if self.kept is not None:
+            if self.kept.offer(report.step, metrics["aggregate"], self.engine.module, self.worker.rank):
+                metrics["gathered_parameters"] = self.kept.parameters
+            metrics["kept_step"] = self.kept.step
         with tempfile.TemporaryDirectory() as directory:
-            engine.save_checkpoint(directory, tag="trial")
-            if rank == 0:
+            self.engine.save_checkpoint(directory, tag="trial", exclude_frozen_parameters=True)
+            if self.worker.rank == 0:
                 (Path(directory) / PROGRESS_FILE).write_text(json.dumps({"step": report.step}))
-            if kept is not None:  # a resumed worker keeps what it had kept
-                kept.save(Path(directory))
+            if self.kept is not None:  # a resumed worker keeps what it had kept
+                self.kept.save(Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    steps = shard_steps(prepared.steps, rank, world, prepared.data)
+
+def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int, resumed: Resumed) -> None:
+    """The run's result as a checkpoint of its trained parameters (the kept boundary's with
+    keep_best): the full model is put together later, by the evaluation, from the original."""
+    import ray.train
+
+    from unlearn_search.training.distributed import gather_trained
+
+    ending = {"step": steps}
+    if kept is not None and kept.step is not None:
+        state = kept.state
+        ending["kept_step"] = kept.step
+    else:
+        state = gather_trained(engine.module, worker.rank)
+    with tempfile.TemporaryDirectory() as directory:
+        if worker.rank == 0:
+            write_tensors(state, Path(directory) / TRAINED_DIR)
+            (Path(directory) / PROGRESS_FILE).write_text(json.dumps({**ending, "final": True}))
+        # "trained", not "done": Tune reads a "done" key as the end of the trial, before its evaluation.
+        ray.train.report({**ending, "trained": True, "peak_rss_mb": peak_rss_mb(),
+                          "resumed_from": -1 if resumed.from_step is None else resumed.from_step},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None)
+
+
+def train_worker(cfg: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs."""
+    import ray.train
+
+    from unlearn_search.training.distributed import DeepSpeedBackend, shard_steps
+    from unlearn_search.training.loop import DivergedError, run
+
+    worker = start_worker(cfg)
+    worker.record("started")
+    engine = build_student(worker)
+    worker.record("student")
+    reference, teacher_parameters = build_reference(worker, engine, cfg.get("teacher_cache"))
+    worker.record("teacher")
+    kept = KeptBoundary() if worker.config.keep_best else None
+    resumed = resume(worker, engine, kept)
+    if resumed.final is not None:
+        final = resumed.final
+        ray.train.report({"step": final["step"], "trained": True, "resumed_from": final["step"],
+                          **({"kept_step": final["kept_step"]} if "kept_step" in final else {})},
+                         checkpoint=ray.train.get_checkpoint() if worker.rank == 0 else None)
+        return
+    steps = shard_steps(worker.prepared.steps, worker.rank, worker.world, worker.prepared.data)
+    on_boundary = BoundaryReporter(worker, engine, kept, resumed, len(steps), teacher_parameters,
+                                   cfg["quick_evaluation"])
     try:
-        result = run(prepared.method, steps, prepared.data, DeepSpeedBackend(engine, config.lr), reference,
-                     config.forget_loss_bound, on_boundary, progress=rank == 0, start_step=start_step)
+        result = run(worker.prepared.method, steps, worker.prepared.data, DeepSpeedBackend(engine, worker.config.lr),
+                     reference, worker.config.forget_loss_bound, on_boundary, progress=worker.rank == 0,
+                     start_step=resumed.step)
     except DivergedError as error:
         # Deterministic: a retry would diverge again. End the run cleanly and write no model.
         ray.train.report({"diverged": str(error), "trained": True})
         return
-    refresh_eval_model()
-    ending = {"step": result.steps}
-    if kept is not None and kept.state is not None:
-        # The trained parameters; the rest never moved. Not strict, so check that every kept one landed.
-        unexpected = eval_model.load_state_dict(kept.state, strict=False).unexpected_keys
-        if unexpected:
-            raise UnlearnSearchError(f"keep_best: kept parameters {unexpected[:3]} are not in the model "
-                                     f"(expected the student's trained parameters)")
-        ending["kept_step"] = kept.step
-    with tempfile.TemporaryDirectory() as directory:
-        if rank == 0:
-            final = plain_model(eval_model)
-            final.save_pretrained(Path(directory) / MODEL_DIR)
-            prepared.tokenizer.save_pretrained(Path(directory) / MODEL_DIR)
-            (Path(directory) / PROGRESS_FILE).write_text(json.dumps({**ending, "final": True}))
-        # "trained", not "done": Tune reads a "done" key as the end of the trial, before its evaluation.
-        ray.train.report({**ending, "trained": True, "resumed_from": -1 if resumed_from is None else resumed_from},
-                         checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
+    export_trained(worker, engine, kept, result.steps, resumed)
+
+
+def write_tensors(state: dict, directory: Path, shard_bytes: int = 2 * 2**30) -> None:
+    """``state`` as safetensors files of at most about ``shard_bytes`` each."""
+    from safetensors.torch import save_file
+
+    from unlearn_search.training.distributed import byte_groups
+
+    directory.mkdir(parents=True, exist_ok=True)
+    groups = byte_groups(list(state.items()), shard_bytes)
+    for number, group in enumerate(groups, 1):
+        save_file({name: tensor.contiguous() for name, tensor in group},
+                  directory / f"trained-{number:05d}-of-{len(groups):05d}.safetensors")
 
 
 class KeptBoundary:
-    """The weights of the schedule boundary with the highest quick aggregate so far (``keep_best``).
+    """The trained parameters of the schedule boundary with the highest quick aggregate so far (``keep_best``).
 
     As ``load_best_model_at_end`` in transformers: a trial whose high learning rate overshoots
-    (one SUGD trial here estimated 0.316 at 62 % of its steps and 0.083 at the end) ends with
-    its best model rather than its last. Ties go to the later boundary, the further-trained
-    model; an estimate that is not a number never wins. Rank 0 copies the trained parameters
-    only (the frozen ones never move), into memory and into each checkpoint: with LoRA or
-    last_k a small part of a 7B model, with full fine-tuning a second full copy. A trial that
-    diverges still fails with no model.
+    ends with its best model rather than its last. Ties go to the later boundary, the
+    further-trained model; an estimate that is not a number never wins. Every rank decides
+    alike (on rank 0's estimate) and gathers the trained parameters when one wins; rank 0 alone
+    holds them, in memory and in each checkpoint: with LoRA or last_k a small part of a 7B
+    model, with full fine-tuning a second full copy. A trial that diverges still fails with no model.
     """
 
     FILE = "kept_boundary.pt"
@@ -232,14 +406,20 @@ class KeptBoundary:
     def __init__(self):
         self.step: int | None = None
         self.value = -math.inf
-        self.state: dict | None = None
+        self.state: dict | None = None  # rank 0's; None on the others
 
-    def offer(self, step: int, value: float, model) -> bool:
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel() for t in self.state.values()) if self.state else 0
+
+    def offer(self, step: int, value: float, model, rank: int = 0) -> bool:
+        from unlearn_search.training.distributed import gather_trained
+
         value = value if math.isfinite(value) else -math.inf
-        if self.state is not None and value < self.value:
+        if self.step is not None and value < self.value:
             return False
         self.step, self.value = step, value
-        self.state = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        self.state = gather_trained(model, rank)
         return True
 
     def save(self, directory: Path) -> None:
@@ -248,21 +428,29 @@ class KeptBoundary:
         if self.state is not None:
             torch.save({"step": self.step, "value": self.value, "state": self.state}, directory / self.FILE)
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, keep_state: bool = True) -> None:
         import torch
 
         if (directory / self.FILE).exists():
             saved = torch.load(directory / self.FILE, weights_only=True)
-            self.step, self.value, self.state = saved["step"], saved["value"], saved["state"]
+            self.step, self.value = saved["step"], saved["value"]
+            self.state = saved["state"] if keep_state else None
+
+
+WORKER_MEMORY = ("peak_rss_mb", "peak_rss_before_estimates_mb", "rss_started_mb", "rss_student_mb",
+                 "rss_teacher_mb", "peak_rss_teacher_mb")
 
 
 def metrics_log_callback(path: Path):
     """A Ray Train callback (run by the controller) appending every report to a JSON-lines file."""
-    from ray.train.v2.api.callback import UserCallback
+    from ray.train import UserCallback
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             record = dict(metrics[0])
+            for key in WORKER_MEMORY:  # each worker's, not only rank 0's
+                if all(key in m for m in metrics):
+                    record[f"worker_{key}"] = [m[key] for m in metrics]
             nodes = [m["node_id"] for m in metrics if m.get("node_id")]
             if nodes:  # where every worker ran, not only rank 0
                 record["worker_nodes"] = nodes
@@ -324,9 +512,7 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         shutil.rmtree(storage / name, ignore_errors=True)
         log.unlink(missing_ok=True)
     callbacks = [metrics_log_callback(log)]
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
-
-    if _in_tune_session():  # a search: intermediate metrics go to Tune, which may prune on them
+    if in_tune_trial():  # a search: intermediate metrics go to Tune, which may prune on them
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
@@ -335,6 +521,8 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         path = build_teacher_cache(model_dir, data_root, config, Path(teacher_cache_dir or output / "teacher_cache"))
         teacher_cache = str(path) if path else None
     use_gpu = resources.gpus_per_worker > 0
+    if evaluation is not None:  # the trial's model is scored in the dtype it was trained in
+        evaluation = dataclasses.replace(evaluation, dtype=config.dtype)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
@@ -358,15 +546,26 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         from unlearn_search.training.loop import DivergedError
 
         raise DivergedError(history[-1]["diverged"])
-    model_path = output / MODEL_DIR
+    trained = output / TRAINED_DIR
     with result.checkpoint.as_directory() as directory:
-        if model_path.exists():
-            shutil.rmtree(model_path)
-        shutil.copytree(Path(directory) / MODEL_DIR, model_path)
-    evaluation_results = None
-    if evaluation is not None:
-        evaluation_results = evaluate_on_cluster(model_path, model_dir, data_root, evaluation, output, resources)
+        if trained.exists():
+            shutil.rmtree(trained)
+        shutil.copytree(Path(directory) / TRAINED_DIR, trained)
+    model_path = output / MODEL_DIR
+    evaluation_results = on_cluster(resources, export_and_evaluate, trained, model_dir, settings, model_path,
+                                    data_root, evaluation, output)
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started)
+
+
+def in_tune_trial() -> bool:
+    """Whether this runs inside a Tune trial (a search), where reports go to Tune too."""
+    import warnings
+
+    import ray.tune
+
+    with warnings.catch_warnings():  # outside a trial Ray warns, then answers None
+        warnings.simplefilter("ignore")
+        return ray.tune.get_context().get_trial_id() is not None
 
 
 def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path | None:
@@ -403,38 +602,96 @@ def on_cluster(resources: Resources, function, *args):
     return ray.get(task.remote(function, *args))
 
 
-def evaluate_on_cluster(model_path: Path, original_dir, data_root, evaluation, output: Path,
-                        resources: Resources) -> dict:
-    """The full evaluation of a trained student, on the cluster (``on_cluster``)."""
-    return on_cluster(resources, evaluate_checkpoint, model_path, original_dir, data_root, evaluation, output)
-
-
 def _cluster_task(function, *args):
     import ray
-    import torch
 
     # As many threads as the CPUs the task holds (a reused worker process may have set fewer).
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    _worker_environment(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     return function(*args)
+
+
+def export_model(trained: Path, original_dir: str | Path, settings: dict[str, Any], model_path: Path,
+                 device: str | None = None):
+    """The trained student as a plain Hugging Face checkpoint in ``model_path``, and the model.
+
+    Built from the original (loaded in the trial's dtype, straight onto ``device``) and the
+    trial's trained parameters: LoRA adapters are merged, the last k layers or every weight
+    replaced. The reference target's manifest goes with it, so that scoring it again scores
+    what the target memorized.
+    """
+    from safetensors.torch import load_file
+
+    from unlearn_search.models import load_model, load_tokenizer
+    from unlearn_search.models.loading import copy_target_manifest, default_device, resolve_dtype
+    from unlearn_search.models.trainable import plain_model, prepare_trainable
+    from unlearn_search.training.config import trial_config
+
+    config, device = trial_config(settings), device or default_device()
+    model = prepare_trainable(load_model(original_dir, resolve_dtype(config.dtype, device), device=device),
+                              config.trainable, config.last_k, config.lora_rank, config.lora_alpha,
+                              config.lora_dropout)
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    found = set()
+    for file in sorted(Path(trained).glob("*.safetensors")):
+        tensors = load_file(file, device=device)
+        unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+        if unexpected:
+            raise UnlearnSearchError(f"trained parameters {unexpected[:3]} in {file} are not in the model "
+                                     f"(expected the student's trained parameters)")
+        found.update(tensors)
+    if found != expected:
+        raise UnlearnSearchError(f"{trained}: lacks trained parameters {sorted(expected - found)[:3]} "
+                                 f"(expected all {len(expected)} of trainable={config.trainable})")
+    model = plain_model(model)
+    model.eval()
+    if model_path.exists():
+        shutil.rmtree(model_path)
+    model.save_pretrained(model_path)
+    load_tokenizer(original_dir).save_pretrained(model_path)
+    copy_target_manifest(original_dir, model_path)
+    return model
+
+
+def evaluate_on_cluster(model_path: Path, original_dir, data_root, evaluation, output: Path,
+                        resources: Resources) -> dict:
+    """The full evaluation of a written student, on the cluster (``on_cluster``)."""
+    return on_cluster(resources, evaluate_checkpoint, model_path, original_dir, data_root, evaluation, output)
 
 
 def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation,
                         output: Path) -> dict:
-    """The full evaluation of a trained student, on the original model's item subset."""
-    import dataclasses
+    """The full evaluation of a written student, on the original model's item subset, on this
+    process's device in ``evaluation.dtype``."""
+    from unlearn_search.models import load_model, load_tokenizer
+    from unlearn_search.models.loading import default_device
 
-    import torch
+    model = load_model(model_path, evaluation.dtype, device=default_device())
+    return evaluate_loaded(model, load_tokenizer(model_path), original_dir, data_root, evaluation, output)
+
+
+def evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, output: Path) -> dict:
+    import dataclasses
 
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.evaluation import evaluate
-    from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
+    from unlearn_search.models import read_target_manifest
 
     if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None:
         evaluation = dataclasses.replace(evaluation, original_mmlu=original_mmlu(original_dir, data_root, evaluation))
-    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return evaluate(model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir), output)
+    return evaluate(model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir),
+                    output)
+
+
+def export_and_evaluate(trained: Path, original_dir, settings: dict[str, Any], model_path: Path, data_root,
+                        evaluation, output: Path) -> dict | None:
+    """``export_model``, then the full evaluation of the student (None without one), on the
+    original model's item subset, on this process's device in the trial's dtype."""
+    from unlearn_search.models import load_tokenizer
+
+    model = export_model(trained, original_dir, settings, model_path)
+    if evaluation is None:
+        return None
+    return evaluate_loaded(model, load_tokenizer(model_path), original_dir, data_root, evaluation, output)
 
 
 def reported_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -> float | None:
@@ -460,18 +717,19 @@ def original_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -
     reported = reported_mmlu(original_dir, data_root, evaluation)
     if reported is not None:
         return reported
-    return score_mmlu(original_dir, data_root, evaluation.mmlu_shots, evaluation.mmlu_limit, evaluation.batch_size)
+    return score_mmlu(original_dir, data_root, evaluation.mmlu_shots, evaluation.mmlu_limit, evaluation.batch_size,
+                      evaluation.dtype)
 
 
-def score_mmlu(model_path: str | Path, data_root: str | Path, shots: int, limit: int | None, batch_size: int) -> float:
-    """A checkpoint's MMLU average (``limit`` questions per subject, all if None)."""
-    import torch
-
+def score_mmlu(model_path: str | Path, data_root: str | Path, shots: int, limit: int | None, batch_size: int,
+               dtype: str = "auto") -> float:
+    """A checkpoint's MMLU average (``limit`` questions per subject, all if None), on this
+    process's device in ``dtype``."""
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.evaluation.mmlu import evaluate_mmlu
     from unlearn_search.models import load_model, load_tokenizer
+    from unlearn_search.models.loading import default_device
 
-    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model = load_model(model_path, dtype, device=default_device())
+    tokenizer = load_tokenizer(model_path)
     return evaluate_mmlu(model, tokenizer, paths_from_root(data_root).mmlu, shots, limit, batch_size)["average"]
