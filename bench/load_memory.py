@@ -134,7 +134,13 @@ def main() -> None:
              for rank in range(args.workers)]
     print(f"\nOLMo {args.size} (random weights): {counts.parameters / 1e9:.3f}B parameters, "
           f"{counts.trainable / 1e6:.2f}M trained ({args.trainable}); {args.workers} workers, ZeRO-3 student and "
-          f"live teacher, {len(boundaries)} boundaries, {args.seq_len}-token items, {seconds:.0f} s")
+          f"live teacher, {args.steps} steps ({len(boundaries)} boundary), {args.seq_len}-token items, {seconds:.0f} s")
+    first = boundaries[0]
+    for phase in ("started", "student", "teacher"):
+        now = [v / 1024 for v in first.get(f"worker_rss_{phase}_mb", [])]
+        print(f"resident after {phase:8s}:  " + ", ".join(f"{v:.2f} GiB ({v / fp32_gib:.2f}x)" for v in now))
+    before = [v / 1024 for v in first.get("worker_peak_rss_teacher_mb", [])]
+    print("peak before the first step:       " + ", ".join(f"{v:.2f} GiB ({v / fp32_gib:.2f}x)" for v in before))
     print(f"one full fp32 copy:               {fp32_gib:6.2f} GiB")
     for rank, peak in enumerate(peaks):
         print(f"worker {rank} peak resident memory:  {peak:6.2f} GiB = {peak / fp32_gib:.2f}x one fp32 copy "
