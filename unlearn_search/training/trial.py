@@ -153,10 +153,15 @@ class Worker:
         self.memory[f"peak_rss_{phase}_mb"] = peak_rss_mb()
 
     def trainable(self, model):
-        from unlearn_search.models.trainable import prepare_trainable
+        return trainable_student(model, self.config)
 
-        c = self.config
-        return prepare_trainable(model, c.trainable, c.last_k, c.lora_rank, c.lora_alpha, c.lora_dropout)
+
+def trainable_student(model, config):
+    """``model`` with the parameters ``config`` (a TrialConfig) trains: full, LoRA or last_k."""
+    from unlearn_search.models.trainable import prepare_trainable
+
+    return prepare_trainable(model, config.trainable, config.last_k, config.lora_rank, config.lora_alpha,
+                             config.lora_dropout)
 
 
 def start_worker(cfg: dict[str, Any]) -> Worker:
@@ -281,14 +286,14 @@ class BoundaryReporter:
 
     def estimates(self) -> dict[str, Any]:
         """The quick scores, computed on every rank (ZeRO-3 forwards are collective), rank 0's kept."""
+        import torch
         import torch.distributed as dist
 
         from unlearn_search.evaluation.quick import quick_scores
 
         module, started = self.engine.module, time.time()
         scores = quick_scores(module, self.worker.prepared.tokenizer, self.data, self.worker.paths.mmlu, self.quick)
-        scores.update(eval_device=self.engine.device.type if hasattr(self.engine.device, "type")
-                      else str(self.engine.device).split(":")[0],
+        scores.update(eval_device=torch.device(self.engine.device).type,
                       eval_dtype=str(next(module.parameters()).dtype).removeprefix("torch."),
                       eval_seconds=time.time() - started)
         shared = [scores]
@@ -623,13 +628,11 @@ def export_model(trained: Path, original_dir: str | Path, settings: dict[str, An
 
     from unlearn_search.models import load_model, load_tokenizer
     from unlearn_search.models.loading import copy_target_manifest, default_device, resolve_dtype
-    from unlearn_search.models.trainable import plain_model, prepare_trainable
+    from unlearn_search.models.trainable import plain_model
     from unlearn_search.training.config import trial_config
 
     config, device = trial_config(settings), device or default_device()
-    model = prepare_trainable(load_model(original_dir, resolve_dtype(config.dtype, device), device=device),
-                              config.trainable, config.last_k, config.lora_rank, config.lora_alpha,
-                              config.lora_dropout)
+    model = trainable_student(load_model(original_dir, resolve_dtype(config.dtype, device), device=device), config)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     found = set()
     for file in sorted(Path(trained).glob("*.safetensors")):
