@@ -304,6 +304,84 @@ def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(nam
         assert (plain - whole).abs().max() > 0.05 * scale
 
 
+METHOD_VARIANTS = [(name, {}) for name in sorted(METHODS)] + [
+    (name, {"retain_loss": kind}) for name in sorted(METHODS)
+    for kind in ("kl", "none") if "retain_loss" in {k.name for k in METHODS[name].knobs}] + [
+    ("random_label", {"forget_weight": 0.0})]
+
+
+@pytest.mark.parametrize("name,params", METHOD_VARIANTS)
+def test_a_method_reads_the_student_on_the_batches_it_declares(name, params, tiny_target, data_paths):
+    """The loop runs the declared reference passes, then one student pass over the declared
+    batches: a batch read but not declared costs a pass more before the backward (under ZeRO-3 a
+    whole gathered model more), one declared but unread a wasted pass."""
+    from unlearn_search.methods.base import StepInputs
+    from unlearn_search.training.unlearn import live_reference, prepare
+
+    prepared = prepare(tiny_target, data_paths, trial_config({"method": name, **params}))
+    step = next(s for s in prepared.steps if s.forget and s.retain)
+    batches = {which: prepared.data.batch(which, getattr(step, "forget" if which == "alternative" else which))
+               for which in ("forget", "retain", "alternative")}
+    model, read = load_model(tiny_target), []
+
+    def student(batch):
+        read.append(next(which for which, b in batches.items() if b is batch))
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    reference, referenced = live_reference(model), []
+
+    def reference_of(which):
+        referenced.append(which)
+        return reference(batches[which])
+
+    prepared.method.loss(StepInputs(forget=batches["forget"], retain=batches["retain"], student=student,
+                                    reference=reference_of, alternative=batches["alternative"]))
+    assert sorted(set(read)) == sorted(prepared.method.student_batches())
+    assert sorted(set(referenced)) == sorted(prepared.method.reference_batches())
+
+
+@pytest.mark.parametrize("name", ["flat", "ga_kl", "npo", "random_label"])
+def test_one_forward_over_a_steps_batches_gives_each_batchs_loss_and_gradient(name, tiny_target, data_paths):
+    """Right-padded into one pass, each batch's logits (and so the loss and its gradient) are
+    those of its own pass: the joint forward changes memory, not results."""
+    from unlearn_search.methods.base import StepInputs
+    from unlearn_search.training.loop import step_inputs
+    from unlearn_search.training.unlearn import live_reference, prepare
+
+    prepared = prepare(tiny_target, data_paths, trial_config({"method": name}))
+    step = next(s for s in prepared.steps if s.forget and s.retain
+                and prepared.data.batch("forget", s.forget)["input_ids"].shape[1]
+                != prepared.data.batch("retain", s.retain)["input_ids"].shape[1])
+    teacher, model = load_model(tiny_target), load_model(tiny_target)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    reference, passes = live_reference(teacher), []
+
+    def forward(batch):
+        passes.append(batch["input_ids"].shape[0])
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    order = []
+    joint = step_inputs(prepared.method, step, prepared.data, lambda b: order.append("student") or forward(b),
+                        lambda b: order.append("reference") or reference(b))
+    joint_loss = prepared.method.loss(joint).loss
+    assert len(passes) == 1
+    assert order == ["reference"] * len(prepared.method.reference_batches()) + ["student"]
+    joint_loss.backward()
+    joint_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    alone = StepInputs(forget=joint.forget, retain=joint.retain, alternative=joint.alternative, student=forward,
+                       reference=joint.reference, shares=joint.shares)
+    alone_loss = prepared.method.loss(alone).loss
+    assert len(passes) > 2
+    alone_loss.backward()
+    alone_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert joint_loss.item() == pytest.approx(alone_loss.item(), rel=1e-5)
+    assert (joint_grad - alone_grad).abs().max() <= 1e-4 * alone_grad.abs().max()
+
+
 def _first_adam_step_after_restart(backend, step, read) -> None:
     """Three steps, a fourth at half the lr, a restart, a fifth at half the lr: Adam's first
     step moves every weight by exactly lr (m / sqrt(v) = g / |g|), so only after the restart is

@@ -171,6 +171,25 @@ class Method:
     def uses_reference(self) -> bool:
         return self.needs_reference
 
+    def student_batches(self) -> tuple[str, ...]:
+        """The batches whose student logits ``loss`` reads; the loop computes them in one forward pass.
+
+        Substitute answers when the method has them, the forget answers, and the retain set
+        unless the retain term is ``none``. A method that reads other batches says so here.
+        """
+        batches = ("alternative",) * bool(self.alternative) + ("forget",)
+        if self.needs_retain and self.params.get("retain_loss", "ce") != "none":
+            batches += ("retain",)
+        return batches
+
+    def reference_batches(self) -> tuple[str, ...]:
+        """The batches whose reference outputs ``loss`` reads; the loop computes them first.
+
+        The retain set when the method uses the reference (its KL term). A method that reads
+        others (NPO: the forget answers) says so here.
+        """
+        return ("retain",) if self.uses_reference() else ()
+
     def loss(self, step: StepInputs) -> LossOutput:
         raise NotImplementedError
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn_search.data import Encoded, collate, encode
+from unlearn_search.data.tokenize import IGNORE_INDEX
 from unlearn_search.data.benchmark import Item
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods.base import Batch, Method, Reference, StepInputs
@@ -163,6 +164,25 @@ class TrainResult:
     stopped_early: bool = False
 
 
+def joint_forward(forward: Callable[[Batch], torch.Tensor], batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """Each batch's logits from one forward pass over all their rows, right-padded to one width.
+
+    One graph for one backward: under ZeRO-3 more passes of the same layers before a backward
+    make it keep the layers' gathered parameters, at OLMo-1B's shape a whole fp32 copy more per
+    worker (docs/results.md). Right padding leaves a causal model's logits at the real positions
+    unchanged.
+    """
+    if len(batches) == 1:
+        return [forward(batches[0])]
+    width = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    together = {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
+                                for b in batches]) for key, value in fill.items()}
+    logits = forward(together)
+    rows = torch.tensor([b["input_ids"].shape[0] for b in batches]).cumsum(0).tolist()
+    return [logits[end - b["input_ids"].shape[0]:end, :b["input_ids"].shape[1]] for b, end in zip(batches, rows)]
+
+
 def step_inputs(method: Method, step: Step, data: TrainData, forward: Callable[[Batch], torch.Tensor],
                 reference: Callable[[Batch], Reference] | None = None, forget_loss_bound: float | None = None,
                 mean_over_ranks: Callable[[float], float] = lambda value: value) -> StepInputs:
@@ -171,9 +191,18 @@ def step_inputs(method: Method, step: Step, data: TrainData, forward: Callable[[
                "alternative": data.batch("alternative", step.forget)}
     student_cache: dict[int, torch.Tensor] = {}
     reference_cache: dict[str, Reference] = {}
+    joined = [batches[name] for name in method.student_batches() if batches.get(name) is not None]
 
     def student(batch: Batch) -> torch.Tensor:
-        if id(batch) not in student_cache:
+        if not student_cache and any(batch is b for b in joined):
+            # The reference's passes first: under ZeRO-3 (a LoRA student's teacher is its own
+            # base) a pass between the student's forward and backward made that backward hold
+            # the whole gathered model (OLMo-1B, 2 ranks: 1.6x a fp32 copy, against 0.9x).
+            for name in method.reference_batches():
+                if batches.get(name) is not None:
+                    reference_of(name)
+            student_cache.update(zip(map(id, joined), joint_forward(forward, joined)))
+        if id(batch) not in student_cache:  # a batch the method did not declare: correct, one more graph
             student_cache[id(batch)] = forward(batch)
         return student_cache[id(batch)]
 

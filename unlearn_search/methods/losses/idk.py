@@ -15,6 +15,9 @@ class IDK(Method):
     def uses_reference(self) -> bool:
         return self.params["retain_loss"] == "kl"
 
+    def student_batches(self) -> tuple[str, ...]:
+        return tuple(b for b in super().student_batches() if b != "forget")  # refusals stand in for the forget answers
+
     @staticmethod
     def _refusal(step: StepInputs):
         ce = F.cross_entropy(step.student(step.alternative), step.alternative["labels"])

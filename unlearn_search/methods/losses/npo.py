@@ -13,6 +13,9 @@ class NPO(Method):
     needs_retain = True
     needs_reference = True
 
+    def reference_batches(self) -> tuple[str, ...]:
+        return ("forget",) + ("retain",) * (self.params["retain_loss"] == "kl")  # the likelihood ratio's denominator
+
     def _npo(self, step: StepInputs):
         labels = step.forget["labels"]
         student = F.sequence_logprob(step.student(step.forget), labels)

@@ -17,6 +17,10 @@ class RandomLabel(Method):
     needs_reference = True
     alternative = "random"
 
+    def student_batches(self) -> tuple[str, ...]:
+        batches = super().student_batches()
+        return batches if self.params["forget_weight"] else tuple(b for b in batches if b != "forget")
+
     def _forget(self, step: StepInputs):
         random_ce = (F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
                      * step.share("alternative", "tokens"))
