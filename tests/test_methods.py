@@ -113,7 +113,8 @@ def test_settings_are_split_validated_and_listed(capsys):
     config = trial_config(parse_assignments(["method=npo", "beta=0.2", "schedule=sugd", "chunk_size=16", "lr=1e-5"]))
     assert config.method_params == {"beta": 0.2} and config.schedule_params == {"chunk_size": 16}
     assert config.flat()["positive_ratio"] == 7 and config.flat()["retain_loss"] == "ce"
-    with pytest.raises(UnlearnSearchError, match=r"setting 'betta' is not known .*expected one of .*beta"):
+    with pytest.raises(UnlearnSearchError, match=r"setting 'betta' is not known .*expected one of .*beta.*; "
+                                                 r"did you mean 'beta'\?\)$"):
         trial_config({"method": "npo", "betta": 0.1})
     for name, value in (("lr", math.inf), ("max_grad_norm", "nan"), ("forget_weight", -math.inf)):
         with pytest.raises(UnlearnSearchError, match=rf"{name}=.*expected a finite number"):

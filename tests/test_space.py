@@ -102,6 +102,12 @@ BAD = [
     (lambda r: (r["params"].pop("lora_rank"), r.update(search={"sampler": "grid"})),
      "params.lr: the grid sampler needs categorical"),
     (lambda r: r.update(resources={"gpus": 1}), "resources.gpus: unknown key"),
+    # A misspelt name: the closest right one is suggested; none when nothing is close.
+    (lambda r: r.update(resources={"wokers": 2}), "resources.wokers: unknown key (expected one of workers, "),
+    (lambda r: r.update(resources={"wokers": 2}), "did you mean 'workers'?)"),
+    (lambda r: r.update(serach={}), "serach: unknown key (expected one of constraints, "),
+    (lambda r: r.update(serach={}), "did you mean 'search'?)"),
+    (lambda r: r["params"]["lr"].update(distrbution="uniform"), "did you mean 'distribution'?)"),
     (lambda r: r.update(resources={"offload": "yes"}), "resources.offload: expected true or false"),
     (lambda r: r.update(resources={"placement": "scatter"}), "resources.placement: expected pack or spread (got 'scatter')"),
     (lambda r: r.update(evaluation={"split": "test"}), "evaluation.split: expected one of train"),

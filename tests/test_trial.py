@@ -14,7 +14,7 @@ from unlearn_search.cli import main
 from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
 from unlearn_search.evaluation.quick import quick_config, quick_data, quick_scores
 from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
-from unlearn_search.training.trial import Resources, read_metrics_log, run_trial
+from unlearn_search.training.trial import Resources, read_metrics_log, run_trial, time_spent
 
 pytestmark = pytest.mark.slow
 SPACE = Path(__file__).resolve().parent / "spaces" / "tiny_gd.yaml"
@@ -87,6 +87,12 @@ def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_clus
     assert (result.evaluation["model_device"], result.evaluation["model_dtype"]) == ("cpu", "bfloat16")
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "bfloat16"
     assert read_target_manifest(out / "model") == read_target_manifest(tiny_target)
+    # Where the time went: phases that do not overlap, each measured, together within the wall time.
+    spent = time_spent(result)
+    assert all(spent[name] > 0 for name in ("training steps", "quick evaluations", "checkpoints",
+                                             "models and DeepSpeed initialization", "Ray Train and worker start-up",
+                                             "full evaluation (with the model's export)"))
+    assert 0 <= spent["other"] < 0.2 * result.seconds
 
 
 def _train_workers():

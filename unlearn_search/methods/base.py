@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 
 from unlearn_search.data.tokenize import IGNORE_INDEX
-from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.errors import UnlearnSearchError, one_of
 from unlearn_search.methods import functional as F
 
 Batch = Mapping[str, torch.Tensor]
@@ -150,7 +150,7 @@ def check_params(owner: str, knobs: tuple[Knob, ...], params: dict[str, Any]) ->
     known = {k.name: k for k in knobs}
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise UnlearnSearchError(f"{owner}: unknown setting {unknown[0]!r} (expected one of {', '.join(known) or 'none'})")
+        raise UnlearnSearchError(f"{owner}: unknown setting {unknown[0]!r} (expected {one_of(unknown[0], known)})")
     return {k.name: k.check(owner, params.get(k.name, k.default)) for k in knobs}
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.errors import UnlearnSearchError, one_of
 from unlearn_search.training.config import setting_type
 from unlearn_search.training.trial import PLACEMENTS, Resources
 
@@ -224,7 +224,7 @@ def _dataclass_from(cls, raw: Any, path: str):
     values = {}
     for key, value in raw.items():
         if key not in fields:
-            raise UnlearnSearchError(f"{path}.{key}: unknown key (expected one of {', '.join(fields)})")
+            raise UnlearnSearchError(f"{path}.{key}: unknown key (expected {one_of(key, fields)})")
         default = fields[key].default
         if value is None and (default is None or key in ("mmlu_limit", "mmlu_threshold", "time_budget_s")):
             values[key] = None
@@ -251,7 +251,7 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
     raw = _mapping(raw, path)
     for key in raw:
         if key not in PARAM_KEYS:
-            raise UnlearnSearchError(f"{path}.{key}: unknown key (expected one of {', '.join(sorted(PARAM_KEYS))})")
+            raise UnlearnSearchError(f"{path}.{key}: unknown key (expected {one_of(key, sorted(PARAM_KEYS))})")
     distribution = raw.get("distribution")
     if distribution not in DISTRIBUTIONS:
         raise _fail(f"{path}.distribution", f"one of {', '.join(DISTRIBUTIONS)}", distribution)
@@ -259,7 +259,7 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
     for key, allowed in _mapping(raw.get("when"), f"{path}.when").items():
         if key not in known:
             raise UnlearnSearchError(f"{path}.when.{key}: not a fixed setting or a searched parameter "
-                                     f"(expected one of {', '.join(sorted(known)) or 'none'})")
+                                     f"(expected {one_of(key, sorted(known))})")
         when[key] = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not when[key]:
             raise _fail(f"{path}.when.{key}", "a value or a non-empty list of values", allowed)
@@ -368,7 +368,7 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
     raw = _mapping(raw, "space")
     for key in raw:
         if key not in TOP_KEYS:
-            raise UnlearnSearchError(f"{key}: unknown key (expected one of {', '.join(sorted(TOP_KEYS))})")
+            raise UnlearnSearchError(f"{key}: unknown key (expected {one_of(key, sorted(TOP_KEYS))})")
     name = raw.get("name", source.stem if source else "search")
     if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
         raise _fail("name", "a name of letters, digits, - and _", name)
@@ -424,7 +424,7 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         for key, value in start.items():
             if key not in by_name:
                 raise UnlearnSearchError(f"starts[{i}].{key}: not a searched parameter "
-                                         f"(expected one of {', '.join(by_name)})")
+                                         f"(expected {one_of(key, by_name)})")
             _check_start_value(by_name[key], value, f"starts[{i}].{key}")
         _check_settings({**settings, **start}, f"starts[{i}]")
         starts.append(dict(start))

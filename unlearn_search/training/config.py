@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from unlearn_search.data.benchmark import SPLITS
-from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.errors import UnlearnSearchError, one_of
 from unlearn_search.methods import METHODS, SCHEDULES, get_method, get_schedule
 from unlearn_search.models.loading import DTYPES
 from unlearn_search.models.trainable import TRAINABLE
@@ -161,9 +161,9 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
         if not isinstance(value, str):
             raise UnlearnSearchError(f"{name}={value!r}: expected a name")
     if method not in METHODS:
-        raise UnlearnSearchError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+        raise UnlearnSearchError(f"method {method!r}: expected {one_of(method, METHODS)}")
     if schedule not in SCHEDULES:
-        raise UnlearnSearchError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+        raise UnlearnSearchError(f"schedule {schedule!r}: expected {one_of(schedule, SCHEDULES)}")
     method_knobs = {k.name: k.default for k in METHODS[method].knobs}
     schedule_knobs = {k.name: k.default for k in SCHEDULES[schedule].knobs}
     own, method_params, schedule_params = {}, {}, {}
@@ -182,7 +182,7 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
         else:
             known = sorted(set(TRIAL_FIELDS) | set(method_knobs) | set(schedule_knobs))
             raise UnlearnSearchError(f"setting {name!r} is not known for method {method} with schedule {schedule} "
-                                     f"(expected one of {', '.join(known)})")
+                                     f"(expected {one_of(name, known)})")
     config = TrialConfig(**own, method_params=method_params, schedule_params=schedule_params)
     if config.trainable not in TRAINABLE:
         raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")

@@ -147,6 +147,7 @@ class Worker:
     dtype: Any  # torch.dtype
     handles: list  # transformers' ZeRO-3 handles: alive while the models are used
     memory: dict = field(default_factory=dict)  # resident MiB after each start-up phase (rss_*_mb)
+    timing: dict = field(default_factory=dict)  # seconds of each start-up phase (STARTUP_TIMES)
 
     def record(self, phase: str) -> None:
         self.memory[f"rss_{phase}_mb"] = resident_mb()
@@ -278,6 +279,7 @@ class BoundaryReporter:
         from unlearn_search.models import read_target_manifest
 
         self.worker, self.engine, self.kept, self.resumed = worker, engine, kept, resumed
+        self.train_seconds, self.last_step = 0.0, resumed.step
         self.steps_total, self.teacher_parameters = steps_total, teacher_parameters
         self.quick = EvalConfig(**quick_evaluation)
         r = worker.resources
@@ -304,7 +306,10 @@ class BoundaryReporter:
         import ray.train
 
         before_estimates = peak_rss_mb()
-        metrics = {**report.losses, "step": report.step, "boundary": report.boundary, "steps_total": self.steps_total,
+        # The window's mean step time times its steps: the optimizer steps alone, no boundary work.
+        self.train_seconds += report.losses.get("step_seconds", 0.0) * (report.step - self.last_step)
+        self.last_step = report.step
+        metrics = {**report.losses, "train_seconds": self.train_seconds, **self.worker.timing, "step": report.step, "boundary": report.boundary, "steps_total": self.steps_total,
                    "progress": 100.0 * report.step / max(1, self.steps_total),
                    "peak_rss_mb": peak_rss_mb(), **proportional_memory(), **gpu_memory(), **self.worker.memory,
                    "teacher_parameters": self.teacher_parameters,
@@ -315,6 +320,7 @@ class BoundaryReporter:
             if self.kept.offer(report.step, metrics["aggregate"], self.engine.module, self.worker.rank):
                 metrics["gathered_parameters"] = self.kept.parameters
             metrics["kept_step"] = self.kept.step
+        metrics[READY_AT] = time.time()  # the report's checkpoint is saved and sent from here
         with tempfile.TemporaryDirectory() as directory:
             self.engine.save_checkpoint(directory, tag="trial", exclude_frozen_parameters=True)
             if self.worker.rank == 0:
@@ -331,7 +337,7 @@ def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int
 
     from unlearn_search.training.distributed import gather_trained
 
-    ending = {"step": steps}
+    started, ending = time.time(), {"step": steps}
     if kept is not None and kept.step is not None:
         state = kept.state
         ending["kept_step"] = kept.step
@@ -343,7 +349,8 @@ def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int
             (Path(directory) / PROGRESS_FILE).write_text(json.dumps({**ending, "final": True}))
         # "trained", not "done": Tune reads a "done" key as the end of the trial, before its evaluation.
         ray.train.report({**ending, "trained": True, "peak_rss_mb": peak_rss_mb(),
-                          "resumed_from": -1 if resumed.from_step is None else resumed.from_step},
+                          "resumed_from": -1 if resumed.from_step is None else resumed.from_step,
+                          "export_seconds": time.time() - started, READY_AT: time.time()},
                          checkpoint=ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None)
 
 
@@ -354,12 +361,16 @@ def train_worker(cfg: dict[str, Any]) -> None:
     from unlearn_search.training.distributed import DeepSpeedBackend, shard_steps
     from unlearn_search.training.loop import DivergedError, run
 
+    entered = time.time()
     worker = start_worker(cfg)
     worker.record("started")
+    started = time.time()
     engine = build_student(worker)
     worker.record("student")
     reference, teacher_parameters = build_reference(worker, engine, cfg.get("teacher_cache"))
     worker.record("teacher")
+    worker.timing = {"worker_start_seconds": entered - cfg["submitted_at"], "setup_seconds": started - entered,
+                     "build_seconds": time.time() - started}
     kept = KeptBoundary() if worker.config.keep_best else None
     resumed = resume(worker, engine, kept)
     if resumed.final is not None:
@@ -442,6 +453,10 @@ class KeptBoundary:
             self.state = saved["state"] if keep_state else None
 
 
+# When a report left its worker and when the controller logged it (seconds since the epoch):
+# between the two, the checkpoint was saved, sent to the run's storage and registered.
+READY_AT, LOGGED_AT = "ready_at", "logged_at"
+
 WORKER_MEMORY = ("peak_rss_mb", "peak_rss_before_estimates_mb", "rss_started_mb", "rss_student_mb",
                  "rss_teacher_mb", "peak_rss_teacher_mb")
 
@@ -452,7 +467,7 @@ def metrics_log_callback(path: Path):
 
     class MetricsLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            record = dict(metrics[0])
+            record = {**metrics[0], LOGGED_AT: time.time()}
             for key in WORKER_MEMORY:  # each worker's, not only rank 0's
                 if all(key in m for m in metrics):
                     record[f"worker_{key}"] = [m[key] for m in metrics]
@@ -478,6 +493,8 @@ class TrialResult:
     metrics_history: list[dict]
     evaluation: dict | None
     seconds: float
+    # Driver-side: Ray Train's run (``fit_seconds``), copying its model, the export and evaluation.
+    timing: dict = field(default_factory=dict)
 
     @property
     def kept_step(self) -> int | None:
@@ -532,7 +549,7 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         train_worker,
         train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
                            "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources),
-                           "teacher_cache": teacher_cache,
+                           "teacher_cache": teacher_cache, "submitted_at": time.time(),
                            # The final evaluation's settings with the quick limits: an estimate of the result.
                            "quick_evaluation": dataclasses.asdict(quick_config(
                                evaluation or EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit))},
@@ -543,7 +560,9 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
                              checkpoint_config=CheckpointConfig(num_to_keep=resources.checkpoints_to_keep),
                              callbacks=callbacks),
     )
+    fit_started = time.time()
     result = trainer.fit()
+    fit_ended = time.time()
     if result.error is not None:
         raise result.error
     history = read_metrics_log(log)
@@ -557,9 +576,40 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
             shutil.rmtree(trained)
         shutil.copytree(Path(directory) / TRAINED_DIR, trained)
     model_path = output / MODEL_DIR
+    copied = time.time()
     evaluation_results = on_cluster(resources, export_and_evaluate, trained, model_dir, settings, model_path,
                                     data_root, evaluation, output)
-    return TrialResult(output, model_path, history, evaluation_results, time.time() - started)
+    timing = {"before_fit_seconds": fit_started - started, "fit_seconds": fit_ended - fit_started,
+              "fit_ended_at": fit_ended, "copy_seconds": copied - fit_ended,
+              "evaluation_seconds": time.time() - copied}
+    return TrialResult(output, model_path, history, evaluation_results, time.time() - started, timing)
+
+
+def time_spent(result: TrialResult) -> dict[str, float]:
+    """Where a trial's wall time went, in seconds, for a trial that ran once (not resumed).
+
+    From its reports' timings: Ray Train starting the workers and each worker's set-up, building
+    the models and DeepSpeed engines, the optimizer steps, the quick evaluations, the boundaries'
+    checkpoints (saved, sent and registered), the export of the trained parameters, Ray Train's
+    shutdown, and the export and full evaluation after it. ``other`` is what none of them covers.
+    """
+    history = result.metrics_history
+    boundaries = [r for r in history if "boundary" in r]
+    first, final, timing = (boundaries or history)[0], history[-1], result.timing
+    spent = {
+        "Ray Train and worker start-up": timing["before_fit_seconds"] + first["worker_start_seconds"]
+        + first["setup_seconds"],
+        "models and DeepSpeed initialization": first["build_seconds"],
+        "training steps": boundaries[-1]["train_seconds"] if boundaries else 0.0,
+        "quick evaluations": sum(r.get("eval_seconds", 0.0) for r in boundaries),
+        "checkpoints": sum(r[LOGGED_AT] - r[READY_AT] for r in boundaries),
+        "export of the trained parameters": final.get("export_seconds", 0.0) + final[LOGGED_AT] - final[READY_AT]
+        + timing["copy_seconds"],
+        "Ray Train shutdown": timing["fit_ended_at"] - final[LOGGED_AT],
+        "full evaluation (with the model's export)": timing["evaluation_seconds"],
+    }
+    spent["other"] = result.seconds - sum(spent.values())
+    return spent
 
 
 def in_tune_trial() -> bool:
