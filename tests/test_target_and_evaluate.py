@@ -1,6 +1,7 @@
 """The tiny reference target end to end: build, memorization, and ``unlearn-search evaluate``."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -108,6 +109,56 @@ def test_batched_inference_equals_one_at_a_time(tiny_target, data_paths):
     nll_one = answer_nll(model, tokenizer, prompts, answers, batch_size=1)
     nll_batched = answer_nll(model, tokenizer, prompts, answers, batch_size=5)
     assert max(abs(a - b) for a, b in zip(nll_one, nll_batched)) < 1e-4
+
+
+def _quick_scores_on_rank(rank: int, init_file: str, model_dir: str, data_root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.evaluation.inference import shared_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model, tokenizer, data, paths, config = _quick_setup(model_dir, paths_from_root(data_root))
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with shared_over_ranks():
+        scores = quick_scores_of(model, tokenizer, data, paths, config)
+    Path(out, f"{rank}.json").write_text(json.dumps({"scores": scores, "calls": len(calls)}))
+    dist.destroy_process_group()
+
+
+def _quick_setup(model_dir, paths):
+    from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
+    from unlearn_search.evaluation.quick import quick_config, quick_data
+    from unlearn_search.models import load_model, load_tokenizer
+
+    final = EvalConfig(split="train", max_new_tokens=12, mmlu_limit=2, batch_size=4, mmlu_shots=1)
+    data = quick_data(load_eval_data(paths, final, read_target_manifest(model_dir)), items=14, documents=10)
+    return load_model(model_dir), load_tokenizer(model_dir), data, paths, quick_config(final, 12, 2)
+
+
+def quick_scores_of(model, tokenizer, data, paths, config):
+    from unlearn_search.evaluation.quick import quick_scores
+
+    return quick_scores(model, tokenizer, data, paths.mmlu, config)
+
+
+def test_ranks_share_the_quick_evaluation_and_all_get_the_whole_result(tiny_target, data_paths, tmp_path):
+    """On a trial's workers each rank scores its share of every batched loop (generation, answer
+    and document likelihoods, MMLU) and all ranks get every result: the same scores as one
+    process, for about half the model calls each (ranks short of batches repeat one, unused)."""
+    import torch.multiprocessing as mp
+
+    model, tokenizer, data, paths, config = _quick_setup(tiny_target, data_paths)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    alone = quick_scores_of(model, tokenizer, data, paths, config)
+    mp.spawn(_quick_scores_on_rank, args=(str(tmp_path / "init"), str(tiny_target), str(data_paths.root),
+                                          str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    for rank in ranks:
+        assert rank["scores"] == pytest.approx(alone)
+        assert rank["calls"] < 0.75 * len(calls)
 
 
 def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_paths):

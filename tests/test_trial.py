@@ -92,7 +92,7 @@ def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_clus
     assert all(spent[name] > 0 for name in ("training steps", "quick evaluations", "checkpoints",
                                              "models and DeepSpeed initialization", "Ray Train and worker start-up",
                                              "full evaluation (with the model's export)"))
-    assert 0 <= spent["other"] < 0.2 * result.seconds
+    assert 0 <= spent["other"] < 0.2 * result.seconds, spent
 
 
 def _train_workers():

@@ -2,15 +2,63 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+_SHARED = contextvars.ContextVar("shared_over_ranks", default=False)
 
-def _batches(order: Sequence[int], size: int):
-    for start in range(0, len(order), size):
-        yield list(order[start:start + size])
+
+@contextlib.contextmanager
+def shared_over_ranks() -> Iterator[None]:
+    """Within it, every rank of the process group runs its share of each batched loop here, and
+    all ranks get every result: the quick evaluation on a trial's workers, which must all enter
+    it together. Under ZeRO-3 each model call is collective anyway, so without it every rank
+    would compute the whole evaluation; with it, each computes 1/world of it."""
+    token = _SHARED.set(True)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if _SHARED.get() and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+    return [list(order[start:start + size]) for start in range(0, len(order), size)]
+
+
+def dealt(batches: list[list[int]]) -> list[tuple[list[int], bool]]:
+    """This rank's ``(batch, kept)`` pairs: batches dealt round-robin over the ranks, every rank
+    making the same number of model calls (under ZeRO-3 each is collective); a rank short of
+    batches repeats one and drops its result (``kept`` False). All batches, kept, on one process."""
+    rank, world = _world()
+    if world == 1 or not batches:
+        return [(rows, True) for rows in batches]
+    calls = -(-len(batches) // world)
+    mine = [(batches[i], True) for i in range(rank, len(batches), world)]
+    return mine + [(batches[0], False)] * (calls - len(mine))
+
+
+def merged(results: dict[int, Any]) -> dict[int, Any]:
+    """Every rank's ``{index: result}`` in one dict, on every rank (as given on one process)."""
+    import torch.distributed as dist
+
+    _, world = _world()
+    if world == 1:
+        return results
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, results)
+    return {index: value for part in everyone for index, value in part.items()}
 
 
 @torch.no_grad()
@@ -30,9 +78,9 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
     if expected_tokens is None:
         expected_tokens = [0] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (min(expected_tokens[i], max_new_tokens), len(encoded[i])))
-    outputs: list[str] = [""] * len(prompts)
+    outputs: dict[int, str] = {}
     pad = tokenizer.pad_token_id
-    for rows in tqdm(list(_batches(order, batch_size)), desc="generating", disable=not progress):
+    for rows, kept in tqdm(dealt(_batches(order, batch_size)), desc="generating", disable=not progress):
         width = max(len(encoded[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -46,9 +94,10 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
             eos_token_id=tokenizer.eos_token_id,
         )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        for i, text in zip(rows, texts):
-            outputs[i] = text
-    return outputs
+        if kept:
+            outputs.update(zip(rows, texts))
+    outputs = merged(outputs)
+    return [outputs[i] for i in range(len(prompts))]
 
 
 @torch.no_grad()
@@ -59,8 +108,8 @@ def sequence_nll(model, sequences: Sequence[Sequence[int]], starts: Sequence[int
     ``starts[i]`` is the first scored token (at least 1: the first token has no context).
     """
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    result = [float("nan")] * len(sequences)
-    for rows in tqdm(list(_batches(order, batch_size)), desc="scoring", disable=not progress):
+    result: dict[int, float] = {}
+    for rows, kept in tqdm(dealt(_batches(order, batch_size)), desc="scoring", disable=not progress):
         width = max(len(sequences[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         scored = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -75,9 +124,10 @@ def sequence_nll(model, sequences: Sequence[Sequence[int]], starts: Sequence[int
         token_nll = -logprobs.gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0].cpu()
         mask = scored[:, 1:]
         per_row = (token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-        for r, i in enumerate(rows):
-            result[i] = per_row[r].item() if mask[r].any() else float("nan")
-    return result
+        if kept:
+            result.update((i, per_row[r].item() if mask[r].any() else float("nan")) for r, i in enumerate(rows))
+    result = merged(result)
+    return [result[i] for i in range(len(sequences))]
 
 
 def max_length(model, tokenizer) -> int:

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn_search.data.mmlu import CHOICES, Question, load_mmlu, load_questions
-from unlearn_search.evaluation.inference import max_length
+from unlearn_search.evaluation.inference import dealt, max_length, merged
 
 
 def format_question(question: Question, with_answer: bool) -> str:
@@ -48,10 +48,10 @@ def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit
     encoded = [ids[-limit:] for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     choice_ids = torch.tensor(choice_token_ids(tokenizer))
     order = sorted(range(len(questions)), key=lambda i: len(encoded[i]))
-    correct = [False] * len(questions)
+    right: dict[int, bool] = {}
     pad = tokenizer.pad_token_id
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    for rows in tqdm(batches, desc="MMLU", disable=not progress):
+    for rows, kept in tqdm(dealt(batches), desc="MMLU", disable=not progress):
         width = max(len(encoded[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -63,8 +63,10 @@ def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                        position_ids=position_ids.to(model.device), logits_to_keep=1).logits[:, -1].float().cpu()
         predicted = logits[:, choice_ids].argmax(-1)
-        for r, i in enumerate(rows):
-            correct[i] = CHOICES[int(predicted[r])] == questions[i].answer
+        if kept:
+            right.update((i, CHOICES[int(predicted[r])] == questions[i].answer) for r, i in enumerate(rows))
+    right = merged(right)
+    correct = [right[i] for i in range(len(questions))]
     per_subject: dict[str, list[bool]] = defaultdict(list)
     for q, ok in zip(questions, correct):
         per_subject[q.subject].append(ok)

@@ -280,6 +280,7 @@ class BoundaryReporter:
 
         self.worker, self.engine, self.kept, self.resumed = worker, engine, kept, resumed
         self.train_seconds, self.last_step = 0.0, resumed.step
+        self.checkpoint_seconds = 0.0  # saving and reporting the boundaries' checkpoints, so far
         self.steps_total, self.teacher_parameters = steps_total, teacher_parameters
         self.quick = EvalConfig(**quick_evaluation)
         r = worker.resources
@@ -287,14 +288,18 @@ class BoundaryReporter:
                                r.eval_items, r.eval_documents)
 
     def estimates(self) -> dict[str, Any]:
-        """The quick scores, computed on every rank (ZeRO-3 forwards are collective), rank 0's kept."""
+        """The quick scores, each rank computing its share of them in step (ZeRO-3 forwards are
+        collective); rank 0's are kept."""
         import torch
         import torch.distributed as dist
 
+        from unlearn_search.evaluation.inference import shared_over_ranks
         from unlearn_search.evaluation.quick import quick_scores
 
         module, started = self.engine.module, time.time()
-        scores = quick_scores(module, self.worker.prepared.tokenizer, self.data, self.worker.paths.mmlu, self.quick)
+        with shared_over_ranks():  # each rank scores its share of the batches; all get every result
+            scores = quick_scores(module, self.worker.prepared.tokenizer, self.data, self.worker.paths.mmlu,
+                                  self.quick)
         scores.update(eval_device=torch.device(self.engine.device).type,
                       eval_dtype=str(next(module.parameters()).dtype).removeprefix("torch."),
                       eval_seconds=time.time() - started)
@@ -309,7 +314,8 @@ class BoundaryReporter:
         # The window's mean step time times its steps: the optimizer steps alone, no boundary work.
         self.train_seconds += report.losses.get("step_seconds", 0.0) * (report.step - self.last_step)
         self.last_step = report.step
-        metrics = {**report.losses, "train_seconds": self.train_seconds, **self.worker.timing, "step": report.step, "boundary": report.boundary, "steps_total": self.steps_total,
+        metrics = {**report.losses, "train_seconds": self.train_seconds, **self.worker.timing,
+                   "checkpoint_seconds": self.checkpoint_seconds, "step": report.step, "boundary": report.boundary, "steps_total": self.steps_total,
                    "progress": 100.0 * report.step / max(1, self.steps_total),
                    "peak_rss_mb": peak_rss_mb(), **proportional_memory(), **gpu_memory(), **self.worker.memory,
                    "teacher_parameters": self.teacher_parameters,
@@ -320,7 +326,7 @@ class BoundaryReporter:
             if self.kept.offer(report.step, metrics["aggregate"], self.engine.module, self.worker.rank):
                 metrics["gathered_parameters"] = self.kept.parameters
             metrics["kept_step"] = self.kept.step
-        metrics[READY_AT] = time.time()  # the report's checkpoint is saved and sent from here
+        saving = time.time()
         with tempfile.TemporaryDirectory() as directory:
             self.engine.save_checkpoint(directory, tag="trial", exclude_frozen_parameters=True)
             if self.worker.rank == 0:
@@ -328,9 +334,11 @@ class BoundaryReporter:
             if self.kept is not None:  # a resumed worker keeps what it had kept
                 self.kept.save(Path(directory))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        self.checkpoint_seconds += time.time() - saving  # this report's, in the next one
 
 
-def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int, resumed: Resumed) -> None:
+def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int, resumed: Resumed,
+                   checkpoint_seconds: float = 0.0) -> None:
     """The run's result as a checkpoint of its trained parameters (the kept boundary's with
     keep_best): the full model is put together later, by the evaluation, from the original."""
     import ray.train
@@ -350,7 +358,8 @@ def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int
         # "trained", not "done": Tune reads a "done" key as the end of the trial, before its evaluation.
         ray.train.report({**ending, "trained": True, "peak_rss_mb": peak_rss_mb(),
                           "resumed_from": -1 if resumed.from_step is None else resumed.from_step,
-                          "export_seconds": time.time() - started, READY_AT: time.time()},
+                          "export_seconds": time.time() - started, "checkpoint_seconds": checkpoint_seconds,
+                          READY_AT: time.time()},
                          checkpoint=ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None)
 
 
@@ -390,7 +399,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         # Deterministic: a retry would diverge again. End the run cleanly and write no model.
         ray.train.report({"diverged": str(error), "trained": True})
         return
-    export_trained(worker, engine, kept, result.steps, resumed)
+    export_trained(worker, engine, kept, result.steps, resumed, on_boundary.checkpoint_seconds)
 
 
 def write_tensors(state: dict, directory: Path, shard_bytes: int = 2 * 2**30) -> None:
@@ -453,8 +462,8 @@ class KeptBoundary:
             self.state = saved["state"] if keep_state else None
 
 
-# When a report left its worker and when the controller logged it (seconds since the epoch):
-# between the two, the checkpoint was saved, sent to the run's storage and registered.
+# When the final report left its worker (seconds since the epoch), and when the controller
+# logged each report: between the two, the trained parameters went to the run's storage.
 READY_AT, LOGGED_AT = "ready_at", "logged_at"
 
 WORKER_MEMORY = ("peak_rss_mb", "peak_rss_before_estimates_mb", "rss_started_mb", "rss_student_mb",
@@ -545,11 +554,12 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     use_gpu = resources.gpus_per_worker > 0
     if evaluation is not None:  # the trial's model is scored in the dtype it was trained in
         evaluation = dataclasses.replace(evaluation, dtype=config.dtype)
+    submitted = time.time()  # the workers' start-up is counted from here
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
                            "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources),
-                           "teacher_cache": teacher_cache, "submitted_at": time.time(),
+                           "teacher_cache": teacher_cache, "submitted_at": submitted,
                            # The final evaluation's settings with the quick limits: an estimate of the result.
                            "quick_evaluation": dataclasses.asdict(quick_config(
                                evaluation or EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit))},
@@ -560,7 +570,6 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
                              checkpoint_config=CheckpointConfig(num_to_keep=resources.checkpoints_to_keep),
                              callbacks=callbacks),
     )
-    fit_started = time.time()
     result = trainer.fit()
     fit_ended = time.time()
     if result.error is not None:
@@ -579,7 +588,7 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     copied = time.time()
     evaluation_results = on_cluster(resources, export_and_evaluate, trained, model_dir, settings, model_path,
                                     data_root, evaluation, output)
-    timing = {"before_fit_seconds": fit_started - started, "fit_seconds": fit_ended - fit_started,
+    timing = {"before_fit_seconds": submitted - started, "fit_seconds": fit_ended - submitted,
               "fit_ended_at": fit_ended, "copy_seconds": copied - fit_ended,
               "evaluation_seconds": time.time() - copied}
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started, timing)
@@ -602,7 +611,7 @@ def time_spent(result: TrialResult) -> dict[str, float]:
         "models and DeepSpeed initialization": first["build_seconds"],
         "training steps": boundaries[-1]["train_seconds"] if boundaries else 0.0,
         "quick evaluations": sum(r.get("eval_seconds", 0.0) for r in boundaries),
-        "checkpoints": sum(r[LOGGED_AT] - r[READY_AT] for r in boundaries),
+        "checkpoints": final.get("checkpoint_seconds", 0.0),
         "export of the trained parameters": final.get("export_seconds", 0.0) + final[LOGGED_AT] - final[READY_AT]
         + timing["copy_seconds"],
         "Ray Train shutdown": timing["fit_ended_at"] - final[LOGGED_AT],
