@@ -6,6 +6,7 @@ a DeepSpeed engine on Ray Train workers), so every method runs the same way in b
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import random
@@ -179,8 +180,8 @@ def joint_forward(forward: Callable[[Batch], torch.Tensor], batches: Sequence[Ba
     together = {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
                                 for b in batches]) for key, value in fill.items()}
     logits = forward(together)
-    rows = torch.tensor([b["input_ids"].shape[0] for b in batches]).cumsum(0).tolist()
-    return [logits[end - b["input_ids"].shape[0]:end, :b["input_ids"].shape[1]] for b, end in zip(batches, rows)]
+    ends = itertools.accumulate(b["input_ids"].shape[0] for b in batches)
+    return [logits[end - b["input_ids"].shape[0]:end, :b["input_ids"].shape[1]] for b, end in zip(batches, ends)]
 
 
 def step_inputs(method: Method, step: Step, data: TrainData, forward: Callable[[Batch], torch.Tensor],

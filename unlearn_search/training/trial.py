@@ -147,7 +147,7 @@ class Worker:
     dtype: Any  # torch.dtype
     handles: list  # transformers' ZeRO-3 handles: alive while the models are used
     memory: dict = field(default_factory=dict)  # resident MiB after each start-up phase (rss_*_mb)
-    timing: dict = field(default_factory=dict)  # seconds of each start-up phase (STARTUP_TIMES)
+    timing: dict = field(default_factory=dict)  # seconds of each start-up phase (*_seconds)
 
     def record(self, phase: str) -> None:
         self.memory[f"rss_{phase}_mb"] = resident_mb()
@@ -315,7 +315,8 @@ class BoundaryReporter:
         self.train_seconds += report.losses.get("step_seconds", 0.0) * (report.step - self.last_step)
         self.last_step = report.step
         metrics = {**report.losses, "train_seconds": self.train_seconds, **self.worker.timing,
-                   "checkpoint_seconds": self.checkpoint_seconds, "step": report.step, "boundary": report.boundary, "steps_total": self.steps_total,
+                   "checkpoint_seconds": self.checkpoint_seconds, "step": report.step, "boundary": report.boundary,
+                   "steps_total": self.steps_total,
                    "progress": 100.0 * report.step / max(1, self.steps_total),
                    "peak_rss_mb": peak_rss_mb(), **proportional_memory(), **gpu_memory(), **self.worker.memory,
                    "teacher_parameters": self.teacher_parameters,
@@ -502,7 +503,7 @@ class TrialResult:
     metrics_history: list[dict]
     evaluation: dict | None
     seconds: float
-    # Driver-side: Ray Train's run (``fit_seconds``), copying its model, the export and evaluation.
+    # Driver-side (``time_spent``): before Ray Train's run, its end, copying its model, the export and evaluation.
     timing: dict = field(default_factory=dict)
 
     @property
@@ -588,8 +589,7 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     copied = time.time()
     evaluation_results = on_cluster(resources, export_and_evaluate, trained, model_dir, settings, model_path,
                                     data_root, evaluation, output)
-    timing = {"before_fit_seconds": submitted - started, "fit_seconds": fit_ended - submitted,
-              "fit_ended_at": fit_ended, "copy_seconds": copied - fit_ended,
+    timing = {"before_fit_seconds": submitted - started, "fit_ended_at": fit_ended, "copy_seconds": copied - fit_ended,
               "evaluation_seconds": time.time() - copied}
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started, timing)
 
