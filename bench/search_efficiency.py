@@ -25,8 +25,11 @@ TARGET_FRACTION = 0.95
 
 
 def curve(storage: str, study_name: str) -> list[tuple[float, float]]:
-    """(cumulative trial-seconds, best value so far) after each finished trial."""
+    """(cumulative trial-seconds, best aggregate so far) after each finished trial (the study's
+    value, where a search recorded no aggregate: it may carry the objective's signal)."""
     import optuna
+
+    from unlearn_search.search.driver import AGGREGATE_ATTR
 
     study = optuna.load_study(study_name=study_name, storage=storage)
     done = sorted((t for t in study.trials if t.datetime_complete), key=lambda t: t.datetime_complete)
@@ -34,7 +37,7 @@ def curve(storage: str, study_name: str) -> list[tuple[float, float]]:
     for trial in done:
         spent += (trial.datetime_complete - trial.datetime_start).total_seconds()
         if trial.state == optuna.trial.TrialState.COMPLETE and trial.value is not None:
-            best = max(best, trial.value)
+            best = max(best, trial.user_attrs.get(AGGREGATE_ATTR, trial.value))
         points.append((spent, best))
     return points
 

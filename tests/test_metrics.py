@@ -55,3 +55,17 @@ def test_mia_auc_and_score_by_hand():
 def test_aggregate_is_the_plain_mean():
     assert metrics.aggregate(0.3, 0.6, 0.9) == pytest.approx(0.6)
     assert math.isnan(metrics.mean([]))
+
+
+def test_a_sets_mean_answer_probability_is_the_mean_of_each_answers_geometric_token_probability():
+    import pandas as pd
+
+    from unlearn_search.evaluation.evaluate import summarize_set
+
+    frame = pd.DataFrame({"kind": ["sc", "qa", "qa"], "task": ["Task1", "Task2", "Task3"],
+                          "rougeL_recall": [0.5, None, None], "rouge1_recall": [0.5, None, None],
+                          "exact_match": [None, 1.0, 0.0], "nll": [0.0, math.log(2), 40.0]})
+    summary = summarize_set(frame)
+    # exp(-0) = 1, exp(-ln 2) = 0.5, exp(-40) ~ 0: one exploded answer counts once, as ~0.
+    assert summary["mean-answer-probability"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert summary["mean-nll"] == pytest.approx((0 + math.log(2) + 40) / 3)

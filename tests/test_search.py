@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -76,7 +77,11 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     output = tmp_path / "search"
     # Constraints every finished trial meets: they reach the trials and their results, and change nothing else.
     space = tmp_path / "tiny_gd.yaml"
-    space.write_text(SPACE.read_text() + "constraints: [{metric: retain_utility, min: 0.0}, {metric: mmlu, max: 1.0}]\n")
+    # And an lr range test before the trials, and a signal beside the objective for the sampler.
+    space.write_text(SPACE.read_text().replace("objective: {metric: aggregate, mode: max}",
+                                               "objective: {metric: aggregate, mode: max, signal: forget_signal}")
+                     + "constraints: [{metric: retain_utility, min: 0.0}, {metric: mmlu, max: 1.0}]\n"
+                     + "lr_range_test: {steps: 8, probe_every: 4, probe_items: 4}\n")
     command = [sys.executable, str(REPO / "run_search.py"), "--space", str(space), "--model", str(tiny_target),
                "--data", str(data_paths.root), "--output", str(output), "--tracking-uri", mlflow_server,
                "--num-cpus", "2", "--final-mmlu-limit", "2", "--final-split", "validation",
@@ -114,7 +119,11 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert len(study.trials) == 2
     assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     first = min(study.trials, key=lambda t: t.number)
-    assert first.params["lr"] == pytest.approx(5e-4) and first.params["trainable"] == "full"
+    fitted = json.loads((output / "lr_range.json").read_text())["fitted"]
+    inside = fitted["low"] <= 5e-4 <= fitted["high"]  # else moved to the range's log-midpoint
+    assert first.params["lr"] == pytest.approx(5e-4 if inside else math.sqrt(fitted["low"] * fitted["high"]))
+    assert first.params["trainable"] == "full"
+    assert all(fitted["low"] <= t.params["lr"] <= fitted["high"] for t in study.trials)
 
     rows = json.loads((output / "trials.json").read_text())
     completed = [r for r in rows if r["status"] == "completed"]
@@ -123,6 +132,10 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
         assert 0.0 <= row["aggregate"] <= 1.0
         assert row["meets_constraints"] == 1.0
         assert row["forget_nll"] > 0 and row["retain_nll"] > 0  # every metric a trial reports
+        # The sampler's value: the aggregate and the signal's default weight; the table's is the aggregate.
+        assert row["objective"] == pytest.approx(row["aggregate"] + 0.05 * row["forget_signal"])
+        assert any(t.values == [pytest.approx(row["objective"])] and t.user_attrs["aggregate"] == row["aggregate"]
+                   for t in study.trials)
         evaluation = json.loads((Path(row["trial_output"]) / "evaluation_results.json").read_text())
         assert evaluation["aggregate-score"] == pytest.approx(row["aggregate"])
 
@@ -189,7 +202,10 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.txt", "plots", "best"} <= parent_artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert "optimization_history.png" in plots
+    assert {"optimization_history.png", "lr_range.png"} <= plots
+    assert "lr_range.json" in parent_artifacts
+    assert float(parent.data.params["lr_range.low"]) == pytest.approx(fitted["low"])
+    assert float(parent.data.params["lr_range.high"]) == pytest.approx(fitted["high"])
     local = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="best/model/config.json",
                                                 tracking_uri=mlflow_server, dst_path=str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text())["model_type"] == "olmo"

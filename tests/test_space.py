@@ -156,6 +156,16 @@ BAD = [
      "constraints: each metric at most once with min and once with max"),
     (lambda r: r.update(constraints=[{"metric": "mmlu", "min": "half"}]),
      "constraints[0].min: expected a finite number (got 'half')"),
+    (lambda r: r.update(objective={"metric": "aggregate", "signal": "forget_nll"}),
+     "objective.signal: expected one of forget_signal, forget_efficacy, retain_utility (got 'forget_nll')"),
+    (lambda r: r.update(objective={"metric": "aggregate", "signal_weight": 0.1}),
+     "objective.signal_weight: weighs a signal (expected signal too)"),
+    (lambda r: r.update(objective={"metric": "aggregate", "signal": "forget_signal", "signal_weight": 2}),
+     "objective.signal_weight: expected a number in [0, 1] (got 2)"),
+    (lambda r: r.update(objectives=[{"metric": "aggregate", "signal": "forget_signal"}, {"metric": "mmlu"}]),
+     "objectives[0].signal: only a single objective takes a signal"),
+    (lambda r: r.update(objective={"metric": "aggregate", "signl": "forget_signal"}),
+     "objective.signl: unknown key (expected one of metric, mode, signal, signal_weight; did you mean 'signal'?)"),
 ]
 
 
@@ -204,6 +214,32 @@ def test_final_metrics_and_the_mmlu_constraint():
     failing = final_metrics({**EVALUATION, "passes_utility_threshold": False})
     assert failing[PASSES] == 0.0
     assert objective_value(failing, Objective("aggregate")) == 0.0
+
+
+def test_the_sampler_sees_the_weighted_signal_and_the_best_trial_is_still_the_best_metric():
+    from unlearn_search.evaluation.evaluate import forget_signal
+
+    # The forget answers' probability fell to 0.2, the retain's stayed at 0.9: (1 - 0.2) * 0.9.
+    assert forget_signal(0.2, 0.9) == pytest.approx(0.72)
+    assert forget_signal(1.0, 1.0) == 0.0 and forget_signal(0.0, 0.0) == 0.0
+    probabilities = {"forget-set": {**EVALUATION["forget-set"], "mean-answer-probability": 0.2},
+                     "retain-set": {**EVALUATION["retain-set"], "mean-answer-probability": 0.9}}
+    metrics = final_metrics({**EVALUATION, **probabilities})
+    assert metrics["forget_signal"] == pytest.approx(0.72)
+    objective = parse_space({**copy.deepcopy(BASE), "objective": {"metric": "aggregate",
+                                                                  "signal": "forget_signal"}}).objectives[0]
+    assert (objective.signal, objective.signal_weight) == ("forget_signal", 0.05)  # the default weight
+    assert objective_value(metrics, objective) == pytest.approx(0.5 + 0.05 * metrics["forget_signal"])
+    assert objective_value(metrics, Objective("aggregate", "min", "forget_signal", 0.1)) == pytest.approx(
+        0.5 - 0.1 * metrics["forget_signal"])
+    assert objective_value(final_metrics(EVALUATION), objective) == 0.5  # no NLL, no signal: the metric
+    failing = {**metrics, PASSES: 0.0}
+    assert objective_value(failing, objective) == 0.0  # under the threshold: the penalty, no signal
+    # A plateau trial with more signal is ranked higher by the sampler, never picked over a better aggregate.
+    rows = [{"trial_id": "flat", "status": "completed", "aggregate": 0.10, "forget_signal": 0.9, PASSES: 1.0},
+            {"trial_id": "good", "status": "completed", "aggregate": 0.12, "forget_signal": 0.1, PASSES: 1.0}]
+    assert objective_value(rows[0], objective) > objective_value(rows[1], objective)
+    assert best_trial(rows, [objective])["trial_id"] == "good"
 
 
 def test_the_spaces_constraints_exclude_a_trial_like_the_mmlu_threshold():

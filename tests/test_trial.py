@@ -1,6 +1,7 @@
 """A trial on a real local Ray cluster: 2 Ray Train workers hosting DeepSpeed ZeRO-3 shards."""
 
 import json
+import math
 import os
 import signal
 import threading
@@ -107,7 +108,9 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
 
     def run():
         try:
-            outcome["result"] = run_trial(tiny_target, data_paths.root, settings, out, Resources(workers=2))
+            # Every boundary evaluated and checkpointed: 6 boundaries, 1/6 of training apart.
+            outcome["result"] = run_trial(tiny_target, data_paths.root, settings, out,
+                                          Resources(workers=2, eval_every=0))
         except BaseException as error:  # noqa: BLE001 - surfaced by the assertion below
             outcome["error"] = error
 
@@ -171,6 +174,20 @@ def test_keep_best_holds_the_best_boundary_ties_to_the_later(estimates, kept, tm
     assert resumed.step == kept and torch.equal(resumed.state["0.weight"], boundary.state["0.weight"])
     best = max((e for e in estimates if e == e), default=float("-inf"))
     assert resumed.offer(9, 0.25, model) == (0.25 >= best)  # a resumed run compares with what it had kept
+
+
+def test_a_boundary_is_evaluated_every_eval_every_percent_of_training_and_always_at_the_end():
+    from unlearn_search.training.trial import evaluation_due
+
+    # SUGD with 13 chunks of 4 steps (52 steps), every 20 %: boundaries at 4, 8, ..., 52.
+    evaluated, last = [], 0
+    for step in range(4, 53, 4):
+        if evaluation_due(step, last, 52, 20.0):
+            evaluated.append(step)
+            last = step
+    assert evaluated == [12, 24, 36, 48, 52]  # 12/52 = 23 % >= 20 %; 8/52 = 15 % is not
+    assert all(evaluation_due(step, step - 4, 52, 0.0) for step in range(4, 53, 4))  # 0: every boundary
+    assert evaluation_due(52, 48, 52, 100.0) and not evaluation_due(48, 0, 52, 100.0)  # 100: the last only
 
 
 def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, data_paths, tmp_path):
@@ -238,3 +255,37 @@ def test_cluster_work_fits_one_node_when_the_workers_spread_over_several(ray_clu
     runner.start()
     runner.join(timeout=120)
     assert done.get("pid", os.getpid()) != os.getpid(), "the task never ran"
+
+
+def test_the_lr_range_test_finds_where_the_forget_nll_rises_and_fits_the_space_to_it(ray_cluster, tiny_target,
+                                                                                      data_paths, tmp_path, capsys):
+    """Two ZeRO-3 workers ramp the first start's lr over params.lr: gradient difference at lr up to
+    1 must raise the forget NLL; the searched range is placed around where it did, the start moved
+    into it, and the record kept (a second call reads it back instead of running again)."""
+    import yaml
+
+    from unlearn_search.search.driver import fitted_space
+    from unlearn_search.search.lr_range import RANGE_FILE
+    from unlearn_search.search.space import parse_space
+
+    raw = yaml.safe_load(SPACE.read_text())
+    raw["params"]["lr"] = {"distribution": "loguniform", "low": 1e-5, "high": 1.0}
+    raw["starts"] = [{"lr": 1e-5, "epochs": 1, "forget_weight": 1.0, "trainable": "full"}]
+    raw["lr_range_test"] = {"steps": 12, "probe_every": 3, "probe_items": 4}
+    space = parse_space(raw)
+    fitted = fitted_space(space, tiny_target, data_paths.root, tmp_path)
+    record = json.loads((tmp_path / RANGE_FILE).read_text())
+    probes, test = record["probes"], space.lr_range_test
+    assert [p["step"] for p in probes] == [0, 3, 6, 9, 12]
+    assert [p["lr"] for p in probes[1:]] == pytest.approx([test.lr_at(s - 1) for s in (3, 6, 9, 12)])
+    assert probes[-1]["forget_nll"] > probes[0]["forget_nll"] * math.exp(test.rise)  # the ramp's top unlearns
+    onset = record["fitted"]["onset"]
+    assert onset in [p["lr"] for p in probes[1:]]
+    lr = next(p for p in fitted.params if p.name == "lr")
+    assert (lr.low, lr.high) == (record["fitted"]["low"], record["fitted"]["high"])
+    assert lr.low == pytest.approx(max(1e-5, onset * 10 ** -test.below)) and lr.low <= onset <= lr.high
+    assert fitted.starts[0]["lr"] == pytest.approx(1e-5 if lr.low <= 1e-5 else math.sqrt(lr.low * lr.high))
+    assert (tmp_path / "plots" / "lr_range.png").stat().st_size > 0
+    assert "lr range test: 12 steps" in capsys.readouterr().out
+    again = fitted_space(space, tiny_target, data_paths.root, tmp_path)
+    assert again.params == fitted.params and "lr range test: 12 steps" not in capsys.readouterr().out

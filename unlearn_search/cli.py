@@ -219,7 +219,8 @@ def cmd_search(args) -> None:
     settings = {**space.settings, "space": space.name, "sampler": space.search.sampler,
                 "pruner": space.search.pruner, "num_samples": options.num_samples or space.search.num_samples,
                 "model": args.model, "search_seed": args.seed,  # "seed" is a trial setting
-                "objectives": ",".join(f"{o.metric}:{o.mode}" for o in space.objectives)}
+                "objectives": ",".join(f"{o.metric}:{o.mode}" + (f"+{o.signal_weight}*{o.signal}" if o.signal else "")
+                                      for o in space.objectives)}
     if space.search.pruner != "none":  # what decided which trials were pruned, under the space's key names
         settings.update({key: getattr(space.search, key) for key in ("grace_period", "reduction_factor", "min_delta")})
     tracker = MLflowTracker(tracking_uri, experiment or f"unlearn-search/{space.name}", output,
@@ -246,6 +247,32 @@ def cmd_search(args) -> None:
     final = outcome.best_final
     for constraint in space.constraints:
         print(f"  meets {constraint}: {constraint.met(final)}")
+
+
+def cmd_lr_range(args) -> None:
+    import json
+
+    from unlearn_search.data import resolve_data
+    from unlearn_search.models import resolve_model
+    from unlearn_search.search import load_space
+    from unlearn_search.search.driver import fitted_space
+    from unlearn_search.search.lr_range import RANGE_FILE
+    from unlearn_search.training.cluster import init_ray
+
+    space = load_space(args.space)
+    if space.lr_range_test is None:
+        raise UnlearnSearchError(f"--space {args.space}: has no lr_range_test block (expected one to run)")
+    paths = resolve_data(args.data)
+    model_dir = resolve_model(args.model, paths)
+    output = Path(args.output or Path("outputs") / f"{space.name}-lr-range").resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    init_ray(args.address, num_cpus=args.num_cpus)
+    fitted_space(space, model_dir, paths.root, output)
+    record = json.loads((output / RANGE_FILE).read_text())
+    print(f"{'step':>5}  {'lr':>9}  {'forget NLL':>10}  {'retain NLL':>10}")
+    for probe in record["probes"]:
+        print(f"{probe['step']:5d}  {probe['lr']:9.3g}  {probe['forget_nll']:10.4f}  {probe['retain_nll']:10.4f}")
+    print(f"-> {output / RANGE_FILE}, {output / 'plots' / 'lr_range.png'} ({record['seconds']:.0f} s)")
 
 
 def cmd_plan(args) -> None:
@@ -354,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     _add_data(search)
     search.set_defaults(func=cmd_search)
+
+    lr_range = commands.add_parser("lr-range", help="run a space's lr range test alone: the curve and the lr range "
+                                                    "a search would sample")
+    lr_range.add_argument("--space", required=True, help="a YAML search space with an lr_range_test block")
+    lr_range.add_argument("--model", default="small", help="a local Hugging Face directory, or tiny / small")
+    lr_range.add_argument("--output", help="where lr_range.json and its plot go (default: outputs/<space>-lr-range)")
+    lr_range.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
+    lr_range.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
+    _add_data(lr_range)
+    lr_range.set_defaults(func=cmd_lr_range)
 
     plan = commands.add_parser("plan", help="GPU memory of one trial per ZeRO stage (DeepSpeed's estimators); does it fit")
     plan.add_argument("--model-size", default="7B", help="an OLMo preset: 1B or 7B (default 7B)")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from unlearn_search.data import Benchmark, DataPaths, load_benchmark, load_documents
@@ -91,6 +92,9 @@ def summarize_set(frame: pd.DataFrame) -> dict:
         "overall-rouge1-recall": metrics.mean(sc.rouge1_recall),
         "overall-knowledge-score": metrics.mean(qa.exact_match),
         "mean-nll": metrics.mean(frame.nll),
+        # Each answer's geometric-mean token probability, averaged: bounded, where one answer
+        # whose NLL explodes under ascent dominates the mean NLL.
+        "mean-answer-probability": metrics.mean(np.exp(-frame.nll)),
         "items": int(len(frame)),
     }
     for task in TASKS:
@@ -154,7 +158,7 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
 # trial reports and what the quick evaluation estimates at each boundary.
 METRIC_NAMES = ("aggregate", "task_aggregate", "mia_auc", "mia_score", "mmlu", "forget_regurgitation",
                 "forget_knowledge", "retain_regurgitation", "retain_knowledge", "forget_efficacy",
-                "retain_utility", "forget_nll", "retain_nll")
+                "retain_utility", "forget_nll", "retain_nll", "forget_signal")
 
 
 def metric_values(results: dict) -> dict[str, float]:
@@ -177,7 +181,18 @@ def metric_values(results: dict) -> dict[str, float]:
     for set_name, summary in (("forget", forget), ("retain", retain)):
         if "mean-nll" in summary:
             values[f"{set_name}_nll"] = summary["mean-nll"]
+    if "mean-answer-probability" in forget and "mean-answer-probability" in retain:
+        values["forget_signal"] = forget_signal(forget["mean-answer-probability"], retain["mean-answer-probability"])
     return values
+
+
+def forget_signal(forget_probability: float, retain_probability: float) -> float:
+    """``(1 - p_forget) * p_retain`` in [0, 1], ``p`` a set's mean answer probability (each
+    answer's geometric-mean token probability): how far the forget answers fell, times how much
+    of the retain answers is left. It moves with every trial that changes the model, where the
+    aggregate stays at MMLU / 3 until some forget exact match drops (the task's harmonic mean is 0
+    while any forget term is 1), so a sampler can climb it."""
+    return (1 - forget_probability) * retain_probability
 
 
 def _mean_present(*values: float) -> float:

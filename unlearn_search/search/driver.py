@@ -124,6 +124,7 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
 MMLU_CONSTRAINT = "mmlu"  # an Optuna constraint of a finished trial: feasible at <= 0
 TUNE_TRIAL_ATTR = "tune_trial_id"  # an Optuna trial's user attribute: its Tune trial (and MLflow run name)
+AGGREGATE_ATTR = "aggregate"  # a finished Optuna trial's user attribute: its SemEval aggregate
 
 
 def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_samples: int | None = None):
@@ -155,6 +156,9 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
             # A pruned trial's last result is a quick estimate under the objectives' own names:
             # Optuna must record it as pruned, never as a finished trial with those values.
             finished = bool(result) and evaluated(result)
+            if finished and trial_id in self._ot_trials and "aggregate" in result:
+                # The study's value may carry the objective's signal; what trials are compared on, beside it.
+                self._ot_trials[trial_id].set_user_attr(AGGREGATE_ATTR, result["aggregate"])
             if finished and space.multi_objective and trial_id in self._ot_trials and "mmlu" in result:
                 # One objective carries the MMLU constraint in its value (objective_value); several
                 # cannot, so the samplers (NSGA-II, TPE) get it as a constraint.
@@ -337,6 +341,40 @@ def mmlu_threshold(model_dir: Path, data_root: Path, space: SearchSpace, output:
     return utility_threshold(EvalConfig(original_mmlu=original_mmlu(model_dir, data_root, space, output, limit)))
 
 
+def fitted_space(space: SearchSpace, model_dir: Path, data_root: Path, output: Path) -> SearchSpace:
+    """The space with ``params.lr`` fitted by the lr range test on this model (``lr_range.py``),
+    its first start's settings run on the trial's resources; the curve, onset and range are kept
+    in the output (``lr_range.json``, ``plots/lr_range.png``), and a kept test of the same
+    settings is read back rather than run again."""
+    from unlearn_search.search.lr_range import (RANGE_FILE, FittedRange, fitted_param, moved_starts, range_settings,
+                                                run_range_test)
+    from unlearn_search.tracking.plots import range_plot
+
+    test, path = space.lr_range_test, output / RANGE_FILE
+    settings = {**space.settings, **space.starts[0]}
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("settings") == range_settings(settings, test) and saved.get("test") == dataclasses.asdict(test):
+        record = saved
+    else:
+        print(f"lr range test: {test.steps} steps of start 1, lr {test.low:.0e} to {test.high:.0e}", flush=True)
+        result = run_range_test(model_dir, data_root, settings, space.resources, test, output,
+                                output / "teacher_cache")
+        record = {**result.as_dict(), "test": dataclasses.asdict(test)}
+        partial = path.with_suffix(".tmp")
+        partial.write_text(json.dumps(record, indent=2))
+        partial.replace(path)
+        range_plot(record, output / "plots" / "lr_range.png")
+    fitted = FittedRange(**record["fitted"])
+    starts, notes = moved_starts(space.starts, fitted)
+    onset = f"onset {fitted.onset:.3g}" if fitted.onset is not None else "the forget NLL never rose"
+    capped = f", capped by the {fitted.capped_by} curve" if fitted.capped_by else ""
+    print(f"lr range test: {onset}; lr searched in [{fitted.low:.3g}, {fitted.high:.3g}]{capped}", flush=True)
+    for note in notes:
+        print(f"lr range test: {note}", flush=True)
+    params = tuple(fitted_param(p, fitted) if p.name == "lr" else p for p in space.params)
+    return dataclasses.replace(space, params=params, starts=starts)
+
+
 def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | None = None,
                on_start=None) -> SearchOutcome:
     """Run (or resume) a search; returns every trial's row, the best trial and its export.
@@ -373,6 +411,8 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
     if on_start:
         on_start(dashboard_url)
     threshold = mmlu_threshold(model_dir, paths.root, space, output, space.evaluation.mmlu_limit)
+    if space.lr_range_test is not None and not options.resume:  # a restored searcher keeps its fitted space
+        space = fitted_space(space, model_dir, paths.root, output)
     (output / STATE_FILE).write_text(json.dumps({"space": space.name, "source": str(space.source or ""),
                                                  "model": str(model_dir), "storage": storage_url,
                                                  "study": study_name, "mmlu_threshold": threshold}, indent=2))

@@ -68,11 +68,16 @@ def objective_value(metrics: dict[str, float], objective: Objective) -> float:
     space's constraints fails.
 
     A failing trial still teaches the sampler (it sees a bad value, not a gap) and can never be
-    the best trial.
+    the best trial. With the objective's ``signal``, a feasible trial's value adds its weighted
+    signal (a missing or NaN signal adds nothing): what the sampler sees, never what picks the best.
     """
-    if feasible(metrics):
-        return metrics[objective.metric]
-    return CONSTRAINT_PENALTY if objective.mode == "max" else 1.0 - CONSTRAINT_PENALTY
+    if not feasible(metrics):
+        return CONSTRAINT_PENALTY if objective.mode == "max" else 1.0 - CONSTRAINT_PENALTY
+    value = metrics[objective.metric]
+    signal = metrics.get(objective.signal) if objective.signal else None
+    if signal is None or not _finite(signal):
+        return value
+    return value + (1 if objective.mode == "max" else -1) * objective.signal_weight * signal
 
 
 def _dominates(a: Sequence[float], b: Sequence[float], modes: Sequence[str]) -> bool:

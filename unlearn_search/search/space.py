@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError, one_of
+from unlearn_search.search.lr_range import RangeTest
 from unlearn_search.training.config import setting_type
 from unlearn_search.training.trial import PLACEMENTS, Resources
 
@@ -26,6 +27,7 @@ EVAL_SPLITS = ("train", "validation", "all")
 # any can be an objective.
 OBJECTIVE_METRICS = ("aggregate", "task_aggregate", "mia_score", "mmlu", "forget_efficacy", "retain_utility",
                      "forget_regurgitation", "forget_knowledge", "retain_regurgitation", "retain_knowledge")
+SIGNAL_METRICS = ("forget_signal", "forget_efficacy", "retain_utility")  # higher is better, smooth in the model
 PROGRESS = "progress"  # percent of the trial's training steps done: comparable across schedules
 
 
@@ -66,8 +68,14 @@ class Param:
 
 @dataclass(frozen=True)
 class Objective:
+    """What a search optimizes. With a ``signal`` (one objective only), the sampler sees
+    ``metric + signal_weight * signal`` (``-`` for mode min) so that it can climb where the metric
+    is flat; the best trial is still the best by ``metric`` alone."""
+
     metric: str
     mode: str = "max"
+    signal: str | None = None
+    signal_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ class SearchSpace:
     description: str = ""
     source: Path | None = None
     constraints: tuple[Constraint, ...] = ()
+    lr_range_test: RangeTest | None = None  # fit params.lr to the model before the search
 
     @property
     def multi_objective(self) -> bool:
@@ -186,7 +195,7 @@ class DefineByRun:
 # ---------------------------------------------------------------- validation
 
 TOP_KEYS = {"name", "description", "settings", "params", "starts", "objective", "objectives", "constraints",
-            "search", "resources", "evaluation"}
+            "search", "resources", "evaluation", "lr_range_test"}
 PARAM_KEYS = {"distribution", "low", "high", "step", "log", "choices", "when"}
 
 
@@ -316,18 +325,36 @@ def _objectives(raw: dict) -> tuple[Objective, ...]:
         if isinstance(item, str):
             item = {"metric": item}
         item = _mapping(item, where)
+        keys = ("metric", "mode", "signal", "signal_weight")
         for key in item:
-            if key not in ("metric", "mode"):
-                raise UnlearnSearchError(f"{where}.{key}: unknown key (expected metric, mode)")
+            if key not in keys:
+                raise UnlearnSearchError(f"{where}.{key}: unknown key (expected {one_of(key, keys)})")
         metric, mode = item.get("metric"), item.get("mode", "max")
         if metric not in OBJECTIVE_METRICS:
             raise _fail(f"{where}.metric", f"one of {', '.join(OBJECTIVE_METRICS)}", metric)
         if mode not in ("max", "min"):
             raise _fail(f"{where}.mode", "max or min", mode)
-        result.append(Objective(metric, mode))
+        result.append(Objective(metric, mode, *_signal(item, where, single=path == "objective")))
     if len({o.metric for o in result}) != len(result):
         raise UnlearnSearchError(f"{path}: each metric at most once")
     return tuple(result)
+
+
+def _signal(item: dict, where: str, single: bool) -> tuple[str | None, float]:
+    """An objective's ``signal`` and ``signal_weight`` (default 0.05 with a signal)."""
+    signal = item.get("signal")
+    if signal is None:
+        if "signal_weight" in item:
+            raise UnlearnSearchError(f"{where}.signal_weight: weighs a signal (expected signal too)")
+        return None, 0.0
+    if not single:
+        raise UnlearnSearchError(f"{where}.signal: only a single objective takes a signal")
+    if signal not in SIGNAL_METRICS:
+        raise _fail(f"{where}.signal", f"one of {', '.join(SIGNAL_METRICS)}", signal)
+    weight = item.get("signal_weight", 0.05)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight <= 1:
+        raise _fail(f"{where}.signal_weight", "a number in [0, 1]", weight)
+    return signal, float(weight)
 
 
 def _constraints(raw: Any) -> tuple[Constraint, ...]:
@@ -463,6 +490,8 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
     for key in ("checkpoints_to_keep", "eval_items", "eval_documents", "eval_mmlu_limit", "eval_max_new_tokens"):
         if getattr(resources, key) < 1:
             raise _fail(f"resources.{key}", "an integer >= 1", getattr(resources, key))
+    if not 0 <= resources.eval_every <= 100:
+        raise _fail("resources.eval_every", "a percent of training in [0, 100]", resources.eval_every)
     if resources.placement not in PLACEMENTS:
         raise _fail("resources.placement", " or ".join(PLACEMENTS), resources.placement)
     evaluation = _dataclass_from(SearchEvaluation, raw.get("evaluation"), "evaluation")
@@ -473,10 +502,26 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
             raise _fail(f"evaluation.{key}", "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""),
                         getattr(evaluation, key))
     space = SearchSpace(name, settings, tuple(params), tuple(starts), objectives, search, resources, evaluation,
-                        description, source, _constraints(raw.get("constraints")))
+                        description, source, _constraints(raw.get("constraints")),
+                        _range_test(raw.get("lr_range_test"), by_name.get("lr"), starts))
     if search.sampler == "grid":
         space.grid()
     return space
+
+
+def _range_test(raw: Any, lr: Param | None, starts: list[dict]) -> RangeTest | None:
+    """The ``lr_range_test`` block, ramping over ``params.lr``'s range (None: no test)."""
+    if raw is None:
+        return None
+    for key in ("low", "high"):
+        if key in _mapping(raw, "lr_range_test"):
+            raise UnlearnSearchError(f"lr_range_test.{key}: the test ramps over params.lr's range (set {key} there)")
+    if lr is None or lr.distribution != "loguniform":
+        raise UnlearnSearchError("lr_range_test: fits the searched learning rate (expected params.lr with "
+                                 "distribution loguniform)")
+    if not starts:
+        raise UnlearnSearchError("lr_range_test: runs the first start point (expected at least one in starts)")
+    return _dataclass_from(RangeTest, {**raw, "low": lr.low, "high": lr.high}, "lr_range_test")
 
 
 def _in_dependency_order(params: list[Param]) -> list[Param]:

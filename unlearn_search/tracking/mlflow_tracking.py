@@ -316,6 +316,7 @@ class MLflowTracker(Callback):
         client.log_artifact(parent, str(outcome.output / "trials.json"))
         for plot in plots:
             client.log_artifact(parent, str(plot), "plots")
+        self._log_range(parent, outcome.output)
         client.log_metric(parent, "trials_completed", sum(r["status"] == "completed" for r in outcome.rows))
         client.log_metric(parent, "search_seconds", outcome.seconds)
         if outcome.best is not None:
@@ -327,3 +328,21 @@ class MLflowTracker(Callback):
                     client.log_metric(parent, f"best_full.{key}", value)
             client.log_artifacts(parent, str(outcome.best_dir), "best")
         client.set_terminated(parent, "FINISHED")
+
+    def _log_range(self, parent: str, output: Path) -> None:
+        """The lr range test's reading as params (``lr_range.onset``, ``.low``, ``.high``), its
+        record and its plot, when the search ran one."""
+        from mlflow.entities import Param
+
+        from unlearn_search.search.lr_range import RANGE_FILE
+
+        path = output / RANGE_FILE
+        if not path.exists():
+            return
+        fitted = json.loads(path.read_text())["fitted"]
+        self.client.log_batch(parent, params=[Param(f"lr_range.{key}", _param_value(value))
+                                              for key, value in sorted(fitted.items())])
+        self.client.log_artifact(parent, str(path))
+        plot = output / "plots" / "lr_range.png"
+        if plot.exists():
+            self.client.log_artifact(parent, str(plot), "plots")

@@ -68,3 +68,27 @@ def save_figure(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def range_plot(record: dict, path: Path) -> Path:
+    """The lr range test's curve: forget and retain NLL of the probe items against the lr, with
+    the onset and the range the search samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes, fitted = record["probes"][1:], record["fitted"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([p["lr"] for p in probes], [p["forget_nll"] for p in probes], marker="o", label="forget NLL (probe)")
+    ax.plot([p["lr"] for p in probes], [p["retain_nll"] for p in probes], marker="s", label="retain NLL (probe)")
+    ax.axvspan(fitted["low"], fitted["high"], alpha=0.15, color="green", label="searched lr range")
+    if fitted["onset"] is not None:
+        ax.axvline(fitted["onset"], color="black", linestyle="--", label="onset")
+    ax.set_xscale("log")
+    ax.set_yscale("log")  # the onset is a ratio to the start
+    ax.set_xlabel("learning rate of the step before the probe")
+    ax.set_ylabel("token-mean NLL of the probe items")
+    ax.set_title("lr range test")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)

@@ -27,6 +27,10 @@ from unlearn_search.methods.schedules import Step
 class DivergedError(UnlearnSearchError):
     """The loss became NaN or infinite: the run ends and no model is written."""
 
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step  # the step (1-based) whose loss was not finite, where known
+
 
 class Backend(Protocol):
     def forward(self, batch: Batch) -> torch.Tensor: ...
@@ -243,7 +247,7 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
         value, *parts = backend.mean_over_ranks([float(output.loss.detach())] + [output.parts[n] for n in names])
         if not math.isfinite(value):
             raise DivergedError(f"loss is {value} at step {index + 1} ({step.phase}): the run diverged; "
-                                f"lower lr or the forget weight, or set forget_loss_bound")
+                                f"lower lr or the forget weight, or set forget_loss_bound", step=index + 1)
         # A bounded ascent with no retain term can leave nothing to differentiate this step.
         grad_norm = backend.backward_step(output.loss, step.lr_scale) if output.loss.requires_grad else 0.0
         record = {"loss": value, "grad_norm": grad_norm, **dict(zip(names, parts)),

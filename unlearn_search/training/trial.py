@@ -42,6 +42,10 @@ class Resources:
     eval_documents: int = 32
     eval_mmlu_limit: int = 1
     eval_max_new_tokens: int = 64
+    # Percent of training between two boundaries that get a quick evaluation (and a report and a
+    # checkpoint); the last boundary always does. A schedule of many short chunks (SUGD with
+    # chunk_size 8: 7 boundaries on small's train split) would otherwise spend most of its trial evaluating.
+    eval_every: float = 20.0
     placement: str = "pack"  # pack: a trial's workers on as few nodes as fit; spread: across nodes
 
 
@@ -268,6 +272,14 @@ def resume(worker: Worker, engine, kept: KeptBoundary | None) -> Resumed:
     return Resumed(progress["step"], progress["step"])
 
 
+def evaluation_due(step: int, last_evaluated: int, steps_total: int, every: float) -> bool:
+    """Whether the boundary after ``step`` gets a quick evaluation: ``every`` percent of training
+    after the last evaluated one (``last_evaluated``: its step, or where the run started), or the
+    last boundary. Every rank decides the same: the evaluation's forwards are collective."""
+    since = 100.0 * (step - last_evaluated) / max(1, steps_total)
+    return step >= steps_total or since >= every - 1e-9
+
+
 class BoundaryReporter:
     """At each schedule boundary: the quick evaluation on the engine's own shards (every rank runs
     it, in step, on the trial's device and dtype), keep_best's offer, a checkpoint, the report."""
@@ -280,6 +292,7 @@ class BoundaryReporter:
 
         self.worker, self.engine, self.kept, self.resumed = worker, engine, kept, resumed
         self.train_seconds, self.last_step = 0.0, resumed.step
+        self.last_estimated = resumed.step  # the step of the last boundary evaluated
         self.checkpoint_seconds = 0.0  # saving and reporting the boundaries' checkpoints, so far
         self.steps_total, self.teacher_parameters = steps_total, teacher_parameters
         self.quick = EvalConfig(**quick_evaluation)
@@ -314,6 +327,9 @@ class BoundaryReporter:
         # The window's mean step time times its steps: the optimizer steps alone, no boundary work.
         self.train_seconds += report.losses.get("step_seconds", 0.0) * (report.step - self.last_step)
         self.last_step = report.step
+        if not evaluation_due(report.step, self.last_estimated, self.steps_total, self.worker.resources.eval_every):
+            return
+        self.last_estimated = report.step
         metrics = {**report.losses, "train_seconds": self.train_seconds, **self.worker.timing,
                    "checkpoint_seconds": self.checkpoint_seconds, "step": report.step, "boundary": report.boundary,
                    "steps_total": self.steps_total,
