@@ -158,7 +158,10 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
             finished = bool(result) and evaluated(result)
             if finished and trial_id in self._ot_trials and "aggregate" in result:
                 # The study's value may carry the objective's signal; what trials are compared on, beside it.
-                self._ot_trials[trial_id].set_user_attr(AGGREGATE_ATTR, result["aggregate"])
+                try:
+                    self._ot_trials[trial_id].set_user_attr(AGGREGATE_ATTR, result["aggregate"])
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # a resumed search re-reporting a trial the study already holds
             if finished and space.multi_objective and trial_id in self._ot_trials and "mmlu" in result:
                 # One objective carries the MMLU constraint in its value (objective_value); several
                 # cannot, so the samplers (NSGA-II, TPE) get it as a constraint.
