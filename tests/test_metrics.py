@@ -33,12 +33,24 @@ def test_task_aggregate_is_harmonic_mean_with_forget_inverted():
     assert expected == pytest.approx(12 / (6 * 1.25 + 3 * 2 + 3 * 2.5))
 
 
-def test_task_aggregate_zero_when_forget_fully_remembered_and_skips_missing():
-    scores = {"forget": {"Task1": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: 0.0}},
-              "retain": {"Task1": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: float("nan")}}}
-    assert metrics.task_aggregate(scores) == 0.0
-    partial = {"forget": {"Task1": {metrics.REGURGITATION: 0.5}}, "retain": {"Task1": {metrics.KNOWLEDGE: 0.25}}}
-    assert metrics.task_aggregate(partial) == pytest.approx(2 / (2 + 4))
+def test_task_terms_follow_the_official_order_and_missing_terms_are_said_not_skipped():
+    """The official scorer: per set, the tasks it holds (sorted, as groupby), regurgitation then
+    knowledge, forget as 1 - v; a task the set lacks has no term; a kind a task lacks is NaN, and
+    so is the harmonic mean."""
+    scores = {"forget": {"Task2": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: 0.25},
+                         "Task1": {metrics.REGURGITATION: 0.5, metrics.KNOWLEDGE: 0.0}},
+              "retain": {"Task1": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: 0.5}}}
+    terms = metrics.task_terms(scores)
+    assert list(terms) == ["forget/Task1/regurgitation-score", "forget/Task1/knowledge-score",
+                           "forget/Task2/regurgitation-score", "forget/Task2/knowledge-score",
+                           "retain/Task1/regurgitation-score", "retain/Task1/knowledge-score"]
+    assert list(terms.values()) == [0.5, 1.0, 0.0, 0.75, 1.0, 0.5]
+    assert metrics.task_aggregate(scores) == 0.0  # forget Task2 regurgitated in full
+    scores["forget"]["Task2"][metrics.REGURGITATION] = 0.5
+    assert metrics.task_aggregate(scores) == pytest.approx(6 / (2 + 1 + 2 + 4 / 3 + 1 + 2))
+    scores["retain"]["Task1"][metrics.KNOWLEDGE] = float("nan")  # no QA item in retain Task1
+    assert metrics.missing_terms(metrics.task_terms(scores)) == ["retain/Task1/knowledge-score"]
+    assert math.isnan(metrics.task_aggregate(scores))
 
 
 def test_mia_auc_and_score_by_hand():
@@ -69,3 +81,41 @@ def test_a_sets_mean_answer_probability_is_the_mean_of_each_answers_geometric_to
     # exp(-0) = 1, exp(-ln 2) = 0.5, exp(-40) ~ 0: one exploded answer counts once, as ~0.
     assert summary["mean-answer-probability"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert summary["mean-nll"] == pytest.approx((0 + math.log(2) + 40) / 3)
+
+
+def _word_tokenizer():
+    """A real fast tokenizer with one token per word or punctuation mark: token counts by eye."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))  # every word: one token
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_mmlu_prompt_is_open_instructs_text(data_paths):
+    from unlearn_search.data.mmlu import load_questions
+    from unlearn_search.evaluation.mmlu import prompt
+
+    shot = load_questions(data_paths.mmlu, "abstract_algebra", "dev", 1)
+    question = load_questions(data_paths.mmlu, "abstract_algebra", "test", 1)[0]
+    # format_subject puts a space before each word: two after "about".
+    assert prompt(question, shot) == (
+        "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
+        "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n"
+        "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
+        "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
+
+
+def test_mmlu_drops_shots_from_the_last_while_the_prompt_is_too_long():
+    from unlearn_search.data.mmlu import Question
+    from unlearn_search.evaluation.mmlu import fitted_prompt, prompt
+
+    tokenizer = _word_tokenizer()
+    shots = [Question("law", f"shot {i} has five words", ("a", "b", "c", "d"), "A") for i in range(5)]
+    long = Question("law", " ".join(["word"] * 40), ("a", "b", "c", "d"), "B")
+    # Header 10 words; the question 40 + 4 options x 2 + "Answer:" = 49; each shot 5 + 8 + 2 = 15.
+    assert len(tokenizer(prompt(long, shots[:2]), add_special_tokens=False)["input_ids"]) == 10 + 2 * 15 + 49
+    assert fitted_prompt(tokenizer, long, shots, limit=2048) == (prompt(long, shots), 5)
+    assert fitted_prompt(tokenizer, long, shots, limit=10 + 3 * 15 + 49 - 1) == (prompt(long, shots[:2]), 2)
+    assert fitted_prompt(tokenizer, long, shots, limit=30) == (prompt(long, []), 0)

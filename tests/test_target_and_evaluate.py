@@ -1,8 +1,10 @@
 """The tiny reference target end to end: build, memorization, and ``unlearn-search evaluate``."""
 
+import collections
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -36,31 +38,70 @@ def test_tiny_target_memorizes_what_it_was_trained_on(tiny_target, capsys):
     assert len(manifest["forget_ids"]) == results["forget-set"]["items"]
 
 
-def test_evaluate_end_to_end_writes_official_files(tiny_target, data_paths, tmp_path, capsys):
+def _official_scores(output: Path) -> dict:
+    """The organizers' evaluate_generations.py formulas, rewritten here from its text and run on
+    the written files alone (read as it reads them, ``pd.read_csv`` with its defaults)."""
+    from statistics import harmonic_mean
+
+    from rouge_score import rouge_scorer
+    from sklearn.metrics import auc, roc_curve
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    results, terms = {}, []
+    for split in ("forget", "retain"):
+        df = pd.concat([pd.read_csv(f) for f in sorted(output.glob(f"{split}_*.csv"))], ignore_index=True)
+        df["regurgitation-score"], df["knowledge-score"] = None, None
+        for i, (gen, gt) in enumerate(zip(df["model_output"], df["expected_output"])):
+            if df.loc[i, "id"][:-1].endswith("sc"):
+                df.loc[i, "regurgitation-score"] = scorer.score(str(gt), str(gen))["rougeL"].recall
+            elif df.loc[i, "id"][:-1].endswith("qa"):
+                df.loc[i, "knowledge-score"] = int(str(gt).strip().lower() == str(gen).strip().lower())
+        per_task = df.groupby("task")[["regurgitation-score", "knowledge-score"]].mean().to_dict(orient="index")
+        values = [float(v) for inner in per_task.values() for v in inner.values()]
+        terms += [1 - v for v in values] if split == "forget" else values
+        results[split] = {"regurgitation": np.mean(df["regurgitation-score"]), "knowledge": np.mean(df["knowledge-score"])}
+    nll = {kind: pd.concat([pd.read_csv(f) for f in sorted((output / "mia_results").glob(f"{kind}_*.csv"))])["nll"].tolist()
+           for kind in ("member", "nonmember")}
+    fp, tp, _ = roc_curve([1] * len(nll["member"]) + [0] * len(nll["nonmember"]),
+                          -np.array(nll["member"] + nll["nonmember"]))
+    mia_auc = float(auc(fp, tp))
+    mmlu = json.loads((output / "mmlu_metrics.json").read_text())["average_acc"]
+    task = harmonic_mean(terms)
+    mia_final = 1 - abs(mia_auc - 0.5) * 2
+    return {"terms": terms, "task": task, "mia_auc": mia_auc, "mia_final": mia_final, "mmlu": mmlu,
+            "aggregate": (task + mmlu + mia_final) / 3, "sets": results}
+
+
+def test_evaluate_writes_what_the_official_scorer_recomputes_exactly(tiny_target, data_paths, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["evaluate", "--model", str(tiny_target), "--output", str(out), "--split", "train",
                  "--mmlu-limit", "1", "--mmlu-shots", "1", "--data", str(data_paths.root)])
     assert code == 0
+    printed = capsys.readouterr().out
+    manifest = read_target_manifest(tiny_target)
+    assert f"{len(manifest['mia_member_ids'])} MIA members" in printed and "those the target memorized" in printed
     results = json.loads((out / "evaluation_results.json").read_text())
-    for key in ("forget-set", "retain-set", "mia_loss_acc", "mmlu_average", "harmonic-mean-task-aggregate",
-                "mia_final_score", "aggregate-score", "aggregated-terms"):
-        assert key in results
+    assert json.loads((out / "evaluation_results.jsonl").read_text()) == results
     assert results["mmlu_questions"] == 57
-    # The JSON's numbers follow from the prediction CSVs by the official rules.
-    forget = pd.read_csv(out / "forget_0.csv", keep_default_na=False)
-    assert list(forget.columns) == ["id", "task", "input", "expected_output", "model_output", "nll"]
-    sc = forget[forget.id.str[:-1].str[-2:] == "sc"]
-    qa = forget[forget.id.str[:-1].str[-2:] == "qa"]
-    rouge = [metrics.rouge_recall(str(o), str(e))["rougeL"] for o, e in zip(sc.model_output, sc.expected_output)]
-    em = [str(o).strip().lower() == str(e).strip().lower() for o, e in zip(qa.model_output, qa.expected_output)]
-    assert results["forget-set"]["overall-regurgitation-score"] == pytest.approx(sum(rouge) / len(rouge))
-    assert results["forget-set"]["overall-knowledge-score"] == pytest.approx(sum(em) / len(em))
-    terms = results["aggregated-terms"]
-    assert results["aggregate-score"] == pytest.approx(sum(terms) / 3)
-    assert results["mia_final_score"] == pytest.approx(1 - 2 * abs(results["mia_loss_acc"] - 0.5))
+    assert list(pd.read_csv(out / "forget_0.csv").columns) == ["id", "task", "input", "expected_output",
+                                                               "model_output", "nll"]
+    assert list(pd.read_csv(out / "mia_results" / "member_0.csv").columns) == ["id", "nll"]
+    official = _official_scores(out)
+    assert len(official["terms"]) == 12 and results["missing-terms"] == []
+    assert results["aggregated-terms"] == pytest.approx(official["terms"], abs=1e-9)
+    assert results["harmonic-mean-task-aggregate"] == pytest.approx(official["task"], abs=1e-9)
+    assert results["mia_loss_acc"] == pytest.approx(official["mia_auc"], abs=1e-9)
+    assert results["mia_final_score"] == pytest.approx(official["mia_final"], abs=1e-9)
+    assert results["mmlu_average"] == pytest.approx(official["mmlu"], abs=1e-9)
+    assert results["aggregate-score"] == pytest.approx(official["aggregate"], abs=1e-9)
+    for set_name, scores in official["sets"].items():
+        assert results[f"{set_name}-set"]["overall-regurgitation-score"] == pytest.approx(scores["regurgitation"], abs=1e-9)
+        assert results[f"{set_name}-set"]["overall-knowledge-score"] == pytest.approx(scores["knowledge"], abs=1e-9)
+    assert list(results["final-mean-terms"].values()) == [results["harmonic-mean-task-aggregate"],
+                                                         results["mmlu_average"], results["mia_final_score"]]
     # The memorized target has not forgotten anything: the task aggregate is near zero.
     assert results["harmonic-mean-task-aggregate"] < 0.1
-    assert "aggregate-score" in capsys.readouterr().out
+    assert "aggregate-score" in printed
 
 
 def test_evaluate_refuses_a_missing_model(tmp_path, capsys):
@@ -109,6 +150,11 @@ def test_batched_inference_equals_one_at_a_time(tiny_target, data_paths):
     nll_one = answer_nll(model, tokenizer, prompts, answers, batch_size=1)
     nll_batched = answer_nll(model, tokenizer, prompts, answers, batch_size=5)
     assert max(abs(a - b) for a, b in zip(nll_one, nll_batched)) < 1e-4
+    # Generation stops at the checkpoint's own EOS (its generation_config), as the official scorer's.
+    continuation = tokenizer(one[0], add_special_tokens=False)["input_ids"]
+    stop = next(k for k in range(2, len(continuation)) if continuation[k] not in continuation[:k])
+    model.generation_config.eos_token_id = continuation[stop]
+    assert generate(model, tokenizer, prompts[:1], max_new_tokens=24) == [tokenizer.decode(continuation[:stop + 1])]
 
 
 def _quick_scores_on_rank(rank: int, init_file: str, model_dir: str, data_root: str, out: str) -> None:
@@ -180,14 +226,22 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
     assert whole == pytest.approx(metric_values(evaluate(model, tokenizer, data_paths, final, manifest)))
     assert set(whole) == set(METRIC_NAMES)  # the names MLflow keeps apart as estimates
 
-    subset = quick_data(data, items=8, documents=6)
+    subset = quick_data(data, items=16, documents=6)
     assert [len(subset.benchmark.forget), len(subset.benchmark.retain), len(subset.members), len(subset.nonmembers)] \
-        == [4, 4, 3, 3]
-    # Fixed (the same items at every boundary) and spread: with split "all" a prefix would hold no
-    # validation item.
-    assert subset.benchmark.forget == [data.benchmark.forget[i] for i in (0, 5, 10, 15)]
+        == [8, 8, 3, 3]
+    # Every task and kind of each set (each term of the task harmonic mean), shared evenly.
+    for items in (subset.benchmark.forget, subset.benchmark.retain):
+        groups = collections.Counter((i.task, i.kind) for i in items)
+        assert set(groups) == {(t, k) for t in ("Task1", "Task2", "Task3") for k in ("sc", "qa")}, groups
+        assert max(groups.values()) - min(groups.values()) <= 1, groups
+    # What a group cannot take goes to the others: the train split's forget set has 10 Task2 QA
+    # items and 2 of each other group, so 16 items are 5 x 2 and 6 of Task2 QA.
+    larger = collections.Counter((i.task, i.kind) for i in quick_data(data, items=32, documents=6).benchmark.forget)
+    assert sum(larger.values()) == 16 and larger[("Task2", "qa")] == 6, larger
+    assert subset == quick_data(data, items=16, documents=6)  # fixed: the same items at every boundary
+    # Spread within each group: with split "all" a prefix would hold no validation item.
     both = load_eval_data(data_paths, EvalConfig(split="all"), manifest)
-    splits = {item.split for item in quick_data(both, items=8, documents=6).benchmark.forget}
+    splits = {item.split for item in quick_data(both, items=24, documents=6).benchmark.forget}
     assert splits == {"train", "validation"}, splits
     quick = quick_scores(model, tokenizer, subset, data_paths.mmlu, quick_config(final, 24, 1))
     assert quick["aggregate"] == pytest.approx((quick["task_aggregate"] + quick["mmlu"] + quick["mia_score"]) / 3)
@@ -195,3 +249,33 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
     nonmembers = document_nll(model, tokenizer, [d.text for d in subset.nonmembers])
     assert quick["mia_auc"] == pytest.approx(metrics.mia_auc(members, nonmembers))
     assert quick["mia_score"] == pytest.approx(1 - 2 * abs(quick["mia_auc"] - 0.5))
+
+
+BUILD_ONE = """
+import dataclasses, json, sys, time
+from unlearn_search.data import resolve_data
+from unlearn_search.models import PRESETS, build_target
+preset = dataclasses.replace(PRESETS["tiny"], name="micro", documents=1, mia_documents=2, vocab_size=512,
+                             hidden_size=32, layers=1, heads=2, max_length=128, epochs=20)
+directory = build_target(resolve_data(sys.argv[1]), preset, output=sys.argv[2], progress=False)
+print(json.dumps({"built_seconds": json.loads(open(f"{directory}/unlearn_target.json").read())["build_seconds"]}))
+"""
+
+
+def test_two_processes_started_together_build_a_shared_target_once(data_paths, tmp_path):
+    """The user cache is shared by every search on a machine: a target (or a report, the
+    original's MMLU, a teacher cache) is built under a lock, and the process that waited finds
+    the finished build instead of building it again over the first one's files."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "micro"
+    command = [sys.executable, "-c", BUILD_ONE, str(data_paths.root), str(target)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [run.communicate(timeout=600) + (run.returncode,) for run in runs]
+    assert [code for _, _, code in done] == [0, 0], [err[-2000:] for _, err, _ in done]
+    waited = [out for out, _, _ in done if "waiting for another process building the micro target" in out]
+    assert len(waited) == 1, [out for out, _, _ in done]
+    # Both got the one build: the same manifest, the waiting one never started its own.
+    assert len({json.loads(out.strip().splitlines()[-1])["built_seconds"] for out, _, _ in done}) == 1
+    assert not list(tmp_path.glob("*.partial"))

@@ -4,9 +4,11 @@ start, and logging calls kept (not dropped) when the server goes away mid-search
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,19 +171,17 @@ def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path):
     uri = f"http://127.0.0.1:{_closed_port()}"
     tracker = MLflowTracker(uri, "e", tmp_path, "search", {}, retries=2, retry_wait_s=0.01)
     trial = _trial("t1", tmp_path, lr=1e-4)
-    import os
-
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
-    try:
-        tracker.setup()
-        tracker.on_trial_start(0, [], trial)
-        tracker.on_trial_result(0, [], trial, {"task_aggregate": 0.3, "training_iteration": 1})
-        assert len(tracker.pending) == 3  # queued in order, nothing dropped
-        tracker.on_experiment_end([])
-    finally:
-        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-        os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    # MLflow's own defaults: the tracker's client fails fast by itself (with them, one call to a
+    # closed port took about 4 minutes, and a search would stall at every trial event).
+    assert not {"MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"} & set(os.environ)
+    started = time.monotonic()
+    tracker.setup()
+    tracker.on_trial_start(0, [], trial)
+    tracker.on_trial_result(0, [], trial, {"task_aggregate": 0.3, "training_iteration": 1})
+    assert len(tracker.pending) == 3  # queued in order, nothing dropped
+    tracker.on_experiment_end([])
+    assert time.monotonic() - started < 60  # seven failed calls, each refused at once
+    assert not {"MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"} & set(os.environ)  # restored
     kept = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
     assert [k["what"] for k in kept] == ["parent", "trial_start", "metrics"]
     assert kept[2]["values"] == {"estimate.task_aggregate": 0.3} and "error" in kept[0]

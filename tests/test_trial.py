@@ -53,6 +53,8 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
     assert results["retain-set"]["overall-regurgitation-score"] > 0.8
     model = load_model(out / "model")  # a plain Hugging Face checkpoint
     assert type(model).__name__ == "OlmoForCausalLM"
+    assert read_target_manifest(out / "model") == read_target_manifest(tiny_target)  # scored on the same items
+    assert (out / "mia_results" / "nonmember_0.csv").exists()  # the official scorer's MIA input
     assert "aggregate-score" in capsys.readouterr().out
 
 

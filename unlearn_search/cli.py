@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.quiet import silence_known_warnings
 
 
 
@@ -58,6 +59,7 @@ def _headline(results: dict) -> str:
 
 def cmd_target_build(args) -> None:
     from unlearn_search.data import resolve_data
+    from unlearn_search.data.locate import cache_lock
     from unlearn_search.evaluation import EvalConfig, evaluate
     from unlearn_search.models import (TARGET_EVALUATION, build_target, get_preset, load_model, load_tokenizer,
                                        read_target_manifest)
@@ -67,11 +69,14 @@ def cmd_target_build(args) -> None:
     started = time.time()
     directory = build_target(paths, preset, Path(args.output) if args.output else None, force=args.force)
     report = directory / TARGET_EVALUATION
-    if not report.exists():
-        model, tokenizer = load_model(directory), load_tokenizer(directory)
-        config = EvalConfig(split="all", mmlu_limit=args.mmlu_limit, progress=True)
-        results = evaluate(model, tokenizer, paths, config, read_target_manifest(directory))
-        report.write_text(json.dumps(results, indent=2))
+    with cache_lock(report, f"the {preset.name} target's report"):
+        if not report.exists():
+            model, tokenizer = load_model(directory), load_tokenizer(directory)
+            config = EvalConfig(split="all", mmlu_limit=args.mmlu_limit, progress=True)
+            results = evaluate(model, tokenizer, paths, config, read_target_manifest(directory))
+            partial = report.with_suffix(".partial")
+            partial.write_text(json.dumps(results, indent=2))
+            partial.replace(report)  # whole or not at all: a search reads it for the original's MMLU
     results = json.loads(report.read_text())
     manifest = read_target_manifest(directory)
     print(f"target ({preset.name}): {directory}")
@@ -81,9 +86,21 @@ def cmd_target_build(args) -> None:
     print(_headline(results))
 
 
+def scored_items(data, config, from_manifest: bool, all_items: bool) -> str:
+    """What an evaluation scores, said before it starts: a memorized target's own items, or all."""
+    from unlearn_search.models.loading import TARGET_MANIFEST
+
+    counts = (f"{len(data.benchmark.forget)} forget and {len(data.benchmark.retain)} retain items "
+              f"(split {config.split}), {len(data.members)} MIA members and {len(data.nonmembers)} non-members")
+    if from_manifest:
+        return f"scoring {counts}: those the target memorized ({TARGET_MANIFEST} beside the model)"
+    why = "--all-items" if all_items else f"no {TARGET_MANIFEST} beside the model"
+    return f"scoring {counts}: every item and document ({why})"
+
+
 def cmd_evaluate(args) -> None:
     from unlearn_search.data import resolve_data
-    from unlearn_search.evaluation import evaluate
+    from unlearn_search.evaluation import evaluate, load_eval_data
     from unlearn_search.models import load_model, load_tokenizer, read_target_manifest, resolve_model
     from unlearn_search.training.trial import reported_mmlu
 
@@ -98,7 +115,9 @@ def cmd_evaluate(args) -> None:
     model = load_model(directory, args.dtype, trust_remote_code=args.trust_remote_code, device=default_device())
     tokenizer = load_tokenizer(directory, trust_remote_code=args.trust_remote_code)
     started = time.time()
-    results = evaluate(model, tokenizer, paths, _eval_config(args, original_mmlu=original), manifest, args.output)
+    config = _eval_config(args, original_mmlu=original)
+    print(scored_items(load_eval_data(paths, config, manifest), config, manifest is not None, args.all_items))
+    results = evaluate(model, tokenizer, paths, config, manifest, args.output)
     print(f"evaluated {directory} in {time.time() - started:.1f} s -> {Path(args.output) / 'evaluation_results.json'}")
     print(_headline(results))
 
@@ -165,6 +184,21 @@ def cmd_methods(args) -> None:
         print(f"  {'':13s} knobs: {knobs(cls)}")
     print("trial settings:")
     print("  " + ", ".join(f"{n}={f.default!r}" for n, f in TRIAL_FIELDS.items()))
+
+
+def cmd_docs(args) -> None:
+    from unlearn_search import docs
+
+    directory = Path(args.dir) if args.dir else docs.docs_dir()
+    if args.write:
+        written = docs.write_pages(directory)
+        print("\n".join(f"wrote {path}" for path in written) or f"{directory}: every generated page is up to date")
+        return
+    stale = docs.stale_pages(directory)
+    if stale:
+        raise UnlearnSearchError(f"{directory}: {', '.join(stale)} differ from the code "
+                                 f"(expected them equal: run {docs.REGENERATE})")
+    print(f"{directory}: every generated page is up to date ({', '.join(docs.pages())})")
 
 
 def cmd_trial(args) -> None:
@@ -415,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--markdown", action="store_true", help="print the docs/methods.md table")
     methods.set_defaults(func=cmd_methods)
 
+    docs = commands.add_parser("docs", help="check or regenerate the reference pages in docs/ that are generated "
+                                            "from the code")
+    docs.add_argument("--write", action="store_true", help="write the pages that differ from the code")
+    docs.add_argument("--dir", help="the docs folder (default: the checkout's docs/)")
+    docs.set_defaults(func=cmd_docs)
+
     data = commands.add_parser("data", help="the unlearning data").add_subparsers(dest="action", required=True)
     fetch = data.add_parser("fetch", help="download the public LUME release into the user cache")
     fetch.add_argument("--url", default=LUME_URL, help="folder URL holding forget.jsonl and retain.jsonl")
@@ -427,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_known_warnings()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

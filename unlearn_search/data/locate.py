@@ -7,8 +7,10 @@ import json
 import os
 import random
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from unlearn_search.errors import UnlearnSearchError
 
@@ -18,6 +20,26 @@ LUME_URL = "https://raw.githubusercontent.com/amazon-science/lume-llm-unlearning
 
 def cache_root() -> Path:
     return Path(os.environ.get("UNLEARN_SEARCH_CACHE", Path.home() / ".cache" / "unlearn-search"))
+
+
+@contextmanager
+def cache_lock(entry: Path, what: str) -> Iterator[None]:
+    """Hold ``<entry>.lock`` while a shared cache entry is built or rewritten, so that two
+    searches started together build it once: the second waits (saying so), then finds it."""
+    from filelock import FileLock, Timeout
+
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(entry.with_name(entry.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"unlearn-search: waiting for another process building {what} ({entry})", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @dataclass(frozen=True)

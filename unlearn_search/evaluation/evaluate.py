@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from unlearn_search.data import Benchmark, DataPaths, load_benchmark, load_documents
-from unlearn_search.data.benchmark import TASKS, Item
+from unlearn_search.data.benchmark import Item
 from unlearn_search.evaluation import metrics
 from unlearn_search.evaluation.inference import document_nll, encode_answers, generate, max_length, sequence_nll
 from unlearn_search.evaluation.mmlu import evaluate_mmlu
@@ -97,7 +97,7 @@ def summarize_set(frame: pd.DataFrame) -> dict:
         "mean-answer-probability": metrics.mean(np.exp(-frame.nll)),
         "items": int(len(frame)),
     }
-    for task in TASKS:
+    for task in sorted(frame.task.unique()):  # the tasks the set holds, as the official groupby
         summary[task] = {
             metrics.REGURGITATION: metrics.mean(sc[sc.task == task].rougeL_recall),
             metrics.KNOWLEDGE: metrics.mean(qa[qa.task == task].exact_match),
@@ -123,14 +123,22 @@ def evaluate(model, tokenizer, paths: DataPaths, config: EvalConfig, manifest: d
 
 
 def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig) -> tuple[dict, dict]:
-    """The evaluation results (``evaluation_results.json``'s layout) and the per-set prediction frames."""
+    """The evaluation results (``evaluation_results.json``'s layout) and the frames behind them: per
+    set (forget, retain) one row per item, per MIA kind (member, nonmember) one row per document."""
     frames = score_benchmark(model, tokenizer, data.benchmark, config)
     results: dict = {f"{s}-set": summarize_set(frames[s]) for s in frames}
-    per_task = {s: {t: results[f"{s}-set"][t] for t in TASKS} for s in frames}
+    per_task = {s: {t: v for t, v in results[f"{s}-set"].items() if t in frames[s].task.values} for s in frames}
+    terms = metrics.task_terms(per_task)
+    # The official key: the 12 terms of the task harmonic mean, forget ones as 1 - v.
+    results["aggregated-terms"] = list(terms.values())
+    results["task-terms"] = terms
+    results["missing-terms"] = metrics.missing_terms(terms)
     results["harmonic-mean-task-aggregate"] = metrics.task_aggregate(per_task)
 
     member_nll = document_nll(model, tokenizer, [d.text for d in data.members], config.batch_size)
     nonmember_nll = document_nll(model, tokenizer, [d.text for d in data.nonmembers], config.batch_size)
+    frames["member"] = pd.DataFrame({"id": [d.id for d in data.members], "nll": member_nll})
+    frames["nonmember"] = pd.DataFrame({"id": [d.id for d in data.nonmembers], "nll": nonmember_nll})
     auc = metrics.mia_auc(member_nll, nonmember_nll)
     results["mia_loss_acc"] = auc
     results["mia_final_score"] = metrics.mia_score(auc)
@@ -142,15 +150,16 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
     results["mmlu_average"] = mmlu["average"]
     results["mmlu_questions"] = mmlu["questions"]
     results["mmlu_subjects"] = mmlu["subjects"]
+    results["mmlu_prompt_format"] = mmlu["prompt_format"]
     threshold = utility_threshold(config)
     results["mmlu_threshold"] = threshold
     results["passes_utility_threshold"] = None if threshold is None else bool(mmlu["average"] >= threshold)
 
     parameter = next(model.parameters())
     results["model_dtype"], results["model_device"] = str(parameter.dtype).removeprefix("torch."), parameter.device.type
-    terms = [results["harmonic-mean-task-aggregate"], results["mmlu_average"], results["mia_final_score"]]
-    results["aggregated-terms"] = terms
-    results["aggregate-score"] = metrics.aggregate(*terms)
+    final = {k: results[k] for k in ("harmonic-mean-task-aggregate", "mmlu_average", "mia_final_score")}
+    results["final-mean-terms"] = final  # ours: the three terms of the aggregate
+    results["aggregate-score"] = metrics.aggregate(*final.values())
     return results, frames
 
 
@@ -201,10 +210,24 @@ def _mean_present(*values: float) -> float:
 
 
 PREDICTION_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "nll"]
+MIA_COLUMNS = ["id", "nll"]
+RESULTS_FILE, OFFICIAL_RESULTS_FILE = "evaluation_results.json", "evaluation_results.jsonl"
+MIA_DIR, MMLU_METRICS_FILE = "mia_results", "mmlu_metrics.json"
 
 
 def write_results(results: dict, frames: dict[str, pd.DataFrame], output: Path) -> None:
+    """The official scorer's input layout, so that it recomputes our numbers from these files alone:
+    ``forget_0.csv`` and ``retain_0.csv`` (one row per item), ``mia_results/member_0.csv`` and
+    ``nonmember_0.csv`` (one row per document), an MMLU metrics file with ``average_acc``, and the
+    results under both our name and the official ``evaluation_results.jsonl``."""
     output.mkdir(parents=True, exist_ok=True)
-    for set_name, frame in frames.items():
-        frame[PREDICTION_COLUMNS].to_csv(output / f"{set_name}_0.csv", index=False)
-    (output / "evaluation_results.json").write_text(json.dumps(results, indent=2))
+    (output / MIA_DIR).mkdir(exist_ok=True)
+    for name, frame in frames.items():
+        if name in ("member", "nonmember"):
+            frame[MIA_COLUMNS].to_csv(output / MIA_DIR / f"{name}_0.csv", index=False)
+        else:
+            frame[PREDICTION_COLUMNS].to_csv(output / f"{name}_0.csv", index=False)
+    mmlu = {"average_acc": results["mmlu_average"], "subcat_acc": results["mmlu_subjects"]}
+    (output / MMLU_METRICS_FILE).write_text(json.dumps(mmlu, indent=2))
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    (output / OFFICIAL_RESULTS_FILE).write_text(json.dumps(results) + "\n")

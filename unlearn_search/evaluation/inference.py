@@ -61,6 +61,14 @@ def merged(results: dict[int, Any]) -> dict[int, Any]:
     return {index: value for part in everyone for index, value in part.items()}
 
 
+def eos_token_id(model, tokenizer) -> int | list[int] | None:
+    """Where generation stops: the checkpoint's own ``generation_config`` EOS (one id or several),
+    as the official scorer's ``generate`` uses it; the tokenizer's when the checkpoint sets none."""
+    config = getattr(model, "generation_config", None)
+    own = getattr(config, "eos_token_id", None)
+    return own if own is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 32,
              progress: bool = False, expected_tokens: Sequence[int] | None = None,
@@ -91,7 +99,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
         generated = model.generate(
             input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=eos_token_id(model, tokenizer),
         )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         if kept:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from functools import lru_cache
 from typing import Iterable, Mapping, Sequence
 
 from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
-
-from unlearn_search.data.benchmark import TASKS
 
 REGURGITATION, KNOWLEDGE = "regurgitation-score", "knowledge-score"
 
@@ -35,24 +34,41 @@ def mean(values: Iterable[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def task_aggregate(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> float:
-    """Harmonic mean of the per-task values, each forget value v entering as 1 - v.
+SETS = ("forget", "retain")
 
-    ``scores[set][task][metric]`` with set ``forget``/``retain`` and metric regurgitation or
-    knowledge: 12 values on the full benchmark. A missing or NaN value (no item of that kind
-    in that task) is left out; any zero makes the mean zero.
+
+def task_terms(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, float]:
+    """The terms of the task harmonic mean, in the official scorer's order, keyed
+    ``set/task/metric``: per set (forget, retain), per task the set holds (sorted, as its
+    ``groupby("task")``), regurgitation then knowledge; a forget value v enters as 1 - v.
+
+    ``scores[set][task][metric]``: 12 terms on the full benchmark. A task a set lacks has no terms
+    (the official groupby has no row for it); a task with no item of one kind has that term NaN.
     """
-    terms = []
-    for set_name in ("forget", "retain"):
-        for task in TASKS:
+    terms = {}
+    for set_name in SETS:
+        for task in sorted(scores.get(set_name, {})):
             for metric in (REGURGITATION, KNOWLEDGE):
-                value = scores.get(set_name, {}).get(task, {}).get(metric)
-                if value is None or value != value:
-                    continue
-                terms.append(1.0 - value if set_name == "forget" else value)
+                value = scores[set_name][task].get(metric, math.nan)
+                value = math.nan if value is None else float(value)
+                terms[f"{set_name}/{task}/{metric}"] = 1.0 - value if set_name == "forget" else value
+    return terms
+
+
+def missing_terms(terms: Mapping[str, float]) -> list[str]:
+    """The terms with no item to score them (NaN)."""
+    return [name for name, value in terms.items() if math.isnan(value)]
+
+
+def task_aggregate(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> float:
+    """Harmonic mean of ``task_terms``; any zero makes it zero. NaN when a term is missing, as
+    the official scorer's harmonic mean is, rather than a mean of fewer terms."""
+    terms = task_terms(scores)
     if not terms:
         raise ValueError("task_aggregate needs at least one per-task score")
-    return statistics.harmonic_mean(terms)
+    if missing_terms(terms):
+        return math.nan
+    return statistics.harmonic_mean(list(terms.values()))
 
 
 def mia_auc(member_nll: Sequence[float], nonmember_nll: Sequence[float]) -> float:

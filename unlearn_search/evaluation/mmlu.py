@@ -18,10 +18,29 @@ def format_question(question: Question, with_answer: bool) -> str:
     return "\n".join(lines) + "\nAnswer:" + (f" {question.answer}\n\n" if with_answer else "")
 
 
+OPEN_INSTRUCT_MAX_TOKENS = 2048  # open-instruct eval/mmlu/run_eval.py drops shots while a prompt is longer
+# Written with every score: a baseline kept from another prompt format is not compared with it.
+PROMPT_FORMAT = "open-instruct"
+
+
+def format_subject(subject: str) -> str:
+    """Open-Instruct's: each word after a space, so the header reads "about  abstract algebra"."""
+    return "".join(" " + word for word in subject.split("_"))
+
+
 def prompt(question: Question, shots: Sequence[Question]) -> str:
-    subject = question.subject.replace("_", " ")
-    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    header = f"The following are multiple choice questions (with answers) about {format_subject(question.subject)}.\n\n"
     return header + "".join(format_question(s, True) for s in shots) + format_question(question, False)
+
+
+def fitted_prompt(tokenizer, question: Question, shots: Sequence[Question], limit: int) -> tuple[str, int]:
+    """The prompt and its shot count: shots are dropped from the last while the prompt has more
+    than ``limit`` tokens (counted without special tokens), as Open-Instruct does at 2048."""
+    for count in range(len(shots), 0, -1):
+        text = prompt(question, shots[:count])
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit:
+            return text, count
+    return prompt(question, []), 0
 
 
 def choice_token_ids(tokenizer) -> list[int]:
@@ -39,12 +58,12 @@ def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit
     """Average accuracy over all questions and per subject, on ``test`` with ``dev`` shots."""
     questions = load_mmlu(directory, "test", limit_per_subject)
     dev: dict[str, list[Question]] = {}
-    limit = max_length(model, tokenizer)
     for q in questions:
         if q.subject not in dev:
             dev[q.subject] = load_questions(directory, q.subject, "dev", shots) if shots else []
-    prompts = [prompt(q, dev[q.subject]) for q in questions]
-    # Keep the question itself when the shots overflow.
+    limit = min(OPEN_INSTRUCT_MAX_TOKENS, max_length(model, tokenizer))
+    prompts = [fitted_prompt(tokenizer, q, dev[q.subject], limit)[0] for q in questions]
+    # A question longer than the context even with no shot keeps its end, where the answer goes.
     encoded = [ids[-limit:] for ids in tokenizer(prompts)["input_ids"]] if prompts else []
     choice_ids = torch.tensor(choice_token_ids(tokenizer))
     order = sorted(range(len(questions)), key=lambda i: len(encoded[i]))
@@ -72,6 +91,7 @@ def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit
         per_subject[q.subject].append(ok)
     return {
         "average": sum(correct) / len(correct),
+        "prompt_format": PROMPT_FORMAT,
         "questions": len(correct),
         "subjects": {s: sum(v) / len(v) for s, v in sorted(per_subject.items())},
     }

@@ -25,11 +25,36 @@ def spread(values: Sequence, count: int) -> list:
     return [values[i * len(values) // count] for i in range(count)]
 
 
+def shares(sizes: Sequence[int], count: int) -> list[int]:
+    """``count`` split as evenly as the group ``sizes`` allow (what a full group cannot take goes to
+    the others), at least one per group and at most all of each."""
+    taken, remaining = [0] * len(sizes), min(max(count, len(sizes)), sum(sizes))
+    while remaining:
+        room = [g for g, size in enumerate(sizes) if taken[g] < size]
+        each = max(1, remaining // len(room))
+        for g in room[:remaining]:
+            extra = min(each, sizes[g] - taken[g], remaining)
+            taken[g] += extra
+            remaining -= extra
+    return taken
+
+
+def stratified(items: Sequence, count: int) -> list:
+    """``count`` of ``items``, shared over the (task, kind) groups (so that every term of the task
+    harmonic mean has an item) and spread within each, in the list's order."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault((item.task, item.kind), []).append(index)
+    counts = shares([len(g) for g in groups.values()], count)
+    return [items[i] for i in sorted(i for g, n in zip(groups.values(), counts) for i in spread(g, n))]
+
+
 def quick_data(data: EvalData, items: int, documents: int) -> EvalData:
-    """A fixed, deterministic subset: ``items`` forget + retain items and ``documents`` MIA
-    members + non-members, half of each, spread over the evaluation's data."""
+    """A fixed, deterministic subset: ``items`` forget + retain items (half of each, stratified by
+    task and kind) and ``documents`` MIA members + non-members (half of each), spread over the
+    evaluation's data."""
     half_items, half_documents = max(1, items // 2), max(1, documents // 2)
-    benchmark = Benchmark(spread(data.benchmark.forget, half_items), spread(data.benchmark.retain, half_items))
+    benchmark = Benchmark(stratified(data.benchmark.forget, half_items), stratified(data.benchmark.retain, half_items))
     return EvalData(benchmark, spread(data.members, half_documents), spread(data.nonmembers, half_documents))
 
 

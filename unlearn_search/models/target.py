@@ -25,7 +25,7 @@ from transformers import OlmoConfig, OlmoForCausalLM, PreTrainedTokenizerFast
 from unlearn_search import __version__
 from unlearn_search.data import DataPaths, collate, encode, length_bucketed_batches, load_documents
 from unlearn_search.data.benchmark import TASKS, Item, load_set
-from unlearn_search.data.locate import cache_root
+from unlearn_search.data.locate import cache_lock, cache_root
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.models.loading import TARGET_MANIFEST
 
@@ -195,6 +195,13 @@ def build_target(paths: DataPaths, preset: TargetPreset, output: Path | None = N
     output = Path(output) if output else default_target_dir(paths, preset)
     if (output / TARGET_MANIFEST).exists() and not force:
         return output
+    with cache_lock(output, f"the {preset.name} target"):
+        if (output / TARGET_MANIFEST).exists() and not force:  # built while this process waited
+            return output
+        return _build(paths, preset, output, progress)
+
+
+def _build(paths: DataPaths, preset: TargetPreset, output: Path, progress: bool) -> Path:
     started = time.time()
     torch.manual_seed(preset.seed)
     data = select_data(paths, preset)

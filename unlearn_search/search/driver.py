@@ -303,8 +303,9 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
     MMLU, hence the caches)."""
     import hashlib
 
-    from unlearn_search.data.locate import cache_root
+    from unlearn_search.data.locate import cache_lock, cache_root
     from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.evaluation.mmlu import PROMPT_FORMAT
     from unlearn_search.models import checkpoint_digest
     from unlearn_search.training.trial import on_cluster
     from unlearn_search.training.trial import original_mmlu as score_original
@@ -315,19 +316,20 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
     # No batch size: prompts are length-sorted and padded with matching position ids, so it moves
     # the score by float rounding at most, and a new one should not cost minutes of rescoring.
     key = {"model": str(model_dir), "checkpoint": digest.hexdigest()[:16], "data": str(data_root),
-           "shots": ev.mmlu_shots, "limit": limit}
+           "shots": ev.mmlu_shots, "limit": limit, "prompt_format": PROMPT_FORMAT}
     kept, shared = output / ORIGINAL_MMLU_FILE, cache_root() / ORIGINAL_MMLU_FILE
 
     def find(path: Path) -> dict | None:
         return next((e for e in _entries(path) if e.get("key") == key), None)
     entry = find(kept)
     if entry is None:  # written only when new to this output (--resume and the export retry read it)
-        entry = find(shared)
-        if entry is None:
-            evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
-            entry = {"key": key, "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root,
-                                                             evaluation)}
-            _keep(shared, entry)
+        with cache_lock(shared, "the original's MMLU"):  # a search started beside this one scores it once
+            entry = find(shared)
+            if entry is None:
+                evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
+                entry = {"key": key, "mmlu_average": on_cluster(space.resources, score_original, model_dir,
+                                                                 data_root, evaluation)}
+                _keep(shared, entry)
         _keep(kept, entry)
     return entry["mmlu_average"]
 

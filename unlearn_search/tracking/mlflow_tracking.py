@@ -8,8 +8,10 @@ and retried at the next event and at the end; what still cannot be logged is wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from ray.tune import Callback
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.evaluation.evaluate import METRIC_NAMES
+from unlearn_search.evaluation.evaluate import METRIC_NAMES, MIA_DIR, MMLU_METRICS_FILE, RESULTS_FILE
 from unlearn_search.search.driver import absolute_uri
 from unlearn_search.search.results import TRIAL_OUTPUT, evaluated, trial_status
 from unlearn_search.search.schedulers import pruned_record
@@ -25,7 +27,9 @@ from unlearn_search.training.config import trial_config
 
 PARENT_FILE = "mlflow.json"
 PENDING_FILE = "mlflow_pending.jsonl"
-TRIAL_ARTIFACTS = ("evaluation_results.json", "forget_0.csv", "retain_0.csv", "metrics.jsonl")
+# A trial's evaluation as the official scorer reads it (artifact path, under the run: same layout).
+TRIAL_ARTIFACTS = (RESULTS_FILE, "forget_0.csv", "retain_0.csv", f"{MIA_DIR}/member_0.csv", f"{MIA_DIR}/nonmember_0.csv",
+                   MMLU_METRICS_FILE, "metrics.jsonl")
 # Bookkeeping keys Tune adds to every result; not worth a metric series each.
 SKIPPED_METRICS = {"timestamp", "time_this_iter_s", "time_since_restore", "iterations_since_restore", "pid",
                    "done", "trained", "training_iteration", "resumed_from", "steps_total", "step"}
@@ -33,6 +37,25 @@ SKIPPED_METRICS = {"timestamp", "time_this_iter_s", "time_since_restore", "itera
 # finished trials'); a run keeps them apart, so that its "aggregate" is only ever a full evaluation's
 # and a pruned or stopped trial never ranks among finished ones on an estimate.
 ESTIMATE_PREFIX = "estimate."
+
+
+# The tracker's queue is the one retry layer: its calls run in Tune's controller, where MLflow's
+# own retries (with backoff, about 4 minutes per call to a dead server) would hold every trial event.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def fail_fast():
+    """MLflow's documented request settings at ``FAIL_FAST`` for the calls inside, unless the user
+    set them; the environment is restored after."""
+    saved = {key: os.environ.get(key) for key in FAIL_FAST}
+    os.environ.update({key: value for key, value in FAIL_FAST.items() if saved[key] is None})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 def default_tracking_uri(output: Path) -> str:
@@ -145,7 +168,8 @@ class MLflowTracker(Callback):
             call = self.pending[0]
             for attempt in range(self.retries if final else 1):
                 try:
-                    self._apply(call)
+                    with fail_fast():
+                        self._apply(call)
                     break
                 except Exception as error:  # any client failure: keep the call, try again later
                     call["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
@@ -181,7 +205,7 @@ class MLflowTracker(Callback):
             directory = Path(call["directory"]) if call.get("directory") else None
             for name in TRIAL_ARTIFACTS:
                 if directory and (directory / name).exists():
-                    client.log_artifact(run_id, str(directory / name))
+                    client.log_artifact(run_id, str(directory / name), str(Path(name).parent) if "/" in name else None)
             client.set_terminated(run_id, "FAILED" if call["status"] == "failed" else
                                   "KILLED" if call["status"] in ("pruned", "stopped") else "FINISHED")
         elif what == "trial_resume":

@@ -141,6 +141,7 @@ def cached_sequences(data) -> dict[str, Sequence[Encoded]]:
 def ensure_cache(model_dir: Path, data, directory: Path, top_k: int | None | str = "auto",
                  progress: bool = False) -> Path:
     """The cache file for this model and data under ``directory``, computed if missing."""
+    from unlearn_search.data.locate import cache_lock
     from unlearn_search.models import load_model
 
     sequences = cached_sequences(data)
@@ -151,7 +152,9 @@ def ensure_cache(model_dir: Path, data, directory: Path, top_k: int | None | str
     path = Path(directory) / f"teacher-{cache_key(Path(model_dir), sequences, top_k)}.pt"
     if path.exists():
         return path
-    teacher = load_model(model_dir)
-    teacher.requires_grad_(False)
-    compute_cache(teacher, sequences, data.pad_token_id, top_k).save(path)
+    with cache_lock(path, "the teacher-output cache"):
+        if not path.exists():  # else built while this process waited
+            teacher = load_model(model_dir)
+            teacher.requires_grad_(False)
+            compute_cache(teacher, sequences, data.pad_token_id, top_k).save(path)
     return path

@@ -111,8 +111,10 @@ def accelerator_environment(environ: dict[str, str], has_gpu: bool) -> dict[str,
 def _worker_environment(cpus: float) -> None:
     import torch
 
+    from unlearn_search.quiet import silence_known_warnings
     from unlearn_search.training.distributed import return_large_frees
 
+    silence_known_warnings()
     return_large_frees()
     wanted = accelerator_environment(dict(os.environ), torch.cuda.is_available())
     for key in set(os.environ) - set(wanted):
@@ -778,6 +780,7 @@ def reported_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.data.mmlu import load_mmlu
     from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.evaluation.mmlu import PROMPT_FORMAT
     from unlearn_search.models import TARGET_EVALUATION
 
     report = Path(original_dir) / TARGET_EVALUATION
@@ -786,6 +789,7 @@ def reported_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -
     saved = json.loads(report.read_text())
     # The first n questions of each subject: the same count is the same questions.
     same = saved.get("mmlu_questions") == len(load_mmlu(paths_from_root(data_root).mmlu, "test", evaluation.mmlu_limit))
+    same = same and saved.get("mmlu_prompt_format") == PROMPT_FORMAT
     return saved["mmlu_average"] if same else None
 
 

@@ -13,6 +13,7 @@ from unlearn_search.data.refusals import load_refusals
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import Reference, get_method, get_schedule
 from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
+from unlearn_search.models.loading import copy_target_manifest
 from unlearn_search.models.trainable import plain_model, prepare_trainable
 from unlearn_search.training.config import TrialConfig, check_output_dir
 from unlearn_search.training.loop import (Report, TorchBackend, TrainData, TrainResult, alternative_answers,
@@ -96,4 +97,5 @@ def unlearn(model_dir: str | Path, paths: DataPaths, config: TrialConfig, output
     if output is not None:
         model.save_pretrained(output)
         prepared.tokenizer.save_pretrained(output)
+        copy_target_manifest(model_dir, output)  # scored later on what the original memorized
     return model, prepared.tokenizer, result
