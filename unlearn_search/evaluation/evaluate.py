@@ -127,7 +127,7 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
     set (forget, retain) one row per item, per MIA kind (member, nonmember) one row per document."""
     frames = score_benchmark(model, tokenizer, data.benchmark, config)
     results: dict = {f"{s}-set": summarize_set(frames[s]) for s in frames}
-    per_task = {s: {t: v for t, v in results[f"{s}-set"].items() if t in frames[s].task.values} for s in frames}
+    per_task = {s: {t: results[f"{s}-set"][t] for t in frames[s].task.unique()} for s in frames}
     terms = metrics.task_terms(per_task)
     # The official key: the 12 terms of the task harmonic mean, forget ones as 1 - v.
     results["aggregated-terms"] = list(terms.values())
@@ -137,8 +137,8 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
 
     member_nll = document_nll(model, tokenizer, [d.text for d in data.members], config.batch_size)
     nonmember_nll = document_nll(model, tokenizer, [d.text for d in data.nonmembers], config.batch_size)
-    frames["member"] = pd.DataFrame({"id": [d.id for d in data.members], "nll": member_nll})
-    frames["nonmember"] = pd.DataFrame({"id": [d.id for d in data.nonmembers], "nll": nonmember_nll})
+    for kind, documents, nll in zip(MIA_KINDS, (data.members, data.nonmembers), (member_nll, nonmember_nll)):
+        frames[kind] = pd.DataFrame({"id": [d.id for d in documents], "nll": nll})
     auc = metrics.mia_auc(member_nll, nonmember_nll)
     results["mia_loss_acc"] = auc
     results["mia_final_score"] = metrics.mia_score(auc)
@@ -210,7 +210,7 @@ def _mean_present(*values: float) -> float:
 
 
 PREDICTION_COLUMNS = ["id", "task", "input", "expected_output", "model_output", "nll"]
-MIA_COLUMNS = ["id", "nll"]
+MIA_KINDS, MIA_COLUMNS = ("member", "nonmember"), ["id", "nll"]
 RESULTS_FILE, OFFICIAL_RESULTS_FILE = "evaluation_results.json", "evaluation_results.jsonl"
 MIA_DIR, MMLU_METRICS_FILE = "mia_results", "mmlu_metrics.json"
 
@@ -223,7 +223,7 @@ def write_results(results: dict, frames: dict[str, pd.DataFrame], output: Path) 
     output.mkdir(parents=True, exist_ok=True)
     (output / MIA_DIR).mkdir(exist_ok=True)
     for name, frame in frames.items():
-        if name in ("member", "nonmember"):
+        if name in MIA_KINDS:
             frame[MIA_COLUMNS].to_csv(output / MIA_DIR / f"{name}_0.csv", index=False)
         else:
             frame[PREDICTION_COLUMNS].to_csv(output / f"{name}_0.csv", index=False)
