@@ -120,7 +120,8 @@ def test_search_on_two_node_cluster_uses_both_nodes_and_survives_a_diverging_tri
     output = tmp_path / "search"
     command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
                "--data", str(data_paths.root), "--output", str(output), "--address", address,
-               "--final-mmlu-limit", "1", "--verbose", "0"]
+               "--final-mmlu-limit", "1", "--verbose", "0",
+               "--final-split", "train", "--final-max-new-tokens", "32"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=1500)
     log = done.stdout + done.stderr
     (tmp_path / "search.log").write_text(log)

@@ -231,7 +231,8 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     database, tracking = tmp_path / "elsewhere" / "study.db", f"sqlite:///{tmp_path / 'elsewhere' / 'runs.db'}"
     database.parent.mkdir()
     options = ["--model", str(tiny_target), "--data", str(data_paths.root), "--output", str(output),
-               "--num-cpus", "2", "--final-mmlu-limit", "1", "--verbose", "0", "--num-samples", "2"]
+               "--num-cpus", "2", "--final-mmlu-limit", "1", "--verbose", "0", "--num-samples", "2",
+               "--final-split", "train", "--final-max-new-tokens", "32"]
     command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), *options,
                "--storage", f"sqlite:///{database}", "--tracking-uri", tracking]
     log = open(tmp_path / "first.log", "w")
@@ -280,6 +281,7 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     rows = json.loads((output / "trials.json").read_text())
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
     assert all(r["status"] in ("completed", "pruned") for r in rows)
+    assert all(r["seconds"] > 5 for r in rows), rows  # the finished trial's own time, not its re-report's
     # MLflow (the first run's store): still one parent run, one nested run per trial.
     from mlflow.tracking import MlflowClient
 

@@ -198,16 +198,22 @@ def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, 
     import shutil
 
     from unlearn_search.evaluation import EvalConfig
-    from unlearn_search.evaluation.mmlu import evaluate_mmlu
+    from unlearn_search.evaluation.mmlu import PROMPT_FORMAT, evaluate_mmlu
     from unlearn_search.models import load_tokenizer
     from unlearn_search.training.trial import original_mmlu
 
     target = tmp_path / "target"
     shutil.copytree(tiny_target, target)
-    (target / "target_evaluation.json").write_text(json.dumps({"mmlu_average": 0.5, "mmlu_questions": 57}))
+    report = {"mmlu_average": 0.5, "mmlu_questions": 57, "mmlu_prompt_format": PROMPT_FORMAT}
+    (target / "target_evaluation.json").write_text(json.dumps(report))
     assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1)) == 0.5
     scored = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, 2, 32)
     assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=2)) == pytest.approx(scored["average"])
+    # A report from before the prompt followed Open-Instruct (no format, or another): scored again.
+    one = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, 1, 32)["average"]
+    for stale in ({k: v for k, v in report.items() if k != "mmlu_prompt_format"}, {**report, "mmlu_prompt_format": "x"}):
+        (target / "target_evaluation.json").write_text(json.dumps(stale))
+        assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1)) == pytest.approx(one)
     # Other shots than the report's: scored again.
     zero_shot = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 0, 1, 32)
     assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1, mmlu_shots=0)) == \

@@ -495,7 +495,8 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
         for key in (*METRIC_NAMES, PASSES, MEETS_CONSTRAINTS, OBJECTIVE, TRIAL_OUTPUT, PROGRESS, "worker_nodes"):
             if key in metrics:
                 row[key] = metrics[key]
-        row["seconds"] = metrics.get("time_total_s")
+        # A finished trial's own wall time: a resumed search re-reports it in milliseconds.
+        row["seconds"] = metrics.get("seconds", metrics.get("time_total_s"))
         if result.error is not None:
             row["error"] = str(result.error).strip().splitlines()[-1][:500] if str(result.error).strip() else repr(result.error)
         rows.append(row)
