@@ -167,7 +167,7 @@ def test_unreachable_server_is_one_clear_error_before_anything_starts(tmp_path):
     assert "Ray" not in result.stdout  # refused before Ray started
 
 
-def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path):
+def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path, capsys):
     uri = f"http://127.0.0.1:{_closed_port()}"
     tracker = MLflowTracker(uri, "e", tmp_path, "search", {}, retries=2, retry_wait_s=0.01)
     trial = _trial("t1", tmp_path, lr=1e-4)
@@ -180,7 +180,13 @@ def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path):
     tracker.on_trial_result(0, [], trial, {"task_aggregate": 0.3, "training_iteration": 1})
     assert len(tracker.pending) == 3  # queued in order, nothing dropped
     tracker.on_experiment_end([])
-    assert time.monotonic() - started < 60  # seven failed calls, each refused at once
+    # The search's outcome after the trials: refused at once as well, and said so.
+    from unlearn_search.search.driver import SearchOutcome
+
+    tracker.log_outcome(SearchOutcome(output=tmp_path, rows=[], best=None, best_dir=None, best_evaluation=None,
+                                      seconds=1.0, dashboard_url=None, study_name="s", storage="sqlite://"), [])
+    assert time.monotonic() - started < 60  # eight failed calls, each refused at once
+    assert "did not take the search's outcome" in capsys.readouterr().out
     assert not {"MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"} & set(os.environ)  # restored
     kept = [json.loads(line) for line in (tmp_path / PENDING_FILE).read_text().splitlines()]
     assert [k["what"] for k in kept] == ["parent", "trial_start", "metrics"]

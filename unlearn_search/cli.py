@@ -19,11 +19,25 @@ def _add_data(parser: argparse.ArgumentParser) -> None:
                         "default: $UNLEARN_SEARCH_DATA, ../shared/data, then the user cache")
 
 
+def _add_model(parser: argparse.ArgumentParser, **kwargs) -> None:
+    parser.add_argument("--model", help="a local Hugging Face directory, or tiny / small", **kwargs)
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
+
+
+def _add_num_cpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
+
+
 def _add_eval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "all"])
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--mmlu-shots", type=int, default=5)
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "all"],
+                        help="the benchmark items scored: `train`, `validation` or both")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="tokens generated per item (256: the official setting)")
+    parser.add_argument("--batch-size", type=int, default=32, help="items per generation and scoring batch")
+    parser.add_argument("--mmlu-shots", type=int, default=5, help="MMLU shots (5: the official setting)")
     parser.add_argument("--mmlu-limit", type=int, default=None, help="questions per subject (default: all)")
     parser.add_argument("--mmlu-threshold", type=float, default=None,
                         help="utility threshold (0.371 for the SemEval 7B); default 75%% of the original model's MMLU")
@@ -348,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     target = commands.add_parser("target", help="the reference target model").add_subparsers(dest="action", required=True)
     build = target.add_parser("build", help="build (or reuse) the memorized reference target")
-    build.add_argument("--preset", default="small", choices=["tiny", "small"])
+    build.add_argument("--preset", default="small", choices=["tiny", "small"],
+                       help="the reference target: `tiny` (the tests') or `small` (the default job's)")
     build.add_argument("--output", help="checkpoint directory (default: the user cache, keyed by data and settings)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--mmlu-limit", type=int, default=None, help="MMLU questions per subject in the report")
@@ -356,29 +371,32 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_target_build)
 
     evaluate = commands.add_parser("evaluate", help="score a model exactly as SemEval-2025 Task 4 does")
-    evaluate.add_argument("--model", required=True, help="a local Hugging Face directory, or tiny / small")
+    _add_model(evaluate, required=True)
     evaluate.add_argument("--output", required=True, help="where evaluation_results.json and the CSVs go")
     evaluate.add_argument("--all-items", action="store_true",
                           help="for a reference target, score every item, not only those it memorized")
-    evaluate.add_argument("--trust-remote-code", action="store_true")
+    evaluate.add_argument("--trust-remote-code", action="store_true",
+                          help="let transformers run the checkpoint's own modeling code")
     _add_eval(evaluate)
     _add_data(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     trial = commands.add_parser("trial", help="one unlearning trial on Ray Train + DeepSpeed, then the full evaluation")
-    trial.add_argument("--model", default="small", help="a local Hugging Face directory, or tiny / small")
+    _add_model(trial, default="small")
     trial.add_argument("--method", required=True, help="a loss from 'unlearn-search methods'")
     trial.add_argument("--set", action="append", metavar="KEY=VALUE", help="a trial setting (repeatable)")
-    trial.add_argument("--workers", type=int, default=2)
-    trial.add_argument("--cpus-per-worker", type=float, default=1)
-    trial.add_argument("--gpus-per-worker", type=float, default=0)
-    trial.add_argument("--zero-stage", type=int, default=3, choices=[0, 2, 3])
+    trial.add_argument("--workers", type=int, default=2,
+                       help="Ray Train workers of the trial, each a DeepSpeed data-parallel rank")
+    trial.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs each worker reserves")
+    trial.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each worker reserves (0: CPU workers)")
+    trial.add_argument("--zero-stage", type=int, default=3, choices=[0, 2, 3], help="DeepSpeed ZeRO stage")
     trial.add_argument("--offload", action="store_true", help="ZeRO CPU offload of optimizer (and parameters at stage 3)")
     trial.add_argument("--placement", default="pack", choices=["pack", "spread"],
                        help="the workers on as few nodes as fit (pack) or across nodes (spread)")
-    trial.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
+    _add_address(trial)
     trial.add_argument("--resume", action="store_true", help="continue the run found in OUTPUT")
-    trial.add_argument("--output", required=True)
+    trial.add_argument("--output", required=True,
+                       help="the trial's folder: its model, metrics log and evaluation files ([outputs.md](outputs.md))")
     _add_eval(trial)
     trial.set_defaults(split="train")
     _add_data(trial)
@@ -386,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="search a YAML space with Ray Tune + Optuna; MLflow tracking")
     search.add_argument("--space", required=True, help="a YAML search space, e.g. search_spaces/sugd.yaml")
-    search.add_argument("--model", default="small", help="a local Hugging Face directory, or tiny / small")
+    _add_model(search, default="small")
     search.add_argument("--output", help="search directory (default: outputs/<space name>)")
-    search.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
+    _add_address(search)
     search.add_argument("--num-samples", type=int, help="trials (default: the space's search.num_samples)")
     search.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's)")
     search.add_argument("--time-budget", type=float,
@@ -403,45 +421,50 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", action="store_true", help="continue the interrupted search in OUTPUT")
     search.add_argument("--resources", action="append", metavar="KEY=VALUE",
                         help="override the space's resources (repeatable), e.g. workers=8 gpus_per_worker=1")
-    search.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
-    search.add_argument("--dashboard-host", default="127.0.0.1")
-    search.add_argument("--dashboard-port", type=int)
+    _add_num_cpus(search)
+    search.add_argument("--dashboard-host", default="127.0.0.1", help="where the Ray dashboard listens")
+    search.add_argument("--dashboard-port", type=int, help="its port (default: Ray's)")
     search.add_argument("--final-mmlu-limit", type=_positive_int, default=None,
                         help="MMLU questions per subject in the best trial's re-evaluation (default: all)")
     search.add_argument("--final-split", choices=["train", "validation", "all"], default="all",
                         help="items of the best trial's re-evaluation (default: all)")
     search.add_argument("--final-max-new-tokens", type=_positive_int, default=256,
                         help="tokens generated per item in the best trial's re-evaluation (default: 256, the official)")
-    search.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    search.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
+                        help="Ray Tune's output: 0 silent, 1 status updates, 2 also each result; 0 also hides the "
+                             "best trial's re-evaluation progress")
     _add_data(search)
     search.set_defaults(func=cmd_search)
 
     lr_range = commands.add_parser("lr-range", help="run a space's lr range test alone: the curve and the lr range "
                                                     "a search would sample")
     lr_range.add_argument("--space", required=True, help="a YAML search space with an lr_range_test block")
-    lr_range.add_argument("--model", default="small", help="a local Hugging Face directory, or tiny / small")
+    _add_model(lr_range, default="small")
     lr_range.add_argument("--output", help="where lr_range.json and its plot go (default: outputs/<space>-lr-range)")
-    lr_range.add_argument("--address", help="join a Ray cluster (auto or ray://host:port); default: start a local one")
-    lr_range.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
+    _add_address(lr_range)
+    _add_num_cpus(lr_range)
     _add_data(lr_range)
     lr_range.set_defaults(func=cmd_lr_range)
 
     plan = commands.add_parser("plan", help="GPU memory of one trial per ZeRO stage (DeepSpeed's estimators); does it fit")
     plan.add_argument("--model-size", default="7B", help="an OLMo preset: 1B or 7B (default 7B)")
     plan.add_argument("--model", help="a local Hugging Face directory instead (only its config.json is read)")
-    plan.add_argument("--gpus-per-trial", type=int, default=8)
+    plan.add_argument("--gpus-per-trial", type=int, default=8, help="GPUs (ZeRO ranks) of one trial")
     plan.add_argument("--gpus-per-node", type=int, help="default: min(8, gpus per trial)")
     plan.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
     plan.add_argument("--trainable", choices=["full", "lora", "last_k"], help="default: full, or lora with --lora-rank")
-    plan.add_argument("--lora-rank", type=int)
-    plan.add_argument("--last-k", type=int, default=8)
-    plan.add_argument("--teacher", default="live", choices=["live", "cached", "none"])
-    plan.add_argument("--micro-batch", type=int, default=1)
-    plan.add_argument("--seq-len", type=int, default=512)
+    plan.add_argument("--lora-rank", type=int,
+                      help="LoRA rank; given, the default `--trainable` is lora (rank 16 when not given)")
+    plan.add_argument("--last-k", type=int, default=8, help="decoder layers trained with `--trainable last_k`")
+    plan.add_argument("--teacher", default="live", choices=["live", "cached", "none"],
+                      help="the frozen teacher: `live` (a ZeRO-3 copy on the GPUs), `cached` (its outputs, read from "
+                           "the cache) or `none`")
+    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
+    plan.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     plan.add_argument("--cluster-gpus", type=int, help="GPUs in the cluster: how many trials run at once")
     plan.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                       help="cpu: plan CPU workers (--gpus-per-trial workers, --gpu-mem GiB of host memory each, fp32)")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--docs", action="store_true", help="print docs/memory_plan.md (the 7B figures)")
     plan.set_defaults(func=cmd_plan)
 
@@ -459,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data.add_parser("fetch", help="download the public LUME release into the user cache")
     fetch.add_argument("--url", default=LUME_URL, help="folder URL holding forget.jsonl and retain.jsonl")
     fetch.add_argument("--output", help="data root to write (default: the user cache)")
-    fetch.add_argument("--validation-fraction", type=float, default=0.2)
-    fetch.add_argument("--seed", type=int, default=0)
+    fetch.add_argument("--validation-fraction", type=float, default=0.2,
+                       help="share of the items held out as the validation split")
+    fetch.add_argument("--seed", type=int, default=0, help="the seed of that split")
     fetch.set_defaults(func=cmd_data_fetch)
     return parser
 

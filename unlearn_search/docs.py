@@ -11,9 +11,10 @@ code, and ``tests/test_docs.py`` fails on any that does:
 - ``docs/methods.md`` and ``docs/memory_plan.md``: generated where they always were (``cli.methods_markdown``,
   ``training.plan.memory_plan_page``).
 
-The help text of a space key, or of a command-line option, that has none in the code lives here,
-keyed by its name (``TOP_HELP``, ``SEARCH_HELP``, ..., ``OPTION_HELP``); ``help_gaps()`` lists any
-key or option without help and any help that names none, so that neither can go stale.
+A space key's help text lives here, keyed by its name (``TOP_HELP``, ``SEARCH_HELP``, ...), since
+the code gives it none; a command-line option's is its ``help=`` in ``cli.py``, which ``--help``
+prints too. ``help_gaps()`` lists any key or option without help and any help here that
+names no key, so that neither can go stale.
 """
 
 from __future__ import annotations
@@ -421,37 +422,6 @@ CLI_NOTES: dict[str, list[str]] = {
 }
 
 
-# Help for the options that have none in ``cli.build_parser()``, keyed by the option's name; used only
-# where that option has no help of its own (``help_gaps`` reports an entry that is never used).
-OPTION_HELP = {
-    "--preset": "the reference target: `tiny` (the tests') or `small` (the default job's)",
-    "--trust-remote-code": "let transformers run the checkpoint's own modeling code",
-    "--split": "the benchmark items scored: `train`, `validation` or both",
-    "--max-new-tokens": "tokens generated per item (256: the official setting)",
-    "--batch-size": "items per generation and scoring batch",
-    "--mmlu-shots": "MMLU shots (5: the official setting)",
-    "--workers": "Ray Train workers of the trial, each a DeepSpeed data-parallel rank",
-    "--cpus-per-worker": "CPUs each worker reserves",
-    "--gpus-per-worker": "GPUs each worker reserves (0: CPU workers)",
-    "--zero-stage": "DeepSpeed ZeRO stage",
-    "--output": "the trial's folder: its model, metrics log and evaluation files ([outputs.md](outputs.md))",
-    "--dashboard-host": "where the Ray dashboard listens",
-    "--dashboard-port": "its port (default: Ray's)",
-    "--verbose": "Ray Tune's output: 0 silent, 1 status updates, 2 also each result; 0 also hides the best "
-                 "trial's re-evaluation progress",
-    "--gpus-per-trial": "GPUs (ZeRO ranks) of one trial",
-    "--lora-rank": "LoRA rank; given, the default `--trainable` is lora (rank 16 when not given)",
-    "--last-k": "decoder layers trained with `--trainable last_k`",
-    "--teacher": "the frozen teacher: `live` (a ZeRO-3 copy on the GPUs), `cached` (its outputs, read from the "
-                 "cache) or `none`",
-    "--micro-batch": "sequences per GPU per step",
-    "--seq-len": "tokens per sequence",
-    "--json": "print the plan as JSON",
-    "--validation-fraction": "share of the items held out as the validation split",
-    "--seed": "the seed of that split",
-}
-
-
 def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     """A parser's options, ``--help`` left out."""
     return [a for a in parser._actions if not (a.default is argparse.SUPPRESS and a.dest == "help")]
@@ -462,18 +432,8 @@ def _option_name(action: argparse.Action) -> str:
 
 
 def _cli_gaps() -> list[str]:
-    gaps, used = [], set()
-    for words, _, parser in commands():
-        for action in _options(parser):
-            name = _option_name(action)
-            if not action.help:
-                used.add(name)
-                if name not in OPTION_HELP:
-                    gaps.append(f"unlearn-search {' '.join(words)} {name}: no help in cli.py nor in "
-                                f"unlearn_search/docs.py OPTION_HELP")
-    gaps.extend(f"OPTION_HELP[{name!r}]: every {name} has its own help in cli.py (remove the entry)"
-                for name in sorted(set(OPTION_HELP) - used))
-    return gaps
+    return [f"unlearn-search {' '.join(words)} {_option_name(action)}: no help in cli.py"
+            for words, _, parser in commands() for action in _options(parser) if not action.help]
 
 
 def _subcommands(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
@@ -555,9 +515,8 @@ def cli_markdown() -> str:
                   "| option | value | default | what it does |", "|---|---|---|---|"]
         for action in _options(parser):
             name = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
-            meaning = _option_help(action, parser.prog) or OPTION_HELP[_option_name(action)]
             lines.append(f"| {name} | {_cell(_option_value(action))} | {_cell(_option_default(action))} | "
-                         f"{_cell(meaning)} |")
+                         f"{_cell(_option_help(action, parser.prog))} |")
         notes = CLI_NOTES.get(" ".join(words), [])
         if notes:
             lines += [""] + [f"- {note}" for note in notes]

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as TF
 
-IGNORE_INDEX = -100
+from unlearn_search.data.tokenize import IGNORE_INDEX  # the label of a token no loss scores
 
 __all__ = [
     "IGNORE_INDEX", "FLAT_DIVERGENCES", "shift", "token_logprobs", "sequence_logprob", "cross_entropy",

@@ -323,7 +323,8 @@ class MLflowTracker(Callback):
         A failure here is reported, not raised: everything logged is also in the search's output.
         """
         try:
-            self._log_outcome(outcome, plots)
+            with fail_fast():  # a dead server: one refused call, not MLflow's minutes of retries per call
+                self._log_outcome(outcome, plots)
         except Exception as error:  # any client failure: the results on disk stand
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             print(f"unlearn-search: MLflow at {self.tracking_uri} did not take the search's outcome ({reason}); "

@@ -1,1 +1,1 @@
-"""One module per unlearning loss; ``REGISTRY`` maps each name to its class."""
+"""One module per unlearning loss; ``unlearn_search.methods.METHODS`` maps each name to its class."""
