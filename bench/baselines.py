@@ -22,10 +22,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Methods without a shipped space: GA at the setting the forgetting test uses, SimNPO as NPO's start.
-EXTRA = {"ga": {"method": "ga", "lr": 1.5e-4, "epochs": 6},
-         "simnpo": {"method": "simnpo", "lr": 2.0e-4, "epochs": 4, "retain_loss": "ce"}}
-COLUMNS = ("aggregate", "task_aggregate", "mia_score", "mmlu", "forget_regurgitation", "forget_knowledge",
-           "retain_regurgitation", "retain_knowledge")
+EXTRA = {
+    "ga": {"method": "ga", "lr": 1.5e-4, "epochs": 6},
+    "simnpo": {"method": "simnpo", "lr": 2.0e-4, "epochs": 4, "retain_loss": "ce"},
+}
+COLUMNS = (
+    "aggregate",
+    "task_aggregate",
+    "mia_score",
+    "mmlu",
+    "forget_regurgitation",
+    "forget_knowledge",
+    "retain_regurgitation",
+    "retain_knowledge",
+)
 
 
 def baselines() -> dict[str, dict]:
@@ -84,8 +94,13 @@ def main() -> None:
     limit = args.mmlu_limit or None
 
     def config(threshold=None):
-        return EvalConfig(split=args.split, max_new_tokens=args.max_new_tokens, mmlu_limit=limit,
-                          mmlu_threshold=threshold, progress=False)
+        return EvalConfig(
+            split=args.split,
+            max_new_tokens=args.max_new_tokens,
+            mmlu_limit=limit,
+            mmlu_threshold=threshold,
+            progress=False,
+        )
 
     records: dict[str, dict] = {}
 
@@ -105,27 +120,55 @@ def main() -> None:
         started = time.time()
         retrained_dir = build_retrained(paths, model_dir, progress=False)
         results = score_model("retrained", retrained_dir, threshold)
-        records["retrained"] = {"results": results, "settings": {"retain only": True},
-                                "seconds": time.time() - started, "peak_rss_mb": None}
+        records["retrained"] = {
+            "results": results,
+            "settings": {"retain only": True},
+            "seconds": time.time() - started,
+            "peak_rss_mb": None,
+        }
 
     init_ray(None)
     for name in [c for c in chosen if c in configs]:
         record_path = output / name / "baseline.json"
         if not record_path.exists():
             print(f"{name}: {configs[name]}", flush=True)
-            result = run_trial(model_dir, paths.root, configs[name], output / name, Resources(workers=args.workers),
-                               config(threshold), name=name)
+            result = run_trial(
+                model_dir,
+                paths.root,
+                configs[name],
+                output / name,
+                Resources(workers=args.workers),
+                config(threshold),
+                name=name,
+            )
             peak = max((r.get("peak_rss_mb", 0) for r in result.metrics_history), default=None)
-            record_path.write_text(json.dumps({"results": result.evaluation, "settings": configs[name],
-                                               "seconds": result.seconds, "peak_rss_mb": peak}, indent=2))
+            record_path.write_text(
+                json.dumps(
+                    {
+                        "results": result.evaluation,
+                        "settings": configs[name],
+                        "seconds": result.seconds,
+                        "peak_rss_mb": peak,
+                    },
+                    indent=2,
+                )
+            )
         records[name] = json.loads(record_path.read_text())
 
     rows = []
     for name, record in records.items():
         metrics = final_metrics(record["results"])
-        rows.append({"baseline": name, **{k: metrics[k] for k in COLUMNS}, "passes": metrics["passes_utility_threshold"],
-                     "tasks": task_scores(record["results"]), "seconds": record["seconds"],
-                     "peak_rss_mb": record["peak_rss_mb"], "settings": record["settings"]})
+        rows.append(
+            {
+                "baseline": name,
+                **{k: metrics[k] for k in COLUMNS},
+                "passes": metrics["passes_utility_threshold"],
+                "tasks": task_scores(record["results"]),
+                "seconds": record["seconds"],
+                "peak_rss_mb": record["peak_rss_mb"],
+                "settings": record["settings"],
+            }
+        )
     (output / "results.json").write_text(json.dumps(rows, indent=2))
     table = markdown(rows, threshold)
     (output / "results.md").write_text(table + "\n")
@@ -135,12 +178,17 @@ def main() -> None:
 
 def markdown(rows: list[dict], threshold: float) -> str:
     tasks = sorted({t for r in rows for t in r["tasks"]})
-    head = ["baseline", *COLUMNS, *tasks, "MMLU >= %.3f" % threshold, "wall s", "peak worker RSS MiB"]
+    head = ["baseline", *COLUMNS, *tasks, f"MMLU >= {threshold:.3f}", "wall s", "peak worker RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: -r["aggregate"]):
-        cells = [r["baseline"], *(f"{r[c]:.3f}" for c in COLUMNS), *(f"{r['tasks'].get(t, float('nan')):.3f}" for t in tasks),
-                 "yes" if r["passes"] else "no", f"{r['seconds']:.0f}",
-                 "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"]
+        cells = [
+            r["baseline"],
+            *(f"{r[c]:.3f}" for c in COLUMNS),
+            *(f"{r['tasks'].get(t, float('nan')):.3f}" for t in tasks),
+            "yes" if r["passes"] else "no",
+            f"{r['seconds']:.0f}",
+            "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -59,10 +59,19 @@ def dtype_table(results: dict[str, dict], dtypes: list[str]) -> list[str]:
     """Every metric a search reports, then each per-task score, in each dtype."""
     first = results[dtypes[0]]
     keys = [k for k in first if k.startswith(("forget-set/", "retain-set/")) and k.count("/") == 2]
-    keys = ["aggregate-score", "harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average",
-            "forget-set/overall-regurgitation-score", "forget-set/overall-knowledge-score",
-            "retain-set/overall-regurgitation-score", "retain-set/overall-knowledge-score",
-            "forget-set/mean-nll", "retain-set/mean-nll"] + keys
+    keys = [
+        "aggregate-score",
+        "harmonic-mean-task-aggregate",
+        "mia_loss_acc",
+        "mia_final_score",
+        "mmlu_average",
+        "forget-set/overall-regurgitation-score",
+        "forget-set/overall-knowledge-score",
+        "retain-set/overall-regurgitation-score",
+        "retain-set/overall-knowledge-score",
+        "forget-set/mean-nll",
+        "retain-set/mean-nll",
+    ] + keys
     lines = ["| metric | " + " | ".join(dtypes) + " | largest difference |", "|---" * (len(dtypes) + 2) + "|"]
     for key in keys:
         values = [results[d].get(key, float("nan")) for d in dtypes]
@@ -100,16 +109,19 @@ def main() -> None:
         runs += [(f"batched (batch {b})", b) for b in args.batch_size]
         timings, results = {}, {}
         for name, batch_size in runs:
-            config = EvalConfig(split=args.split, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
-                                mmlu_limit=args.mmlu_limit)
+            config = EvalConfig(
+                split=args.split, batch_size=batch_size, max_new_tokens=args.max_new_tokens, mmlu_limit=args.mmlu_limit
+            )
             timings[name], results[name] = timed(model, tokenizer, paths, config, manifest, args.repeats, args.device)
         batched_results[dtype] = results[runs[-1][0]]
         for name, _ in runs:
             line = f"{dtype}, {name}: {timings[name]:.2f} s (median of {args.repeats})"
             if name != "one-at-a-time" and "one-at-a-time" in results:
                 worst, difference = largest_difference(results["one-at-a-time"], results[name])
-                line += (f", speed-up {timings['one-at-a-time'] / timings[name]:.1f}x, largest metric difference "
-                         f"{difference:.4g} ({worst})")
+                line += (
+                    f", speed-up {timings['one-at-a-time'] / timings[name]:.1f}x, largest metric difference "
+                    f"{difference:.4g} ({worst})"
+                )
             print(line + f", aggregate-score {results[name]['aggregate-score']:.4f}")
         del model
     if len(args.dtype) > 1:

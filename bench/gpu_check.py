@@ -63,10 +63,13 @@ def manifest(data_root: Path, items: int) -> dict:
 
     def shortest(rows, n, text):
         return [r.id for r in sorted(rows, key=lambda r: (len(text(r)), r.id))[:n]]
-    return {"forget_ids": shortest(bench.forget, items, lambda i: i.input + i.output),
-            "retain_ids": shortest(bench.retain, items, lambda i: i.input + i.output),
-            "mia_member_ids": shortest(load_documents(paths.benchmark, "member", "train"), 4, lambda d: d.text),
-            "mia_nonmember_ids": shortest(load_documents(paths.benchmark, "nonmember", "train"), 4, lambda d: d.text)}
+
+    return {
+        "forget_ids": shortest(bench.forget, items, lambda i: i.input + i.output),
+        "retain_ids": shortest(bench.retain, items, lambda i: i.input + i.output),
+        "mia_member_ids": shortest(load_documents(paths.benchmark, "member", "train"), 4, lambda d: d.text),
+        "mia_nonmember_ids": shortest(load_documents(paths.benchmark, "nonmember", "train"), 4, lambda d: d.text),
+    }
 
 
 def kill_after_first_checkpoint(log: Path, stop: threading.Event, killed: list) -> None:
@@ -108,17 +111,33 @@ def main() -> int:
     model_dir = build_model(scratch / RANDOM_MODEL, Path(args.tokenizer))
     (model_dir / "unlearn_target.json").write_text(json.dumps(manifest(Path(args.data), args.steps * 2)))
     init_ray(num_cpus=min(8, os.cpu_count() or 1))
-    settings = {"method": "ga_kl", "lr": 1e-4, "epochs": 2, "batch_size": 4, "max_length": args.seq_len,
-                "trainable": "lora", "lora_rank": 16, "keep_best": True}
-    resources = Resources(workers=1, cpus_per_worker=4, gpus_per_worker=1, eval_items=16, eval_documents=8,
-                          eval_mmlu_limit=5, eval_max_new_tokens=32)
+    settings = {
+        "method": "ga_kl",
+        "lr": 1e-4,
+        "epochs": 2,
+        "batch_size": 4,
+        "max_length": args.seq_len,
+        "trainable": "lora",
+        "lora_rank": 16,
+        "keep_best": True,
+    }
+    resources = Resources(
+        workers=1,
+        cpus_per_worker=4,
+        gpus_per_worker=1,
+        eval_items=16,
+        eval_documents=8,
+        eval_mmlu_limit=5,
+        eval_max_new_tokens=32,
+    )
     evaluation = EvalConfig(split="train", max_new_tokens=64, mmlu_limit=20, mmlu_threshold=0.0)
     runs = [("trial", False)] + ([("killed", True)] if args.kill else [])
     for name, kill in runs:
         out = scratch / name
         stop, killed = threading.Event(), []
-        watcher = threading.Thread(target=kill_after_first_checkpoint, args=(out / "metrics.jsonl", stop, killed),
-                                   daemon=True)
+        watcher = threading.Thread(
+            target=kill_after_first_checkpoint, args=(out / "metrics.jsonl", stop, killed), daemon=True
+        )
         if kill:
             watcher.start()
         started = time.time()
@@ -133,29 +152,41 @@ def main() -> int:
         boundaries = [r for r in result.metrics_history if not r["trained"]]
         steps = [r["step_seconds"] for r in boundaries if "step_seconds" in r]
         peak = max((r.get("peak_gpu_gib", 0.0) for r in boundaries), default=0.0)
-        print(f"\n[{name}] {seconds:.0f} s in all; {len(boundaries)} boundaries; mean step "
-              f"{sum(steps) / max(1, len(steps)):.3f} s")
-        print(f"[{name}] quick evaluation: {boundaries[-1].get('eval_seconds', float('nan')):.1f} s on "
-              f"{boundaries[-1]['eval_device']} in {boundaries[-1]['eval_dtype']}")
+        print(
+            f"\n[{name}] {seconds:.0f} s in all; {len(boundaries)} boundaries; mean step "
+            f"{sum(steps) / max(1, len(steps)):.3f} s"
+        )
+        print(
+            f"[{name}] quick evaluation: {boundaries[-1].get('eval_seconds', float('nan')):.1f} s on "
+            f"{boundaries[-1]['eval_device']} in {boundaries[-1]['eval_dtype']}"
+        )
         evaluation_results = result.evaluation or {}
-        print(f"[{name}] full evaluation on {evaluation_results.get('model_device')} in "
-              f"{evaluation_results.get('model_dtype')}: aggregate {evaluation_results.get('aggregate-score')}")
+        print(
+            f"[{name}] full evaluation on {evaluation_results.get('model_device')} in "
+            f"{evaluation_results.get('model_dtype')}: aggregate {evaluation_results.get('aggregate-score')}"
+        )
         if boundaries[-1]["eval_device"] == "cpu" or boundaries[-1]["eval_dtype"] != "bfloat16":
-            problems.append(f"{name}: quick evaluation on {boundaries[-1]['eval_device']} "
-                            f"in {boundaries[-1]['eval_dtype']}")
+            problems.append(
+                f"{name}: quick evaluation on {boundaries[-1]['eval_device']} in {boundaries[-1]['eval_dtype']}"
+            )
         if evaluation_results.get("model_device") != "cuda" or evaluation_results.get("model_dtype") != "bfloat16":
-            problems.append(f"{name}: full evaluation on {evaluation_results.get('model_device')} in "
-                            f"{evaluation_results.get('model_dtype')}")
+            problems.append(
+                f"{name}: full evaluation on {evaluation_results.get('model_device')} in "
+                f"{evaluation_results.get('model_dtype')}"
+            )
         if name == "trial":
             counts = count_parameters(model_config("1B"), "OLMo 1B", "lora", lora_rank=16)
             planned = {s.stage: s for s in plan_trial(counts, 1, 141, "lora", "live", 2, args.seq_len).stages}
             total = planned["ZeRO-3"].total_gib
-            print(f"[{name}] peak GPU memory {peak:.2f} GiB; plan (ZeRO-3, 1 GPU) {total:.2f} GiB: "
-                  f"measured/planned {peak / total:.2f}")
+            print(
+                f"[{name}] peak GPU memory {peak:.2f} GiB; plan (ZeRO-3, 1 GPU) {total:.2f} GiB: "
+                f"measured/planned {peak / total:.2f}"
+            )
         if kill:
             resumed = [r for r in result.metrics_history if r.get("resumed_from", -1) >= 0]
-            print(f"[{name}] killed worker {killed}; resumed from step "
-                  f"{resumed[0]['resumed_from'] if resumed else None}")
+            print(
+                f"[{name}] killed worker {killed}; resumed from step {resumed[0]['resumed_from'] if resumed else None}"
+            )
             if not killed or not resumed:
                 problems.append(f"{name}: no kill-and-resume seen (killed {killed}, resumed {bool(resumed)})")
     shutil.rmtree(scratch, ignore_errors=True)

@@ -72,10 +72,12 @@ def bench_data(paths, root: Path, items: int, subject: str) -> dict:
     (root / "refusals").symlink_to(paths.refusals)
     benchmark = load_benchmark(paths.benchmark, "train")
     documents = {kind: load_documents(paths.benchmark, kind, "train") for kind in ("member", "nonmember")}
-    return {"forget_ids": [i.id for i in shortest(benchmark.forget, items, lambda i: i.input + i.output)],
-            "retain_ids": [i.id for i in shortest(benchmark.retain, items, lambda i: i.input + i.output)],
-            "mia_member_ids": [d.id for d in shortest(documents["member"], 1, lambda d: d.text)],
-            "mia_nonmember_ids": [d.id for d in shortest(documents["nonmember"], 1, lambda d: d.text)]}
+    return {
+        "forget_ids": [i.id for i in shortest(benchmark.forget, items, lambda i: i.input + i.output)],
+        "retain_ids": [i.id for i in shortest(benchmark.retain, items, lambda i: i.input + i.output)],
+        "mia_member_ids": [d.id for d in shortest(documents["member"], 1, lambda d: d.text)],
+        "mia_nonmember_ids": [d.id for d in shortest(documents["nonmember"], 1, lambda d: d.text)],
+    }
 
 
 def main() -> None:
@@ -101,12 +103,21 @@ def main() -> None:
     checkpoint = Path(args.checkpoint or cache_root() / "bench" / f"olmo-{args.size}-random")
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     random_checkpoint(args.size, tokenizer_dir, checkpoint, args.shard_mb)
-    counts = count_parameters(model_config(args.size), f"OLMo {args.size}", args.trainable, lora_rank=args.lora_rank,
-                              last_k=1)
+    counts = count_parameters(
+        model_config(args.size), f"OLMo {args.size}", args.trainable, lora_rank=args.lora_rank, last_k=1
+    )
     fp32_gib = 4 * counts.parameters / GIB
     batch = 2 * args.workers  # one forget and one retain row per worker and step
-    plan = plan_trial(counts, args.workers, 24, args.trainable, "live", micro_batch=batch // args.workers // 2 or 1,
-                      seq_len=args.seq_len, device="cpu")
+    plan = plan_trial(
+        counts,
+        args.workers,
+        24,
+        args.trainable,
+        "live",
+        micro_batch=batch // args.workers // 2 or 1,
+        seq_len=args.seq_len,
+        device="cpu",
+    )
     planned = {s.stage: s for s in plan.stages}["ZeRO-3"]
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -118,23 +129,43 @@ def main() -> None:
         manifest = bench_data(paths, scratch / "data", batch // 2 * args.steps, "abstract_algebra")
         (model_dir / "unlearn_target.json").write_text(json.dumps(manifest))
         init_ray(num_cpus=args.workers)
-        settings = {"method": "ga_kl", "schedule": "joint", "lr": 1e-5, "epochs": 1, "batch_size": batch // 2,
-                    "max_length": args.seq_len, "trainable": args.trainable, "lora_rank": args.lora_rank,
-                    "last_k": 1}
-        resources = Resources(workers=args.workers, cpus_per_worker=1, zero_stage=3, eval_items=2, eval_documents=2,
-                              eval_mmlu_limit=1, eval_max_new_tokens=4)
+        settings = {
+            "method": "ga_kl",
+            "schedule": "joint",
+            "lr": 1e-5,
+            "epochs": 1,
+            "batch_size": batch // 2,
+            "max_length": args.seq_len,
+            "trainable": args.trainable,
+            "lora_rank": args.lora_rank,
+            "last_k": 1,
+        }
+        resources = Resources(
+            workers=args.workers,
+            cpus_per_worker=1,
+            zero_stage=3,
+            eval_items=2,
+            eval_documents=2,
+            eval_mmlu_limit=1,
+            eval_max_new_tokens=4,
+        )
         started = time.time()
         # The full evaluation too (its own process, after the workers): a short one on the same items.
-        evaluation = EvalConfig(split="train", max_new_tokens=4, batch_size=4, mmlu_shots=0, mmlu_limit=1,
-                                mmlu_threshold=0.0)
+        evaluation = EvalConfig(
+            split="train", max_new_tokens=4, batch_size=4, mmlu_shots=0, mmlu_limit=1, mmlu_threshold=0.0
+        )
         result = run_trial(model_dir, scratch / "data", settings, scratch / "trial", resources, evaluation)
         seconds = time.time() - started
     boundaries = [r for r in result.metrics_history if not r["trained"]]
-    peaks = [max(r["worker_peak_rss_mb"][rank] for r in result.metrics_history if "worker_peak_rss_mb" in r) / 1024
-             for rank in range(args.workers)]
-    print(f"\nOLMo {args.size} (random weights): {counts.parameters / 1e9:.3f}B parameters, "
-          f"{counts.trainable / 1e6:.2f}M trained ({args.trainable}); {args.workers} workers, ZeRO-3 student and "
-          f"live teacher, {args.steps} steps ({len(boundaries)} boundary), {args.seq_len}-token items, {seconds:.0f} s")
+    peaks = [
+        max(r["worker_peak_rss_mb"][rank] for r in result.metrics_history if "worker_peak_rss_mb" in r) / 1024
+        for rank in range(args.workers)
+    ]
+    print(
+        f"\nOLMo {args.size} (random weights): {counts.parameters / 1e9:.3f}B parameters, "
+        f"{counts.trainable / 1e6:.2f}M trained ({args.trainable}); {args.workers} workers, ZeRO-3 student and "
+        f"live teacher, {args.steps} steps ({len(boundaries)} boundary), {args.seq_len}-token items, {seconds:.0f} s"
+    )
     first = boundaries[0]
     for phase in ("started", "student", "teacher"):
         now = [v / 1024 for v in first.get(f"worker_rss_{phase}_mb", [])]
@@ -143,14 +174,19 @@ def main() -> None:
     print("peak before the first step:       " + ", ".join(f"{v:.2f} GiB ({v / fp32_gib:.2f}x)" for v in before))
     print(f"one full fp32 copy:               {fp32_gib:6.2f} GiB")
     for rank, peak in enumerate(peaks):
-        print(f"worker {rank} peak resident memory:  {peak:6.2f} GiB = {peak / fp32_gib:.2f}x one fp32 copy "
-              f"(target with LoRA <= 1.30x)")
-    print(f"plan, host per worker (ZeRO-3):   {planned.host_per_worker_gib:6.2f} GiB = "
-          f"{planned.host_per_worker_gib / max(peaks):.2f}x the largest measured peak (target 0.80-1.20x)")
-    print(f"plan, host per node:              {planned.host_per_node_gib:6.2f} GiB; measured sum "
-          f"{sum(peaks):.2f} GiB")
-    print(f"teacher parameters per worker:    {boundaries[-1]['teacher_parameters'] / 1e9:.3f}B (whole, as counted "
-          f"across its partitions)")
+        print(
+            f"worker {rank} peak resident memory:  {peak:6.2f} GiB = {peak / fp32_gib:.2f}x one fp32 copy "
+            f"(target with LoRA <= 1.30x)"
+        )
+    print(
+        f"plan, host per worker (ZeRO-3):   {planned.host_per_worker_gib:6.2f} GiB = "
+        f"{planned.host_per_worker_gib / max(peaks):.2f}x the largest measured peak (target 0.80-1.20x)"
+    )
+    print(f"plan, host per node:              {planned.host_per_node_gib:6.2f} GiB; measured sum {sum(peaks):.2f} GiB")
+    print(
+        f"teacher parameters per worker:    {boundaries[-1]['teacher_parameters'] / 1e9:.3f}B (whole, as counted "
+        f"across its partitions)"
+    )
     print(f"gathered at a boundary:           {boundaries[-1]['gathered_parameters']:,} parameters (keep_best off: 0)")
 
 

@@ -37,19 +37,35 @@ def free_port() -> int:
 def start_server(directory: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{directory / 'server.db'}",
-         "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{directory / 'server.db'}",
+            "--artifacts-destination",
+            str(directory / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
             with urllib.request.urlopen(uri + "/health", timeout=5):
                 return process, uri
-        except OSError:
+        except OSError as error:
             if process.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"the MLflow server did not start on {uri}")
+                raise SystemExit(f"the MLflow server did not start on {uri}") from error
             time.sleep(1)
 
 
@@ -71,16 +87,39 @@ def completed_trials(study_db: Path) -> int:
 
 def run_search(args, output: Path, uri: str, server: subprocess.Popen, kill_after: int | None) -> float:
     """One search to the end; with ``kill_after``, the server is killed once that many trials finished."""
-    command = [sys.executable, str(REPO / "run_search.py"), "--space", args.space, "--model", args.model,
-               "--output", str(output), "--tracking-uri", uri, "--num-samples", str(args.trials),
-               "--final-mmlu-limit", "1", "--final-split", "train", "--final-max-new-tokens", "32", "--verbose", "0"]
+    command = [
+        sys.executable,
+        str(REPO / "run_search.py"),
+        "--space",
+        args.space,
+        "--model",
+        args.model,
+        "--output",
+        str(output),
+        "--tracking-uri",
+        uri,
+        "--num-samples",
+        str(args.trials),
+        "--final-mmlu-limit",
+        "1",
+        "--final-split",
+        "train",
+        "--final-max-new-tokens",
+        "32",
+        "--verbose",
+        "0",
+    ]
     if args.data:
         command += ["--data", args.data]
     started = time.time()
     with open(output.with_suffix(".log"), "w") as log:
         search = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         while search.poll() is None:
-            if kill_after is not None and server.poll() is None and completed_trials(output / "optuna.db") >= kill_after:
+            if (
+                kill_after is not None
+                and server.poll() is None
+                and completed_trials(output / "optuna.db") >= kill_after
+            ):
                 stop_server(server)
                 print(f"  MLflow server killed after {kill_after} finished trial(s), {time.time() - started:.0f} s in")
             time.sleep(1)
@@ -132,14 +171,19 @@ def main() -> None:
         calls = [json.loads(line) for line in pending.read_text().splitlines()] if pending.exists() else []
         rows = json.loads((scratch / "killed" / "search" / "trials.json").read_text())
 
-    print(f"\nwall time, live server: {walls['live']:.0f} s; server killed after the first trial: {walls['killed']:.0f} s")
+    print(
+        f"\nwall time, live server: {walls['live']:.0f} s; server killed after the first trial: {walls['killed']:.0f} s"
+    )
     print(f"ratio: {walls['killed'] / walls['live']:.2f} (target <= 1.2)")
     print(f"trials finished with the server dead: {sum(r['status'] == 'completed' for r in rows)} of {len(rows)}")
     kinds = {}
     for call in calls:
         kinds[call["what"]] = kinds.get(call["what"], 0) + 1
-    print(f"logging calls kept in mlflow_pending.jsonl: {len(calls)} ("
-          + ", ".join(f"{count} {what}" for what, count in kinds.items()) + ")")
+    print(
+        f"logging calls kept in mlflow_pending.jsonl: {len(calls)} ("
+        + ", ".join(f"{count} {what}" for what, count in kinds.items())
+        + ")"
+    )
     problems = check_order(calls)
     print("in the order they were made" if not problems else "OUT OF ORDER: " + "; ".join(problems))
 

@@ -31,17 +31,22 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/plan_check.py: needs a CUDA GPU (it measures GPU memory)")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": "29511"}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29511",
+    }.items():
         os.environ.setdefault(key, value)
+
+    from types import SimpleNamespace
 
     import deepspeed
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from unlearn_search.models.trainable import prepare_trainable
-    from types import SimpleNamespace
-
     from unlearn_search.training.distributed import adapter_reference, deepspeed_config, teacher_config
     from unlearn_search.training.plan import GIB, count_parameters, model_config, plan_trial
 
@@ -64,8 +69,11 @@ def main() -> None:
     teacher = None
     if args.teacher == "live" and args.trainable == "lora":  # as a trial: the student's base, adapters off
         reference = adapter_reference(engine)
-        teacher = lambda input_ids: SimpleNamespace(logits=reference(  # noqa: E731
-            {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}).label_logprobs)
+        teacher = lambda input_ids: SimpleNamespace(  # noqa: E731
+            logits=reference(
+                {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+            ).label_logprobs
+        )
     elif args.teacher == "live":
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -93,10 +101,14 @@ def main() -> None:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / GIB
     plan = planned["ZeRO-3"]
-    print(f"{counts.name}, {args.trainable}, teacher {args.teacher}, 1 GPU ({torch.cuda.get_device_name()}), "
-          f"micro-batch 1 x {args.seq_len}")
-    print(f"planned ZeRO-3: states {plan.student_states_gib:.2f} + frozen {plan.frozen_gib:.2f} + activations "
-          f"{plan.activations_gib:.2f} + teacher {plan.teacher_gib:.2f} = {plan.total_gib:.2f} GiB")
+    print(
+        f"{counts.name}, {args.trainable}, teacher {args.teacher}, 1 GPU ({torch.cuda.get_device_name()}), "
+        f"micro-batch 1 x {args.seq_len}"
+    )
+    print(
+        f"planned ZeRO-3: states {plan.student_states_gib:.2f} + frozen {plan.frozen_gib:.2f} + activations "
+        f"{plan.activations_gib:.2f} + teacher {plan.teacher_gib:.2f} = {plan.total_gib:.2f} GiB"
+    )
     print(f"measured peak allocated: {peak:.2f} GiB; measured / planned = {peak / plan.total_gib:.2f}")
 
 

@@ -47,8 +47,9 @@ def main() -> None:
     parts = {
         "forget + retain items": lambda: score_benchmark(model, tokenizer, data.benchmark, config),
         "MIA documents": lambda: document_nll(model, tokenizer, documents, config.batch_size),
-        "MMLU": lambda: evaluate_mmlu(model, tokenizer, paths.mmlu, config.mmlu_shots, args.mmlu_limit,
-                                      config.batch_size),
+        "MMLU": lambda: evaluate_mmlu(
+            model, tokenizer, paths.mmlu, config.mmlu_shots, args.mmlu_limit, config.batch_size
+        ),
         "quick evaluation (all)": lambda: quick_scores(model, tokenizer, data, paths.mmlu, config),
     }
     seconds = {}
@@ -60,8 +61,10 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         seconds[name] = statistics.median(times)
     questions = evaluate_mmlu(model, tokenizer, paths.mmlu, 0, args.mmlu_limit, config.batch_size)["questions"]
-    print(f"model: {model_dir}  threads: {args.threads}  items: {len(data.benchmark.forget) + len(data.benchmark.retain)}"
-          f"  documents: {len(documents)}  MMLU questions: {questions} ({config.mmlu_shots}-shot)")
+    print(
+        f"model: {model_dir}  threads: {args.threads}  items: {len(data.benchmark.forget) + len(data.benchmark.retain)}"
+        f"  documents: {len(documents)}  MMLU questions: {questions} ({config.mmlu_shots}-shot)"
+    )
     for name, value in seconds.items():
         print(f"{name:28s}{value:8.2f} s")
     total, items = seconds["quick evaluation (all)"], seconds["forget + retain items"]

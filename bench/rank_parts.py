@@ -42,8 +42,9 @@ def main() -> None:
     prepared = prepare(model_dir, paths, config)
     data, steps = prepared.data, prepared.steps
     torch.set_num_threads(1)
-    model = prepare_trainable(load_model(model_dir), config.trainable, config.last_k, config.lora_rank,
-                              config.lora_alpha, config.lora_dropout)
+    model = prepare_trainable(
+        load_model(model_dir), config.trainable, config.last_k, config.lora_rank, config.lora_alpha, config.lora_dropout
+    )
 
     def padded(which: str, indices) -> int:
         examples = getattr(data, which)
@@ -55,26 +56,34 @@ def main() -> None:
     def seconds(part) -> float:
         started = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        loss = sum(model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float().logsumexp(-1).mean()
-                   for batch in (data.batch("forget", part.forget), data.batch("retain", part.retain)))
+        loss = sum(
+            model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float().logsumexp(-1).mean()
+            for batch in (data.batch("forget", part.forget), data.batch("retain", part.retain))
+        )
         loss.backward()
         return time.perf_counter() - started
 
-    print(f"model: {model_dir}  method: {args.method}  steps: {len(steps)}  batch_size: {config.batch_size}  "
-          f"trainable: {config.trainable}")
-    print(f"{'workers':>8s}{'slowest rank, padded tokens per step':>40s}{'ratio':>8s}"
-          f"{'slowest rank, fwd+bwd s per step':>36s}{'ratio':>8s}")
+    print(
+        f"model: {model_dir}  method: {args.method}  steps: {len(steps)}  batch_size: {config.batch_size}  "
+        f"trainable: {config.trainable}"
+    )
+    print(
+        f"{'workers':>8s}{'slowest rank, padded tokens per step':>40s}{'ratio':>8s}"
+        f"{'slowest rank, fwd+bwd s per step':>36s}{'ratio':>8s}"
+    )
     for world in args.workers:
         by_rows = [[rows_alike_part(step, rank, world) for rank in range(world)] for step in steps]
         balanced = [list(parts) for parts in zip(*(shard_steps(steps, rank, world, data) for rank in range(world)))]
         tokens = [statistics.mean(max(cost(p) for p in parts) for parts in split) for split in (by_rows, balanced)]
         timed = []
         for split in (by_rows, balanced):
-            slowest = [max(parts, key=cost) for parts in split[:args.timed_steps]]
+            slowest = [max(parts, key=cost) for parts in split[: args.timed_steps]]
             seconds(slowest[0])  # warm-up
             timed.append(statistics.mean(seconds(part) for part in slowest))
-        print(f"{world:8d}{tokens[0]:>18.0f} rows alike{tokens[1]:>10.0f} balanced{tokens[0] / tokens[1]:7.2f}x"
-              f"{timed[0]:>14.3f} rows{timed[1]:>10.3f} bal.{timed[0] / timed[1]:7.2f}x")
+        print(
+            f"{world:8d}{tokens[0]:>18.0f} rows alike{tokens[1]:>10.0f} balanced{tokens[0] / tokens[1]:7.2f}x"
+            f"{timed[0]:>14.3f} rows{timed[1]:>10.3f} bal.{timed[0] / timed[1]:7.2f}x"
+        )
 
 
 def rows_alike_part(step, rank: int, world: int):
@@ -84,6 +93,7 @@ def rows_alike_part(step, rank: int, world: int):
     def part(indices):
         mine = indices[rank::world]
         return mine if mine or not indices else (indices[rank % len(indices)],)
+
     return dataclasses.replace(step, forget=part(step.forget), retain=part(step.retain))
 
 

@@ -18,9 +18,11 @@ import json
 import statistics
 from pathlib import Path
 
-STRATEGIES = {"tpe+asha": {"sampler": "tpe", "pruner": "asha"},
-              "tpe": {"sampler": "tpe", "pruner": "none"},
-              "random": {"sampler": "random", "pruner": "none"}}
+STRATEGIES = {
+    "tpe+asha": {"sampler": "tpe", "pruner": "asha"},
+    "tpe": {"sampler": "tpe", "pruner": "none"},
+    "random": {"sampler": "random", "pruner": "none"},
+}
 TARGET_FRACTION = 0.95
 
 
@@ -72,9 +74,18 @@ def main() -> None:
             space = load_space(args.space, {"search": {**STRATEGIES[strategy], "time_budget_s": None}})
             directory = output / strategy / f"seed{seed}"
             if not (directory / "trials.json").exists():
-                options = SearchOptions(model=args.model, data=args.data, output=directory, num_samples=args.trials,
-                                        max_concurrent=1, seed=seed, verbose=0, final_split="train",
-                                        final_max_new_tokens=32, final_mmlu_limit=1)
+                options = SearchOptions(
+                    model=args.model,
+                    data=args.data,
+                    output=directory,
+                    num_samples=args.trials,
+                    max_concurrent=1,
+                    seed=seed,
+                    verbose=0,
+                    final_split="train",
+                    final_max_new_tokens=32,
+                    final_mmlu_limit=1,
+                )
                 run_search(space, options)
             state = json.loads((directory / STATE_FILE).read_text())
             runs.setdefault(strategy, []).append(curve(state["storage"], state["study"]))
@@ -87,20 +98,35 @@ def main() -> None:
         spent = [run[-1][0] for run in points if run]
         reach = [compute_to_reach(run, target) for run in points]
         reached = [r for r in reach if r is not None]
-        rows.append({"strategy": strategy, "searches": len(points), "best_aggregate_mean": statistics.mean(finals),
-                     "best_aggregate_min": min(finals), "best_aggregate_max": max(finals),
-                     "trial_seconds_mean": statistics.mean(spent), "reached_95pct": f"{len(reached)}/{len(reach)}",
-                     "seconds_to_95pct_mean": statistics.mean(reached) if reached else None})
-    (output / "results.json").write_text(json.dumps({"best_known": best_known, "target": target, "rows": rows,
-                                                     "curves": runs}, indent=2))
-    lines = [f"Best aggregate found by any search: {best_known:.4f}; 95 % of it: {target:.4f}.", "",
-             "| strategy | searches | best aggregate (mean, min-max) | trial-seconds | reached 95 % | trial-seconds to 95 % (mean) |",
-             "|---|---:|---|---:|---:|---:|"]
+        rows.append(
+            {
+                "strategy": strategy,
+                "searches": len(points),
+                "best_aggregate_mean": statistics.mean(finals),
+                "best_aggregate_min": min(finals),
+                "best_aggregate_max": max(finals),
+                "trial_seconds_mean": statistics.mean(spent),
+                "reached_95pct": f"{len(reached)}/{len(reach)}",
+                "seconds_to_95pct_mean": statistics.mean(reached) if reached else None,
+            }
+        )
+    (output / "results.json").write_text(
+        json.dumps({"best_known": best_known, "target": target, "rows": rows, "curves": runs}, indent=2)
+    )
+    lines = [
+        f"Best aggregate found by any search: {best_known:.4f}; 95 % of it: {target:.4f}.",
+        "",
+        "| strategy | searches | best aggregate (mean, min-max) | trial-seconds | reached 95 % "
+        "| trial-seconds to 95 % (mean) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
         to_target = "-" if r["seconds_to_95pct_mean"] is None else f"{r['seconds_to_95pct_mean']:.0f}"
-        lines.append(f"| {r['strategy']} | {r['searches']} | {r['best_aggregate_mean']:.4f} "
-                     f"({r['best_aggregate_min']:.4f}-{r['best_aggregate_max']:.4f}) | {r['trial_seconds_mean']:.0f} | "
-                     f"{r['reached_95pct']} | {to_target} |")
+        lines.append(
+            f"| {r['strategy']} | {r['searches']} | {r['best_aggregate_mean']:.4f} "
+            f"({r['best_aggregate_min']:.4f}-{r['best_aggregate_max']:.4f}) | {r['trial_seconds_mean']:.0f} | "
+            f"{r['reached_95pct']} | {to_target} |"
+        )
     (output / "results.md").write_text("\n".join(lines) + "\n")
     plot(runs, target, output / "efficiency.png")
     print("\n".join(lines))

@@ -19,9 +19,9 @@ against a 4-layer body (`small`) than against a 32-layer one (OLMo-7B). So the b
 ratio's compute bound for the trial it runs, the matrix-multiply FLOPs of the first steps
 (whole steps, one process) with a live teacher over those with stored teacher outputs: a cache
 gets near it at best (it also saves the teacher's parameter gathers and other work that is not
-matrix products, so a single pair of trials can touch it). `--layers N` runs the same trials on a model of the target's architecture,
-tokenizer and items with N layers and random weights, for the bound and ratio at another depth
-(step times do not depend on what the weights have learned).
+matrix products, so a single pair of trials can touch it). `--layers N` runs the same trials on a
+model of the target's architecture, tokenizer and items with N layers and random weights, for
+the bound and ratio at another depth (step times do not depend on what the weights have learned).
 """
 
 from __future__ import annotations
@@ -55,15 +55,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other trial setting, e.g. trainable=last_k last_k=2 (repeatable)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="trials of each kind, run alternately (live, cached, live, ...); figures are medians")
-    parser.add_argument("--layers", type=int,
-                        help="run on the model's architecture with this many layers and random weights")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other trial setting, e.g. trainable=last_k last_k=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="trials of each kind, run alternately (live, cached, live, ...); figures are medians",
+    )
+    parser.add_argument(
+        "--layers", type=int, help="run on the model's architecture with this many layers and random weights"
+    )
     parser.add_argument("--bound-steps", type=int, default=4, help="steps whose FLOPs give the compute bound")
-    parser.add_argument("--eval-items", type=int, default=Resources().eval_items,
-                        help="items of the quick evaluation at each boundary (not timed as steps; fewer: shorter trials)")
+    parser.add_argument(
+        "--eval-items",
+        type=int,
+        default=Resources().eval_items,
+        help="items of the quick evaluation at each boundary (not timed as steps; fewer: shorter trials)",
+    )
     parser.add_argument("--eval-max-new-tokens", type=int, default=Resources().eval_max_new_tokens)
     args = parser.parse_args()
     extra = parse_assignments(args.set)
@@ -78,41 +92,60 @@ def main() -> None:
         settings = {"method": args.method, "lr": args.lr, "epochs": args.epochs, **extra}
         flops = step_flops(model_dir, paths, trial_config(settings), args.bound_steps)
         init_ray(None)
-        resources = Resources(workers=args.workers, eval_items=args.eval_items,
-                              eval_max_new_tokens=args.eval_max_new_tokens)
+        resources = Resources(
+            workers=args.workers, eval_items=args.eval_items, eval_max_new_tokens=args.eval_max_new_tokens
+        )
         started = time.perf_counter()
         build_teacher_cache(model_dir, paths.root, trial_config({**settings, "teacher": "cached"}), scratch / "cache")
         cache_seconds = time.perf_counter() - started
         for repeat in range(args.repeats):
             for teacher in ("live", "cached"):
-                result = run_trial(model_dir, paths.root, {**settings, "teacher": teacher},
-                                   scratch / f"{teacher}{repeat}", resources, evaluation=None,
-                                   name=f"{teacher}{repeat}", teacher_cache_dir=scratch / "cache")
+                result = run_trial(
+                    model_dir,
+                    paths.root,
+                    {**settings, "teacher": teacher},
+                    scratch / f"{teacher}{repeat}",
+                    resources,
+                    evaluation=None,
+                    name=f"{teacher}{repeat}",
+                    teacher_cache_dir=scratch / "cache",
+                )
                 reports = [r for r in result.metrics_history if "step_seconds" in r]
                 # The first boundary's window holds the warm-up steps (allocations, first collectives).
                 steady = reports[1:] or reports
-                runs[teacher].append({
-                    "step_seconds": statistics.mean(r["step_seconds"] for r in reports),
-                    "steady_step_seconds": statistics.mean(r["step_seconds"] for r in steady),
-                    "peak_rss_mb": max(r["peak_rss_mb"] for r in reports),
-                    "pss_mb": max(r.get("pss_mb", math.nan) for r in reports),
-                    "teacher_parameters": max(r["teacher_parameters"] for r in reports),
-                    "trial_seconds": result.seconds,
-                    "final_loss": reports[-1]["loss"],
-                })
-    live, cached = ({key: statistics.median(run[key] for run in runs[teacher]) for key in runs[teacher][0]}
-                    for teacher in ("live", "cached"))
-    print(f"model: {args.model}{f' with {args.layers} layers, random weights' if args.layers else ''}  "
-          f"method: {args.method}  workers: {args.workers}  epochs: {args.epochs}  "
-          f"trainable: {trial_config(settings).trainable}  {' '.join(args.set)}")
+                runs[teacher].append(
+                    {
+                        "step_seconds": statistics.mean(r["step_seconds"] for r in reports),
+                        "steady_step_seconds": statistics.mean(r["step_seconds"] for r in steady),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in reports),
+                        "pss_mb": max(r.get("pss_mb", math.nan) for r in reports),
+                        "teacher_parameters": max(r["teacher_parameters"] for r in reports),
+                        "trial_seconds": result.seconds,
+                        "final_loss": reports[-1]["loss"],
+                    }
+                )
+    live, cached = (
+        {key: statistics.median(run[key] for run in runs[teacher]) for key in runs[teacher][0]}
+        for teacher in ("live", "cached")
+    )
+    print(
+        f"model: {args.model}{f' with {args.layers} layers, random weights' if args.layers else ''}  "
+        f"method: {args.method}  workers: {args.workers}  epochs: {args.epochs}  "
+        f"trainable: {trial_config(settings).trainable}  {' '.join(args.set)}"
+    )
     print(f"{'':28s}{'live teacher':>16s}{'cached':>16s}{'ratio':>10s}")
-    for key, label in (("step_seconds", "mean step time (s)"), ("steady_step_seconds", "  after the first boundary"),
-                       ("peak_rss_mb", "peak worker RSS (MiB)"),
-                       ("pss_mb", "worker PSS (MiB)"),
-                       ("trial_seconds", "trial wall time (s)")):
+    for key, label in (
+        ("step_seconds", "mean step time (s)"),
+        ("steady_step_seconds", "  after the first boundary"),
+        ("peak_rss_mb", "peak worker RSS (MiB)"),
+        ("pss_mb", "worker PSS (MiB)"),
+        ("trial_seconds", "trial wall time (s)"),
+    ):
         print(f"{label:28s}{live[key]:16.3f}{cached[key]:16.3f}{live[key] / cached[key]:9.2f}x")
-    print(f"{'teacher parameters/worker':28s}{int(live['teacher_parameters']):16,d}"
-          f"{int(cached['teacher_parameters']):16,d}")
+    print(
+        f"{'teacher parameters/worker':28s}{int(live['teacher_parameters']):16,d}"
+        f"{int(cached['teacher_parameters']):16,d}"
+    )
     print(f"{'last boundary loss':28s}{live['final_loss']:16.4f}{cached['final_loss']:16.4f}")
     print(f"cache built once in {cache_seconds:.1f} s (shared by every trial of a search)")
     if args.repeats > 1:
@@ -120,12 +153,16 @@ def main() -> None:
             each = ", ".join(f"{run['step_seconds']:.3f}" for run in runs[teacher])
             print(f"{teacher} mean step time of each trial (s): {each}  (figures above: medians of {args.repeats})")
     bound = flops["live"] / flops["cached"]
-    print(f"matmul GFLOPs of the first {args.bound_steps} steps: live {flops['live'] / 1e9:.2f}, "
-          f"cached {flops['cached'] / 1e9:.2f}: compute bound on the speed-up {bound:.2f}x")
+    print(
+        f"matmul GFLOPs of the first {args.bound_steps} steps: live {flops['live'] / 1e9:.2f}, "
+        f"cached {flops['cached'] / 1e9:.2f}: compute bound on the speed-up {bound:.2f}x"
+    )
     ratio = live["step_seconds"] / cached["step_seconds"]
-    print(f"step speed-up: {ratio:.2f}x "
-          f"({live['steady_step_seconds'] / cached['steady_step_seconds']:.2f}x after the first boundary; "
-          f"{ratio / bound:.0%} of the compute bound; target >= 1.7x)")
+    print(
+        f"step speed-up: {ratio:.2f}x "
+        f"({live['steady_step_seconds'] / cached['steady_step_seconds']:.2f}x after the first boundary; "
+        f"{ratio / bound:.0%} of the compute bound; target >= 1.7x)"
+    )
 
 
 def with_layers(model_dir: Path, layers: int, directory: Path) -> Path:
@@ -150,12 +187,13 @@ def step_flops(model_dir: Path, paths, config, steps: int) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     prepared = prepare(model_dir, paths, config)
-    student = prepare_trainable(load_model(model_dir), config.trainable, config.last_k, config.lora_rank,
-                                config.lora_alpha, config.lora_dropout)
+    student = prepare_trainable(
+        load_model(model_dir), config.trainable, config.last_k, config.lora_rank, config.lora_alpha, config.lora_dropout
+    )
     teacher = load_model(model_dir)
     for model in (student, teacher):
         model.set_attn_implementation("eager")
-    forward = lambda batch: student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    forward = lambda batch: student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # noqa: E731
     computed = live_reference(teacher)
     stored: dict[bytes, object] = {}
 
@@ -171,8 +209,9 @@ def step_flops(model_dir: Path, paths, config, steps: int) -> dict[str, int]:
         with FlopCounterMode(display=False) as counter:
             for step in prepared.steps[:steps]:
                 student.zero_grad(set_to_none=True)
-                output = prepared.method.loss(step_inputs(prepared.method, step, prepared.data, forward, reference,
-                                                          config.forget_loss_bound))
+                output = prepared.method.loss(
+                    step_inputs(prepared.method, step, prepared.data, forward, reference, config.forget_loss_bound)
+                )
                 if output.loss.requires_grad:
                     output.loss.backward()
         totals[kind] = counter.get_total_flops()

@@ -29,8 +29,13 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=1, help="which of the space's start points (1 = the first)")
     parser.add_argument("--model", default="small", help="a reference target preset or a checkpoint path")
     parser.add_argument("--data", default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one of the trial's settings (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one of the trial's settings (repeatable)",
+    )
     args = parser.parse_args()
 
     import dataclasses
@@ -53,14 +58,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         threshold = mmlu_threshold(model_dir, paths.root, space, Path(scratch), space.evaluation.mmlu_limit)
         started = time.time()
-        result = run_trial(model_dir, paths.root, settings, Path(scratch) / "trial", space.resources,
-                           _trial_evaluation(space, threshold))
+        result = run_trial(
+            model_dir,
+            paths.root,
+            settings,
+            Path(scratch) / "trial",
+            space.resources,
+            _trial_evaluation(space, threshold),
+        )
         wall = time.time() - started
     spent = time_spent(result)
     boundaries = [r for r in result.metrics_history if "boundary" in r]
     steps = boundaries[-1]["step"] if boundaries else 0
-    print(f"\n{space.name} start {args.start} on {args.model}: {steps} steps per worker, {len(boundaries)} boundaries, "
-          f"{dataclasses.asdict(space.resources)['workers']} workers; wall {wall:.0f} s")
+    print(
+        f"\n{space.name} start {args.start} on {args.model}: {steps} steps per worker, {len(boundaries)} boundaries, "
+        f"{dataclasses.asdict(space.resources)['workers']} workers; wall {wall:.0f} s"
+    )
     for name, seconds in spent.items():
         print(f"  {name:44s} {seconds:7.1f} s  {100 * seconds / result.seconds:5.1f} %")
     print("  each quick evaluation: " + ", ".join(f"{r.get('eval_seconds', 0):.1f} s" for r in boundaries))
@@ -70,10 +83,15 @@ def main() -> None:
     print(f"everything but the training steps: {100 * around:.1f} % of the wall time (target <= 25 %)")
     budget = space.search.time_budget_s
     if budget:
-        print(f"trials like this one in the space's {budget / 60:.0f}-minute budget: {budget / result.seconds:.1f} "
-              f"(target >= 12)")
-    print(f"aggregate of the trial: {result.evaluation.get('aggregate-score', float('nan')):.3f}"
-          if result.evaluation else "")
+        print(
+            f"trials like this one in the space's {budget / 60:.0f}-minute budget: {budget / result.seconds:.1f} "
+            f"(target >= 12)"
+        )
+    print(
+        f"aggregate of the trial: {result.evaluation.get('aggregate-score', float('nan')):.3f}"
+        if result.evaluation
+        else ""
+    )
 
 
 if __name__ == "__main__":

@@ -48,17 +48,45 @@ def two_node_cluster(tmp_path_factory):
         env.setenv("RAY_AUTH_MODE", "token")
         env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
         try:
-            head = _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                        "--num-gpus", "0", "--object-store-memory", OBJECT_STORE, "--include-dashboard", "false",
-                        "--disable-usage-stats")
+            head = _ray(
+                "start",
+                "--head",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num-cpus",
+                "2",
+                "--num-gpus",
+                "0",
+                "--object-store-memory",
+                OBJECT_STORE,
+                "--include-dashboard",
+                "false",
+                "--disable-usage-stats",
+            )
             assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
-            worker = _ray("start", "--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-                          "--num-gpus", "0", "--object-store-memory", OBJECT_STORE,
-                          "--resources", '{"second_node": 1}', "--disable-usage-stats")
+            worker = _ray(
+                "start",
+                "--address",
+                address,
+                "--node-ip-address",
+                "127.0.0.1",
+                "--num-cpus",
+                "2",
+                "--num-gpus",
+                "0",
+                "--object-store-memory",
+                OBJECT_STORE,
+                "--resources",
+                '{"second_node": 1}',
+                "--disable-usage-stats",
+            )
             assert worker.returncode == 0, worker.stdout[-2000:] + worker.stderr[-2000:]
-            probe = _python("import json, ray; ray.init(address=%r, log_to_driver=False); "
-                            "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
-                            % address)
+            probe = _python(
+                f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
+                "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))"
+            )
             nodes = json.loads(probe.strip().splitlines()[-1])
             assert len(nodes) == 2, nodes
             yield address, nodes
@@ -111,17 +139,36 @@ def test_placement_spreads_or_packs_a_trials_workers(two_node_cluster, tmp_path)
 
 @pytest.mark.slow
 def test_search_on_two_node_cluster_uses_both_nodes_and_survives_a_diverging_trial(
-        two_node_cluster, tmp_path, tiny_target, data_paths):
+    two_node_cluster, tmp_path, tiny_target, data_paths
+):
     import optuna
     from mlflow.tracking import MlflowClient
 
     address, nodes = two_node_cluster
     second = next(node for node, resources in nodes.items() if resources.get("second_node"))
     output = tmp_path / "search"
-    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(tiny_target),
-               "--data", str(data_paths.root), "--output", str(output), "--address", address,
-               "--final-mmlu-limit", "1", "--verbose", "0",
-               "--final-split", "train", "--final-max-new-tokens", "32"]
+    command = [
+        sys.executable,
+        str(REPO / "run_search.py"),
+        "--space",
+        str(SPACE),
+        "--model",
+        str(tiny_target),
+        "--data",
+        str(data_paths.root),
+        "--output",
+        str(output),
+        "--address",
+        address,
+        "--final-mmlu-limit",
+        "1",
+        "--verbose",
+        "0",
+        "--final-split",
+        "train",
+        "--final-max-new-tokens",
+        "32",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=1500)
     log = done.stdout + done.stderr
     (tmp_path / "search.log").write_text(log)
@@ -144,8 +191,11 @@ def test_search_on_two_node_cluster_uses_both_nodes_and_survives_a_diverging_tri
 
     study = optuna.load_study(study_name="two_node", storage=f"sqlite:///{output / 'optuna.db'}")
     states = {round(t.params["lr"], 6): t.state for t in study.trials}
-    assert states == {1e6: optuna.trial.TrialState.FAIL, 5e-4: optuna.trial.TrialState.COMPLETE,
-                      3e-4: optuna.trial.TrialState.COMPLETE}, states
+    assert states == {
+        1e6: optuna.trial.TrialState.FAIL,
+        5e-4: optuna.trial.TrialState.COMPLETE,
+        3e-4: optuna.trial.TrialState.COMPLETE,
+    }, states
 
     client = MlflowClient(tracking_uri=f"sqlite:///{output / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("unlearn-search/two_node").experiment_id])

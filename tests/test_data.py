@@ -4,8 +4,18 @@ import pandas as pd
 import pytest
 
 from unlearn_search import UnlearnSearchError
-from unlearn_search.data import (collate, encode, fetch, item_kind, length_bucketed_batches, load_benchmark,
-                                 load_documents, load_mmlu, resolve_data, separator)
+from unlearn_search.data import (
+    collate,
+    encode,
+    fetch,
+    item_kind,
+    length_bucketed_batches,
+    load_benchmark,
+    load_documents,
+    load_mmlu,
+    resolve_data,
+    separator,
+)
 from unlearn_search.data.tokenize import IGNORE_INDEX
 
 
@@ -58,15 +68,20 @@ def test_jsonl_benchmark_loads(tmp_path):
     assert benchmark.retain[1].kind == "qa"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: (d / "retain_train.jsonl").unlink(), r"missing retain_train\.parquet or retain_train\.jsonl"),
-    (lambda d: _write(d, "forget_train.jsonl", [{"id": "doc1sc1", "input": "x", "task": "Task1"}]),
-     r"missing column output"),
-    (lambda d: _write(d, "forget_train.jsonl", []), r"no rows"),
-    (lambda d: _write(d, "forget_train.jsonl", [{**_row(1), "id": "doc1xx1"}]), r"'doc1xx1'.*expected it to end"),
-    (lambda d: _write(d, "forget_train.jsonl", [_row(1), _row(1)]), r"duplicate id 'doc1sc1'"),
-    (lambda d: _write(d, "retain_train.jsonl", [_row(1)]), r"'doc1sc1' is in both the forget and the retain set"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: (d / "retain_train.jsonl").unlink(), r"missing retain_train\.parquet or retain_train\.jsonl"),
+        (
+            lambda d: _write(d, "forget_train.jsonl", [{"id": "doc1sc1", "input": "x", "task": "Task1"}]),
+            r"missing column output",
+        ),
+        (lambda d: _write(d, "forget_train.jsonl", []), r"no rows"),
+        (lambda d: _write(d, "forget_train.jsonl", [{**_row(1), "id": "doc1xx1"}]), r"'doc1xx1'.*expected it to end"),
+        (lambda d: _write(d, "forget_train.jsonl", [_row(1), _row(1)]), r"duplicate id 'doc1sc1'"),
+        (lambda d: _write(d, "retain_train.jsonl", [_row(1)]), r"'doc1sc1' is in both the forget and the retain set"),
+    ],
+)
 def test_bad_benchmark_files_get_one_clear_error(tmp_path, mutate, message):
     _valid(tmp_path)
     mutate(tmp_path)
@@ -127,8 +142,9 @@ def gpt2_like_tokenizer(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["He has also led the teams that developed MRI systems."] * 5, vocab_size=300,
-                            special_tokens=["<eos>", "<pad>"])
+    bpe.train_from_iterator(
+        ["He has also led the teams that developed MRI systems."] * 5, vocab_size=300, special_tokens=["<eos>", "<pad>"]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<pad>")
 
 
@@ -137,11 +153,11 @@ def test_encode_keeps_the_prompt_a_prefix_and_masks_it(gpt2_like_tokenizer):
     prompt, answer = "He has also", "led the teams"
     encoded = encode(tok, prompt, answer, max_length=64)
     prompt_ids = tok(prompt)["input_ids"]
-    assert encoded.input_ids[:len(prompt_ids)] == prompt_ids
+    assert encoded.input_ids[: len(prompt_ids)] == prompt_ids
     assert encoded.input_ids[-1] == tok.eos_token_id
-    assert tok.decode(encoded.input_ids[len(prompt_ids):-1]) == " led the teams"
-    assert encoded.labels[:len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
-    assert encoded.labels[len(prompt_ids):] == encoded.input_ids[len(prompt_ids):]
+    assert tok.decode(encoded.input_ids[len(prompt_ids) : -1]) == " led the teams"
+    assert encoded.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert encoded.labels[len(prompt_ids) :] == encoded.input_ids[len(prompt_ids) :]
     unmasked = encode(tok, prompt, answer, max_length=64, mask_prompt=False)
     assert unmasked.labels == unmasked.input_ids
     assert len(encode(tok, prompt, answer, max_length=4).input_ids) == 4
@@ -170,5 +186,5 @@ def test_length_bucketed_batches_cover_everything_once_with_little_padding():
 
     shuffled = list(range(400))
     random.Random(0).shuffle(shuffled)
-    naive = [shuffled[i:i + 8] for i in range(0, 400, 8)]
+    naive = [shuffled[i : i + 8] for i in range(0, 400, 8)]
     assert padding(batches) < 0.25 * padding(naive)

@@ -89,7 +89,8 @@ def test_output_names_written_as_literals_are_in_the_code_that_writes_them():
             source = _module_source(module)
             assert f'"{literal}"' in source or f"'{literal}'" in source, (
                 f"docs/outputs.md: {path}: {literal!r} is no longer in {module}; fix "
-                f"unlearn_search/docs.py output_entries and run {docs.REGENERATE}")
+                f"unlearn_search/docs.py output_entries and run {docs.REGENERATE}"
+            )
 
 
 def test_evaluation_files_are_the_ones_tracked_and_written():
@@ -106,7 +107,11 @@ def test_the_tree_refuses_a_path_whose_folder_is_not_listed():
     with pytest.raises(ValueError, match="a/b: its folder a/ is not listed"):
         docs._tree([("a/b", "x")])
     assert docs._tree([("a/", "x"), ("a/b", "y"), ("c", "z")]) == [
-        "outputs/<space name>/", "├── a/     # x", "│   └── b  # y", "└── c      # z"]
+        "outputs/<space name>/",
+        "├── a/     # x",
+        "│   └── b  # y",
+        "└── c      # z",
+    ]
 
 
 def test_docs_command_checks_and_writes(tmp_path, monkeypatch, capsys):
@@ -126,7 +131,16 @@ def test_readme_links_resolve_and_name_every_reference_page():
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
     missing = [link for link in links if "://" not in link and not (REPO / link).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
-    for page in ("space.md", "cli.md", "outputs.md", "evaluation.md", "methods.md", "adding_a_method.md",
-                 "gpu_path.md", "memory_plan.md", "results.md"):
+    for page in (
+        "space.md",
+        "cli.md",
+        "outputs.md",
+        "evaluation.md",
+        "methods.md",
+        "adding_a_method.md",
+        "gpu_path.md",
+        "memory_plan.md",
+        "results.md",
+    ):
         assert f"docs/{page}" in links, page
     assert len(readme.splitlines()) <= 160

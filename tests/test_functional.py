@@ -19,8 +19,7 @@ IGN = -100
 # Row 0: prompt token, two answer tokens, one padding position. Row 1: two prompt tokens, one
 # answer token, one padding position. Unequal counts (2 vs 1) make the token mean and the row
 # mean differ, so the tests can tell the conventions apart.
-LABELS = torch.tensor([[IGN, 2, 4, IGN],
-                       [IGN, IGN, 1, IGN]])
+LABELS = torch.tensor([[IGN, 2, 4, IGN], [IGN, IGN, 1, IGN]])
 # (row, shifted position, label) of every scored token: logits[b, t] predict labels[b, t + 1].
 SCORED = [(0, 0, 2), (0, 1, 4), (1, 1, 1)]
 UNSCORED = [(0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]  # (row, logit position) never used
@@ -32,6 +31,7 @@ def make_logits(seed: int, dtype=torch.float64) -> torch.Tensor:
 
 
 # ---- independent reference implementations (pure Python) --------------------------------------
+
 
 def log_softmax_list(row: list[float]) -> list[float]:
     m = max(row)
@@ -49,6 +49,7 @@ def hand_kl(ref_row: list[float], student_row: list[float]) -> float:
 
 
 # ---- shift / token_logprobs ---------------------------------------------------------------------
+
 
 def test_shift_pairs_logit_t_with_label_t_plus_1():
     logits = make_logits(0)
@@ -92,6 +93,7 @@ def test_token_logprobs_masked_position_with_minus_inf_logit_is_not_nan():
 
 # ---- sequence_logprob ----------------------------------------------------------------------------
 
+
 def test_sequence_logprob_sum_and_length_normalized():
     logits = make_logits(4)
     row0 = hand_logp(logits, 0, 0, 2) + hand_logp(logits, 0, 1, 4)
@@ -115,6 +117,7 @@ def test_sequence_logprob_row_without_scored_tokens_gives_zero():
 
 # ---- cross_entropy -------------------------------------------------------------------------------
 
+
 def test_cross_entropy_is_token_mean_over_batch():
     logits = make_logits(6)
     nlls = [-hand_logp(logits, b, t, v) for b, t, v in SCORED]
@@ -125,8 +128,9 @@ def test_cross_entropy_is_token_mean_over_batch():
     assert got.dim() == 0 and got.item() > 0
     assert got.item() == pytest.approx(expected, abs=1e-10)
     # and the same as torch's own ignore_index cross-entropy on the shifted pair
-    torch_ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), LABELS[:, 1:].reshape(-1),
-                                                 ignore_index=IGN)
+    torch_ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, V), LABELS[:, 1:].reshape(-1), ignore_index=IGN
+    )
     assert got.item() == pytest.approx(torch_ce.item(), abs=1e-10)
 
 
@@ -160,6 +164,7 @@ def test_cross_entropy_nothing_scored_is_zero_not_nan():
 
 
 # ---- kl_full -------------------------------------------------------------------------------------
+
 
 def test_kl_full_matches_hand_computation():
     student, ref_logits = make_logits(10), make_logits(11)
@@ -214,6 +219,7 @@ def test_kl_full_zero_reference_probability_entries_are_finite():
 
 
 # ---- topk_reference / kl_topk --------------------------------------------------------------------
+
 
 def test_topk_reference_keeps_largest_log_probs_in_order():
     ref_logits = make_logits(20)
@@ -327,6 +333,7 @@ def test_kl_topk_is_finite_for_peaked_float32_distributions(k):
 
 # ---- NPO / SimNPO --------------------------------------------------------------------------------
 
+
 def test_npo_loss_matches_hand_formula():
     student = torch.tensor([-3.0, -1.5], dtype=torch.float64)
     reference = torch.tensor([-2.0, -2.5], dtype=torch.float64)
@@ -371,6 +378,7 @@ def test_simnpo_gradient_lowers_likelihood():
 
 
 # ---- mean_token_prob / FLAT ---------------------------------------------------------------------
+
 
 def test_mean_token_prob_matches_hand_and_empty_row_is_zero():
     logits = make_logits(27)
@@ -428,12 +436,14 @@ def test_flat_from_logits_end_to_end():
     template_logits, forget_logits = make_logits(28), make_logits(29)
     p_e = F.mean_token_prob(template_logits, LABELS)
     p_f = F.mean_token_prob(forget_logits, LABELS)
-    expected = sum(-HAND_G["js"](e) + HAND_F_STAR["js"](HAND_G["js"](f))
-                   for e, f in zip(p_e.tolist(), p_f.tolist())) / 2
+    expected = (
+        sum(-HAND_G["js"](e) + HAND_F_STAR["js"](HAND_G["js"](f)) for e, f in zip(p_e.tolist(), p_f.tolist())) / 2
+    )
     assert F.flat_loss(p_e, p_f, "js").item() == pytest.approx(expected, abs=1e-12)
 
 
 # ---- adversarial_targets -------------------------------------------------------------------------
+
 
 def test_adversarial_targets_are_the_most_likely_wrong_tokens():
     logits = make_logits(30)
@@ -473,6 +483,7 @@ def test_adversarial_targets_carry_no_gradient():
 
 # ---- gradients reach the student logits ----------------------------------------------------------
 
+
 def _all_losses(student: torch.Tensor) -> dict[str, torch.Tensor]:
     ref_logits = make_logits(40)
     ref_logprobs = torch.log_softmax(ref_logits, -1)
@@ -492,8 +503,9 @@ def _all_losses(student: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_weighted", "kl_full", "kl_topk", "npo",
-                                  "simnpo", "flat", "adversarial_ce"])
+@pytest.mark.parametrize(
+    "name", ["cross_entropy", "cross_entropy_weighted", "kl_full", "kl_topk", "npo", "simnpo", "flat", "adversarial_ce"]
+)
 def test_losses_backpropagate_to_student_logits_only_at_scored_positions(name):
     student = make_logits(41).requires_grad_(True)
     loss = _all_losses(student)[name]

@@ -20,8 +20,8 @@ from unlearn_search.training.config import parse_assignments, trial_config
 from unlearn_search.training.loop import DivergedError
 from unlearn_search.training.unlearn import unlearn
 
-
 # ---- schedules -------------------------------------------------------------------------------
+
 
 def test_joint_pairs_every_forget_item_once_per_epoch_with_cycled_retain():
     steps = Joint().plan(n_forget=10, n_retain=4, batch_size=4, epochs=2, seed=0)
@@ -74,12 +74,18 @@ def test_sugd_without_split_retain_spreads_the_whole_retain_set_after_each_chunk
 
 
 def test_agad_alternates_forgetting_and_annealing_phases():
-    steps = AGAD(chunk_size=4, interleaving=0.5, annealing=0.5).plan(n_forget=10, n_retain=20, batch_size=4,
-                                                                     epochs=2, seed=0)
+    steps = AGAD(chunk_size=4, interleaving=0.5, annealing=0.5).plan(
+        n_forget=10, n_retain=20, batch_size=4, epochs=2, seed=0
+    )
     boundaries = [s.boundary for s in steps if s.boundary]
     # Annealing after every 2nd forgetting phase; the remainder chunk gets none; then final annealing.
-    assert boundaries == ["chunk 1 forgetting", "chunk 2 forgetting", "chunk 2 annealing", "chunk 3 forgetting",
-                          "final annealing"]
+    assert boundaries == [
+        "chunk 1 forgetting",
+        "chunk 2 forgetting",
+        "chunk 2 annealing",
+        "chunk 3 forgetting",
+        "final annealing",
+    ]
     first = [s for s in steps[:2]]
     assert all(s.phase == "ascent" and not s.retain for s in first)
     assert sorted(i for s in first for i in s.forget) == sorted([0, 1, 2, 3] * 2)  # chunk 1, two epochs
@@ -109,12 +115,16 @@ def test_agad_leftover_forget_items_get_no_annealing_phase():
 
 # ---- settings ------------------------------------------------------------------------------
 
+
 def test_settings_are_split_validated_and_listed(capsys):
     config = trial_config(parse_assignments(["method=npo", "beta=0.2", "schedule=sugd", "chunk_size=16", "lr=1e-5"]))
     assert config.method_params == {"beta": 0.2} and config.schedule_params == {"chunk_size": 16}
     assert config.flat()["positive_ratio"] == 7 and config.flat()["retain_loss"] == "ce"
-    with pytest.raises(UnlearnSearchError, match=r"setting 'betta' is not known .*expected one of .*beta.*; "
-                                                 r"did you mean 'beta'\?\)$"):
+    with pytest.raises(
+        UnlearnSearchError,
+        match=r"setting 'betta' is not known .*expected one of .*beta.*; "
+        r"did you mean 'beta'\?\)$",
+    ):
         trial_config({"method": "npo", "betta": 0.1})
     for name, value in (("lr", math.inf), ("max_grad_norm", "nan"), ("forget_weight", -math.inf)):
         with pytest.raises(UnlearnSearchError, match=rf"{name}=.*expected a finite number"):
@@ -133,6 +143,7 @@ def test_settings_are_split_validated_and_listed(capsys):
 
 
 # ---- trainable parameters ----------------------------------------------------------------
+
 
 def test_last_k_trains_only_the_last_layers(tiny_target):
     model = prepare_trainable(load_model(tiny_target), "last_k", last_k=1)
@@ -162,6 +173,7 @@ def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(tiny_target, tm
 
 
 # ---- guards ------------------------------------------------------------------------------
+
 
 def test_a_diverging_loss_stops_the_run_and_writes_no_model(tiny_target, data_paths, tmp_path):
     out = tmp_path / "student"
@@ -194,8 +206,9 @@ def _bounded_ascent_on_rank(rank: int, init_file: str, label_logits: list, bound
     # One scored token over a 2-word vocabulary: CE = log(1 + exp(-a)) for label logit a.
     logits = torch.tensor([[[label_logits[rank], 0.0], [0.0, 0.0]]], requires_grad=True)  # position 0 predicts token 1
     batch = {"labels": torch.tensor([[-100, 0]])}
-    step = StepInputs(forget=batch, retain=None, student=lambda b: logits, forget_loss_bound=bound,
-                      mean_over_ranks=mean_over_ranks)
+    step = StepInputs(
+        forget=batch, retain=None, student=lambda b: logits, forget_loss_bound=bound, mean_over_ranks=mean_over_ranks
+    )
     loss = ascent(step)
     Path(out, f"{rank}.json").write_text(json.dumps({"ce": -float(loss.detach()), "ascends": loss.requires_grad}))
     dist.destroy_process_group()
@@ -229,9 +242,17 @@ def test_random_token_answers_are_the_same_in_every_process(tiny_target, data_pa
         "config = trial_config({'method': 'random_label', 'random_source': 'tokens'})\n"
         "from pathlib import Path\n"
         "prepared = prepare(Path(sys.argv[1]), paths_from_root(Path(sys.argv[2])), config)\n"
-        "print(json.dumps([e.input_ids for e in prepared.data.alternative]))\n")
-    runs = [subprocess.run([sys.executable, "-c", script, str(tiny_target), str(data_paths.root)], check=True,
-                           capture_output=True, text=True).stdout.splitlines()[-1] for _ in range(2)]
+        "print(json.dumps([e.input_ids for e in prepared.data.alternative]))\n"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script, str(tiny_target), str(data_paths.root)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()[-1]
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
@@ -262,7 +283,7 @@ def _gradient(model, method, step, data, reference) -> torch.Tensor:
     from unlearn_search.training.loop import step_inputs
 
     model.zero_grad(set_to_none=True)
-    forward = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    forward = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # noqa: E731
     method.loss(step_inputs(method, step, data, forward, reference)).loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
@@ -283,8 +304,11 @@ def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(nam
         return [shard_steps([step], rank, world, prepared.data)[0] for rank in range(world)]
 
     # The first step whose parts hold different numbers of rows, where plain means would go wrong.
-    step = next(s for s in prepared.steps
-                if len({len(p.forget) for p in parts_of(s)} | {len(p.retain) for p in parts_of(s)}) > 1)
+    step = next(
+        s
+        for s in prepared.steps
+        if len({len(p.forget) for p in parts_of(s)} | {len(p.retain) for p in parts_of(s)}) > 1
+    )
     teacher, model = load_model(tiny_target), load_model(tiny_target)
     torch.manual_seed(0)
     with torch.no_grad():  # a student that has moved off the teacher: NPO's and the KL's terms are not at 0
@@ -297,20 +321,33 @@ def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(nam
     scale = whole.abs().max()
     assert (averaged - whole).abs().max() <= 1e-4 * scale
     # A step with fewer items than ranks: the ranks left over repeat an item and count for nothing.
-    few = dataclasses.replace(step, forget=step.forget[:world - 1], retain=step.retain[:world - 1])
+    few = dataclasses.replace(step, forget=step.forget[: world - 1], retain=step.retain[: world - 1])
     whole_few = _gradient(model, prepared.method, few, prepared.data, reference)
-    averaged_few = sum(_gradient(model, prepared.method, part, prepared.data, reference) for part in parts_of(few)) / world
+    averaged_few = (
+        sum(_gradient(model, prepared.method, part, prepared.data, reference) for part in parts_of(few)) / world
+    )
     assert (averaged_few - whole_few).abs().max() <= 1e-4 * whole_few.abs().max()
     if name == "ga":  # each rank's plain mean, as before the shares, is another gradient
-        plain = sum(_gradient(model, prepared.method, dataclasses.replace(part, shares=()), prepared.data, reference)
-                    for part in parts) / world
+        plain = (
+            sum(
+                _gradient(model, prepared.method, dataclasses.replace(part, shares=()), prepared.data, reference)
+                for part in parts
+            )
+            / world
+        )
         assert (plain - whole).abs().max() > 0.05 * scale
 
 
-METHOD_VARIANTS = [(name, {}) for name in sorted(METHODS)] + [
-    (name, {"retain_loss": kind}) for name in sorted(METHODS)
-    for kind in ("kl", "none") if "retain_loss" in {k.name for k in METHODS[name].knobs}] + [
-    ("random_label", {"forget_weight": 0.0})]
+METHOD_VARIANTS = (
+    [(name, {}) for name in sorted(METHODS)]
+    + [
+        (name, {"retain_loss": kind})
+        for name in sorted(METHODS)
+        for kind in ("kl", "none")
+        if "retain_loss" in {k.name for k in METHODS[name].knobs}
+    ]
+    + [("random_label", {"forget_weight": 0.0})]
+)
 
 
 @pytest.mark.parametrize("name,params", METHOD_VARIANTS)
@@ -323,8 +360,10 @@ def test_a_method_reads_the_student_on_the_batches_it_declares(name, params, tin
 
     prepared = prepare(tiny_target, data_paths, trial_config({"method": name, **params}))
     step = next(s for s in prepared.steps if s.forget and s.retain)
-    batches = {which: prepared.data.batch(which, getattr(step, "forget" if which == "alternative" else which))
-               for which in ("forget", "retain", "alternative")}
+    batches = {
+        which: prepared.data.batch(which, getattr(step, "forget" if which == "alternative" else which))
+        for which in ("forget", "retain", "alternative")
+    }
     model, read = load_model(tiny_target), []
 
     def student(batch):
@@ -337,8 +376,15 @@ def test_a_method_reads_the_student_on_the_batches_it_declares(name, params, tin
         referenced.append(which)
         return reference(batches[which])
 
-    prepared.method.loss(StepInputs(forget=batches["forget"], retain=batches["retain"], student=student,
-                                    reference=reference_of, alternative=batches["alternative"]))
+    prepared.method.loss(
+        StepInputs(
+            forget=batches["forget"],
+            retain=batches["retain"],
+            student=student,
+            reference=reference_of,
+            alternative=batches["alternative"],
+        )
+    )
     assert sorted(set(read)) == sorted(prepared.method.student_batches())
     assert sorted(set(referenced)) == sorted(prepared.method.reference_batches())
 
@@ -352,9 +398,14 @@ def test_one_forward_over_a_steps_batches_gives_each_batchs_loss_and_gradient(na
     from unlearn_search.training.unlearn import live_reference, prepare
 
     prepared = prepare(tiny_target, data_paths, trial_config({"method": name}))
-    step = next(s for s in prepared.steps if s.forget and s.retain
-                and prepared.data.batch("forget", s.forget)["input_ids"].shape[1]
-                != prepared.data.batch("retain", s.retain)["input_ids"].shape[1])
+    step = next(
+        s
+        for s in prepared.steps
+        if s.forget
+        and s.retain
+        and prepared.data.batch("forget", s.forget)["input_ids"].shape[1]
+        != prepared.data.batch("retain", s.retain)["input_ids"].shape[1]
+    )
     teacher, model = load_model(tiny_target), load_model(tiny_target)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -367,16 +418,27 @@ def test_one_forward_over_a_steps_batches_gives_each_batchs_loss_and_gradient(na
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     order = []
-    joint = step_inputs(prepared.method, step, prepared.data, lambda b: order.append("student") or forward(b),
-                        lambda b: order.append("reference") or reference(b))
+    joint = step_inputs(
+        prepared.method,
+        step,
+        prepared.data,
+        lambda b: order.append("student") or forward(b),
+        lambda b: order.append("reference") or reference(b),
+    )
     joint_loss = prepared.method.loss(joint).loss
     assert len(passes) == 1
     assert order == ["reference"] * len(prepared.method.reference_batches()) + ["student"]
     joint_loss.backward()
     joint_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     model.zero_grad(set_to_none=True)
-    alone = StepInputs(forget=joint.forget, retain=joint.retain, alternative=joint.alternative, student=forward,
-                       reference=joint.reference, shares=joint.shares)
+    alone = StepInputs(
+        forget=joint.forget,
+        retain=joint.retain,
+        alternative=joint.alternative,
+        student=forward,
+        reference=joint.reference,
+        shares=joint.shares,
+    )
     alone_loss = prepared.method.loss(alone).loss
     assert len(passes) > 2
     alone_loss.backward()
@@ -395,9 +457,15 @@ def _first_adam_step_after_restart(backend, step, read) -> None:
     before = read()
     step(0.5)
     fourth = (read() - before).abs()
+
     def moments():
-        return [v.data_ptr() for state in backend.scheduled.optimizer.state.values() for v in state.values()
-                if torch.is_tensor(v) and v.numel() > 1]
+        return [
+            v.data_ptr()
+            for state in backend.scheduled.optimizer.state.values()
+            for v in state.values()
+            if torch.is_tensor(v) and v.numel() > 1
+        ]
+
     held = moments()
     backend.restart()
     before = read()
@@ -417,6 +485,7 @@ def test_restart_and_lr_scale_on_the_torch_backend():
 
     def step(scale):
         backend.backward_step((model(torch.randn(2, 4)) * torch.randn(2, 3)).sum(), scale)
+
     _first_adam_step_after_restart(backend, step, lambda: model.weight.detach().clone())
 
 
@@ -429,8 +498,9 @@ def _restart_on_zero(rank: int, stage: int, init_file: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
     model = torch.nn.Linear(4, 3, bias=False)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=deepspeed_config(stage, False, 0.1, 0.0, 1e9, 2))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=list(model.parameters()), config=deepspeed_config(stage, False, 0.1, 0.0, 1e9, 2)
+    )
     backend = DeepSpeedBackend(engine, lr=0.1)
 
     def step(scale):
@@ -439,6 +509,7 @@ def _restart_on_zero(rank: int, stage: int, init_file: str, out: str) -> None:
     def read():
         with deepspeed.zero.GatheredParameters([engine.module.weight], enabled=stage == 3):
             return engine.module.weight.detach().clone()
+
     _first_adam_step_after_restart(backend, step, read)
     Path(out, "done").write_text(type(backend.scheduled.optimizer).__name__)
     dist.destroy_process_group()

@@ -37,13 +37,22 @@ def test_task_terms_follow_the_official_order_and_missing_terms_are_said_not_ski
     """The official scorer: per set, the tasks it holds (sorted, as groupby), regurgitation then
     knowledge, forget as 1 - v; a task the set lacks has no term; a kind a task lacks is NaN, and
     so is the harmonic mean."""
-    scores = {"forget": {"Task2": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: 0.25},
-                         "Task1": {metrics.REGURGITATION: 0.5, metrics.KNOWLEDGE: 0.0}},
-              "retain": {"Task1": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: 0.5}}}
+    scores = {
+        "forget": {
+            "Task2": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: 0.25},
+            "Task1": {metrics.REGURGITATION: 0.5, metrics.KNOWLEDGE: 0.0},
+        },
+        "retain": {"Task1": {metrics.REGURGITATION: 1.0, metrics.KNOWLEDGE: 0.5}},
+    }
     terms = metrics.task_terms(scores)
-    assert list(terms) == ["forget/Task1/regurgitation-score", "forget/Task1/knowledge-score",
-                           "forget/Task2/regurgitation-score", "forget/Task2/knowledge-score",
-                           "retain/Task1/regurgitation-score", "retain/Task1/knowledge-score"]
+    assert list(terms) == [
+        "forget/Task1/regurgitation-score",
+        "forget/Task1/knowledge-score",
+        "forget/Task2/regurgitation-score",
+        "forget/Task2/knowledge-score",
+        "retain/Task1/regurgitation-score",
+        "retain/Task1/knowledge-score",
+    ]
     assert list(terms.values()) == [0.5, 1.0, 0.0, 0.75, 1.0, 0.5]
     assert metrics.task_aggregate(scores) == 0.0  # forget Task2 regurgitated in full
     scores["forget"]["Task2"][metrics.REGURGITATION] = 0.5
@@ -74,9 +83,16 @@ def test_a_sets_mean_answer_probability_is_the_mean_of_each_answers_geometric_to
 
     from unlearn_search.evaluation.evaluate import summarize_set
 
-    frame = pd.DataFrame({"kind": ["sc", "qa", "qa"], "task": ["Task1", "Task2", "Task3"],
-                          "rougeL_recall": [0.5, None, None], "rouge1_recall": [0.5, None, None],
-                          "exact_match": [None, 1.0, 0.0], "nll": [0.0, math.log(2), 40.0]})
+    frame = pd.DataFrame(
+        {
+            "kind": ["sc", "qa", "qa"],
+            "task": ["Task1", "Task2", "Task3"],
+            "rougeL_recall": [0.5, None, None],
+            "rouge1_recall": [0.5, None, None],
+            "exact_match": [None, 1.0, 0.0],
+            "nll": [0.0, math.log(2), 40.0],
+        }
+    )
     summary = summarize_set(frame)
     # exp(-0) = 1, exp(-ln 2) = 0.5, exp(-40) ~ 0: one exploded answer counts once, as ~0.
     assert summary["mean-answer-probability"] == pytest.approx((1 + 0.5 + 0) / 3)
@@ -104,7 +120,8 @@ def test_mmlu_prompt_is_open_instructs_text(data_paths):
         "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
         "Find all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer: B\n\n"
         "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
-        "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
+        "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
+    )
 
 
 def test_mmlu_drops_shots_from_the_last_while_the_prompt_is_too_long():

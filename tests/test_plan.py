@@ -52,7 +52,9 @@ def test_full_fine_tuning_on_8_gpus_by_hand(counts_7b):
     for row in plan.stages:
         assert row.activations_gib * GIB == pytest.approx(activations)
         assert row.teacher_gib * GIB == pytest.approx(teacher)
-        assert row.total_gib == pytest.approx(row.student_states_gib + row.frozen_gib + activations / GIB + teacher / GIB)
+        assert row.total_gib == pytest.approx(
+            row.student_states_gib + row.frozen_gib + activations / GIB + teacher / GIB
+        )
         assert row.fits == (row.total_gib <= 0.9 * 80)
     assert [s.fits for s in plan.stages] == [False, True, True, True]  # 135.5 GiB unpartitioned
     assert plan.recommended.stage == "ZeRO-2" and plan.trials_at_once == 8
@@ -86,18 +88,32 @@ def test_plan_reads_a_local_checkpoint(tiny_target):
 
 def test_plan_command_and_its_errors(tmp_path):
     def plan(*args):
-        return subprocess.run([sys.executable, "-m", "unlearn_search.cli", "plan", *args], capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "unlearn_search.cli", "plan", *args], capture_output=True, text=True, timeout=300
+        )
 
-    done = plan("--model-size", "7B", "--gpus-per-trial", "8", "--gpu-mem", "80", "--lora-rank", "16",
-                "--teacher", "cached", "--cluster-gpus", "64")
+    done = plan(
+        "--model-size",
+        "7B",
+        "--gpus-per-trial",
+        "8",
+        "--gpu-mem",
+        "80",
+        "--lora-rank",
+        "16",
+        "--teacher",
+        "cached",
+        "--cluster-gpus",
+        "64",
+    )
     assert done.returncode == 0, done.stderr
     assert "LoRA (40.0M trainable)" in done.stdout and "teacher cached" in done.stdout
     assert "fits: yes, with ZeRO-0" in done.stdout and "runs 8 trial(s) at once" in done.stdout
     assert "fewest GPUs per trial that fit: 1" in done.stdout
     bad = plan("--model-size", "7X")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
-        "unlearn-search: error: --model-size '7X': expected one of 1B, 7B (or --model PATH)")
+        "unlearn-search: error: --model-size '7X': expected one of 1B, 7B (or --model PATH)"
+    )
     missing = plan("--model", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no config.json there" in missing.stderr.strip().splitlines()[-1]
     with pytest.raises(UnlearnSearchError, match=r"--gpus-per-trial 0: expected a positive integer"):
@@ -109,6 +125,7 @@ def test_docs_memory_plan_is_what_the_command_prints():
 
 
 # ------------------------------------------------------------------------- cluster/ configs
+
 
 def test_cluster_launcher_yaml_passes_rays_own_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config

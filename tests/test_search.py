@@ -52,10 +52,26 @@ def mlflow_server(tmp_path):
     port = _free_port()
     log = open(tmp_path / "mlflow-server.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while _get(uri + "/health")[0] != 200:
@@ -78,14 +94,38 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     # Constraints every finished trial meets: they reach the trials and their results, and change nothing else.
     space = tmp_path / "tiny_gd.yaml"
     # And an lr range test before the trials, and a signal beside the objective for the sampler.
-    space.write_text(SPACE.read_text().replace("objective: {metric: aggregate, mode: max}",
-                                               "objective: {metric: aggregate, mode: max, signal: forget_signal}")
-                     + "constraints: [{metric: retain_utility, min: 0.0}, {metric: mmlu, max: 1.0}]\n"
-                     + "lr_range_test: {steps: 8, probe_every: 4, probe_items: 4}\n")
-    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(space), "--model", str(tiny_target),
-               "--data", str(data_paths.root), "--output", str(output), "--tracking-uri", mlflow_server,
-               "--num-cpus", "2", "--final-mmlu-limit", "2", "--final-split", "validation",
-               "--final-max-new-tokens", "32", "--verbose", "0"]
+    space.write_text(
+        SPACE.read_text().replace(
+            "objective: {metric: aggregate, mode: max}",
+            "objective: {metric: aggregate, mode: max, signal: forget_signal}",
+        )
+        + "constraints: [{metric: retain_utility, min: 0.0}, {metric: mmlu, max: 1.0}]\n"
+        + "lr_range_test: {steps: 8, probe_every: 4, probe_items: 4}\n"
+    )
+    command = [
+        sys.executable,
+        str(REPO / "run_search.py"),
+        "--space",
+        str(space),
+        "--model",
+        str(tiny_target),
+        "--data",
+        str(data_paths.root),
+        "--output",
+        str(output),
+        "--tracking-uri",
+        mlflow_server,
+        "--num-cpus",
+        "2",
+        "--final-mmlu-limit",
+        "2",
+        "--final-split",
+        "validation",
+        "--final-max-new-tokens",
+        "32",
+        "--verbose",
+        "0",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines: list[str] = []
     dashboard: dict = {}
@@ -134,8 +174,10 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
         assert row["forget_nll"] > 0 and row["retain_nll"] > 0  # every metric a trial reports
         # The sampler's value: the aggregate and the signal's default weight; the table's is the aggregate.
         assert row["objective"] == pytest.approx(row["aggregate"] + 0.05 * row["forget_signal"])
-        assert any(t.values == [pytest.approx(row["objective"])] and t.user_attrs["aggregate"] == row["aggregate"]
-                   for t in study.trials)
+        assert any(
+            t.values == [pytest.approx(row["objective"])] and t.user_attrs["aggregate"] == row["aggregate"]
+            for t in study.trials
+        )
         evaluation = json.loads((Path(row["trial_output"]) / "evaluation_results.json").read_text())
         assert evaluation["aggregate-score"] == pytest.approx(row["aggregate"])
 
@@ -151,7 +193,10 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     from unlearn_search.models import load_model, load_tokenizer
 
     def original(limit):
-        return evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, limit, 32)["average"]
+        return evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, limit, 32)[
+            "average"
+        ]
+
     search_threshold = json.loads((output / "search.json").read_text())["mmlu_threshold"]
     assert search_threshold == pytest.approx(DEFAULT_THRESHOLD_FRACTION * original(1))
     assert best_results["mmlu_questions"] == 2 * 57
@@ -206,8 +251,12 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert "lr_range.json" in parent_artifacts
     assert float(parent.data.params["lr_range.low"]) == pytest.approx(fitted["low"])
     assert float(parent.data.params["lr_range.high"]) == pytest.approx(fitted["high"])
-    local = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="best/model/config.json",
-                                                tracking_uri=mlflow_server, dst_path=str(tmp_path / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id,
+        artifact_path="best/model/config.json",
+        tracking_uri=mlflow_server,
+        dst_path=str(tmp_path / "dl"),
+    )
     assert json.loads(Path(local).read_text())["model_type"] == "olmo"
 
     # Disk: each trial keeps at most resources.checkpoints_to_keep (default 1) Ray Train checkpoints.
@@ -230,11 +279,37 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     # The study and the runs outside the output: --resume must find them without being told again.
     database, tracking = tmp_path / "elsewhere" / "study.db", f"sqlite:///{tmp_path / 'elsewhere' / 'runs.db'}"
     database.parent.mkdir()
-    options = ["--model", str(tiny_target), "--data", str(data_paths.root), "--output", str(output),
-               "--num-cpus", "2", "--final-mmlu-limit", "1", "--verbose", "0", "--num-samples", "2",
-               "--final-split", "train", "--final-max-new-tokens", "32"]
-    command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), *options,
-               "--storage", f"sqlite:///{database}", "--tracking-uri", tracking]
+    options = [
+        "--model",
+        str(tiny_target),
+        "--data",
+        str(data_paths.root),
+        "--output",
+        str(output),
+        "--num-cpus",
+        "2",
+        "--final-mmlu-limit",
+        "1",
+        "--verbose",
+        "0",
+        "--num-samples",
+        "2",
+        "--final-split",
+        "train",
+        "--final-max-new-tokens",
+        "32",
+    ]
+    command = [
+        sys.executable,
+        str(REPO / "run_search.py"),
+        "--space",
+        str(SPACE),
+        *options,
+        "--storage",
+        f"sqlite:///{database}",
+        "--tracking-uri",
+        tracking,
+    ]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
 
@@ -255,8 +330,11 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, at once
     first.wait(timeout=60)
     subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
-    done_before = {t.number: t.params for t in optuna.load_study(study_name="tiny_gd", storage=f"sqlite:///{database}").trials
-                   if t.state == optuna.trial.TrialState.COMPLETE}
+    done_before = {
+        t.number: t.params
+        for t in optuna.load_study(study_name="tiny_gd", storage=f"sqlite:///{database}").trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
     assert len(done_before) >= 1
 
     # A fresh start on the same output is refused: nothing already done can be overwritten.
@@ -266,15 +344,20 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     # Resuming with another study or tracking store is refused; with neither named, the first
     # run's are used. The space may be the copy the search keeps in its output.
     resume = [sys.executable, str(REPO / "run_search.py"), "--space", str(output / "space.yaml"), *options, "--resume"]
-    for option, other in (("--storage", f"sqlite:///{tmp_path / 'other.db'}"),
-                          ("--tracking-uri", f"sqlite:///{tmp_path / 'other-runs.db'}")):
+    for option, other in (
+        ("--storage", f"sqlite:///{tmp_path / 'other.db'}"),
+        ("--tracking-uri", f"sqlite:///{tmp_path / 'other-runs.db'}"),
+    ):
         refused = subprocess.run(resume + [option, other], capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
-            f"unlearn-search: error: {option} {other}: this search"), refused.stderr[-2000:]
+            f"unlearn-search: error: {option} {other}: this search"
+        ), refused.stderr[-2000:]
     resumed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, timeout=1500)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     study = optuna.load_study(study_name="tiny_gd", storage=f"sqlite:///{database}")
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    finished = [
+        t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
     assert len(finished) == 2, [(t.number, t.state) for t in study.trials]
     for number, params in done_before.items():  # kept, with the same parameters, and not run again
         assert study.trials[number].state == optuna.trial.TrialState.COMPLETE and study.trials[number].params == params
@@ -289,7 +372,9 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     client = MlflowClient(tracking_uri=tracking)
     runs = client.search_runs([client.get_experiment_by_name("unlearn-search/tiny_gd").experiment_id])
     assert sum(r.data.tags.get("unlearn_search.role") == "search" for r in runs) == 1
-    assert sorted(r.data.tags["trial_id"] for r in runs if r.data.tags.get("trial_id")) == sorted(r["trial_id"] for r in rows)
+    assert sorted(r.data.tags["trial_id"] for r in runs if r.data.tags.get("trial_id")) == sorted(
+        r["trial_id"] for r in rows
+    )
 
     # The best trial's export fails (its checkpoint is gone): the trials are still written, the
     # earlier export is left as it was, and the error says how to retry.
@@ -301,7 +386,9 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
     failed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
     message = failed.stderr.strip().splitlines()[-1]
-    assert f"exporting the best trial {best_row['trial_id']} failed" in message and "--resume retries" in message, message
+    assert f"exporting the best trial {best_row['trial_id']} failed" in message and "--resume retries" in message, (
+        message
+    )
     rewritten = json.loads((output / "trials.json").read_text())
     assert [(r["trial_id"], r["status"]) for r in rewritten] == [(r["trial_id"], r["status"]) for r in rows]
     assert best_row["trial_id"] in (output / "summary.txt").read_text()
@@ -319,10 +406,9 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from unlearn_search.search.driver import (TUNE_TRIAL_ATTR, _scheduler, end_stopped_trials, make_searcher,
-                                              trial_rows)
-    from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
+    from unlearn_search.search.driver import TUNE_TRIAL_ATTR, _scheduler, end_stopped_trials, make_searcher, trial_rows
     from unlearn_search.search.results import OBJECTIVE, TRIAL_OUTPUT, summary_table
+    from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
     from unlearn_search.search.space import parse_space
     from unlearn_search.tracking import MLflowTracker, default_tracking_uri
     from unlearn_search.training.cluster import init_ray
@@ -340,27 +426,48 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
 
     # One at a time, in this order: 0.9 finishes; 0.1 falls below the rung 0.9 set and is pruned
     # at 50 %; 0.95 passes the rung and is still training when the budget runs out.
-    space = parse_space({"name": "budget", "settings": {"method": "gd", "schedule": "joint"},
-                         "params": {"lr": {"distribution": "uniform", "low": 0.01, "high": 1.0}},
-                         "starts": [{"lr": 0.9}, {"lr": 0.1}, {"lr": 0.95}],
-                         "search": {"pruner": "asha", "grace_period": 50, "reduction_factor": 2}})
+    space = parse_space(
+        {
+            "name": "budget",
+            "settings": {"method": "gd", "schedule": "joint"},
+            "params": {"lr": {"distribution": "uniform", "low": 0.01, "high": 1.0}},
+            "starts": [{"lr": 0.9}, {"lr": 0.1}, {"lr": 0.95}],
+            "search": {"pruner": "asha", "grace_period": 50, "reduction_factor": 2},
+        }
+    )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     uri = default_tracking_uri(tmp_path)
     tracker = MLflowTracker(uri, "unlearn-search/budget", tmp_path, "budget", {"space": "budget"})
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(num_cpus=2)
     try:
-        tuner = tune.Tuner(trial, tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, optuna.storages.RDBStorage(storage), "budget", seed=0, num_samples=3),
-            scheduler=_scheduler(space), num_samples=3, max_concurrent_trials=1),
-            run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), callbacks=[tracker], verbose=0,
-                                      stop=TimeBudget(40, tmp_path / BUDGET_FILE)))
+        tuner = tune.Tuner(
+            trial,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(space, optuna.storages.RDBStorage(storage), "budget", seed=0, num_samples=3),
+                scheduler=_scheduler(space),
+                num_samples=3,
+                max_concurrent_trials=1,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(tmp_path),
+                callbacks=[tracker],
+                verbose=0,
+                stop=TimeBudget(40, tmp_path / BUDGET_FILE),
+            ),
+        )
         rows = trial_rows(tuner.fit(), space)
         # A trial cut before its first report, read back from the experiment's state as --resume
         # reads it: no result carries its parameters; the configuration Tune wrote when it
         # started does.
-        tune.Tuner(trial, param_space={"lr": 0.99}, run_config=tune.RunConfig(
-            name="cut", storage_path=str(tmp_path), verbose=0, stop=TimeBudget(5, tmp_path / "cut.json"))).fit()
+        tune.Tuner(
+            trial,
+            param_space={"lr": 0.99},
+            run_config=tune.RunConfig(
+                name="cut", storage_path=str(tmp_path), verbose=0, stop=TimeBudget(5, tmp_path / "cut.json")
+            ),
+        ).fit()
         restored = trial_rows(tune.Tuner.restore(str(tmp_path / "cut"), trial).get_results(), space)
     finally:
         ray.shutdown()
@@ -372,8 +479,10 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     assert "stopped" in table and "pruned" in table
 
     client = MlflowClient(tracking_uri=uri)
-    runs = {r.data.tags.get("trial_id"): r for r in
-            client.search_runs([client.get_experiment_by_name("unlearn-search/budget").experiment_id])}
+    runs = {
+        r.data.tags.get("trial_id"): r
+        for r in client.search_runs([client.get_experiment_by_name("unlearn-search/budget").experiment_id])
+    }
     assert runs[by_lr[0.9]["trial_id"]].data.tags["status"] == "completed"
     assert runs[by_lr[0.1]["trial_id"]].data.tags["status"] == "pruned"
     assert runs[by_lr[0.1]["trial_id"]].info.status == "KILLED"
@@ -386,6 +495,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     def states() -> dict:
         study = optuna.load_study(study_name="budget", storage=storage)
         return {t.user_attrs[TUNE_TRIAL_ATTR]: (t.state.name, t.value) for t in study.trials}
+
     ids = {lr: row["trial_id"] for lr, row in by_lr.items()}
     assert states() == {ids[0.9]: ("COMPLETE", 0.9), ids[0.1]: ("PRUNED", None), ids[0.95]: ("RUNNING", None)}
     # The budget says it ran out (what the driver checks before ending them): an interrupt would not.

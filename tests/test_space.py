@@ -13,8 +13,17 @@ import yaml
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.search import load_space, parse_space
-from unlearn_search.search.results import (MEETS_CONSTRAINTS, PASSES, TRIAL_OUTPUT, best_trial, final_metrics,
-                                           objective_value, pareto_front, summary_table, with_constraints)
+from unlearn_search.search.results import (
+    MEETS_CONSTRAINTS,
+    PASSES,
+    TRIAL_OUTPUT,
+    best_trial,
+    final_metrics,
+    objective_value,
+    pareto_front,
+    summary_table,
+    with_constraints,
+)
 from unlearn_search.search.space import Objective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,11 +91,19 @@ BAD = [
     (lambda r: r["params"]["lr"].update(distribution="normal"), "params.lr.distribution: expected one of"),
     (lambda r: r["params"]["lr"].update(scale=2), "params.lr.scale: unknown key"),
     (lambda r: r["params"]["trainable"].update(choices=[]), "params.trainable.choices: expected a non-empty list"),
-    (lambda r: r["params"].update(colour={"distribution": "categorical", "choices": ["red"]}),
-     "params.colour: setting 'colour' is not known for method gd"),
-    (lambda r: r["params"]["lora_rank"].update(when={"optimizer": "adam"}), "params.lora_rank.when.optimizer: not a fixed"),
+    (
+        lambda r: r["params"].update(colour={"distribution": "categorical", "choices": ["red"]}),
+        "params.colour: setting 'colour' is not known for method gd",
+    ),
+    (
+        lambda r: r["params"]["lora_rank"].update(when={"optimizer": "adam"}),
+        "params.lora_rank.when.optimizer: not a fixed",
+    ),
     (lambda r: r["params"]["trainable"].update(when={"lora_rank": 8}), "the conditions form a cycle"),
-    (lambda r: r["settings"].update(method="unlearn_everything"), "settings: method 'unlearn_everything': expected one of"),
+    (
+        lambda r: r["settings"].update(method="unlearn_everything"),
+        "settings: method 'unlearn_everything': expected one of",
+    ),
     (lambda r: r["settings"].pop("method"), "settings.method: missing"),
     (lambda r: r["settings"].update(lr=1e-4), "params.lr: also fixed in settings"),
     (lambda r: r.update(starts=[{"lr": 1.0}]), "starts[0].lr: expected a value in [1e-05, 0.001]"),
@@ -99,8 +116,10 @@ BAD = [
     (lambda r: r.update(search={"n_startup_trials": 0}), "search.n_startup_trials: expected an integer >= 1"),
     (lambda r: r.update(search={"sampler": "nsga2"}), "search.sampler: nsga2 is for several objectives"),
     (lambda r: r.update(search={"sampler": "grid"}), "search.sampler: grid cannot search conditional parameters"),
-    (lambda r: (r["params"].pop("lora_rank"), r.update(search={"sampler": "grid"})),
-     "params.lr: the grid sampler needs categorical"),
+    (
+        lambda r: (r["params"].pop("lora_rank"), r.update(search={"sampler": "grid"})),
+        "params.lr: the grid sampler needs categorical",
+    ),
     (lambda r: r.update(resources={"gpus": 1}), "resources.gpus: unknown key"),
     # A misspelt name: the closest right one is suggested; none when nothing is close.
     (lambda r: r.update(resources={"wokers": 2}), "resources.wokers: unknown key (expected one of workers, "),
@@ -109,63 +128,112 @@ BAD = [
     (lambda r: r.update(serach={}), "did you mean 'search'?)"),
     (lambda r: r["params"]["lr"].update(distrbution="uniform"), "did you mean 'distribution'?)"),
     (lambda r: r.update(resources={"offload": "yes"}), "resources.offload: expected true or false"),
-    (lambda r: r.update(resources={"placement": "scatter"}), "resources.placement: expected pack or spread (got 'scatter')"),
+    (
+        lambda r: r.update(resources={"placement": "scatter"}),
+        "resources.placement: expected pack or spread (got 'scatter')",
+    ),
     (lambda r: r.update(evaluation={"split": "test"}), "evaluation.split: expected one of train"),
     # Each of these used to pass validation and fail later, inside a trial, as a traceback.
-    (lambda r: r["params"].update(epochs={"distribution": "uniform", "low": 1, "high": 4}),
-     "params.epochs.distribution: expected int (epochs is an integer setting) (got 'uniform')"),
-    (lambda r: r["params"]["lora_rank"].update(when={"trainable": "lroa"}),
-     "params.lora_rank.when.trainable: expected values among trainable's choices (full, lora) (got 'lroa')"),
+    (
+        lambda r: r["params"].update(epochs={"distribution": "uniform", "low": 1, "high": 4}),
+        "params.epochs.distribution: expected int (epochs is an integer setting) (got 'uniform')",
+    ),
+    (
+        lambda r: r["params"]["lora_rank"].update(when={"trainable": "lroa"}),
+        "params.lora_rank.when.trainable: expected values among trainable's choices (full, lora) (got 'lroa')",
+    ),
     (lambda r: r.update(resources={"zero_stage": 1}), "resources.zero_stage: expected 0, 2 or 3 (got 1)"),
-    (lambda r: r.update(resources={"checkpoints_to_keep": 0}), "resources.checkpoints_to_keep: expected an integer >= 1"),
+    (
+        lambda r: r.update(resources={"checkpoints_to_keep": 0}),
+        "resources.checkpoints_to_keep: expected an integer >= 1",
+    ),
     (lambda r: r.update(evaluation={"batch_size": 0}), "evaluation.batch_size: expected an integer >= 1 (got 0)"),
     (lambda r: r.update(evaluation={"mmlu_limit": 0}), "evaluation.mmlu_limit: expected an integer >= 1 or null"),
     (lambda r: r["settings"].update(teacher_top_k="auto"), "settings: teacher_top_k='auto': expected an integer"),
     (lambda r: r["settings"].update(forget_loss_bound=-1), "settings: forget_loss_bound=-1.0: expected a value > 0"),
     (lambda r: r["settings"].update(lora_dropout=1), "settings: lora_dropout=1.0: expected a value in [0, 1)"),
     (lambda r: r["settings"].update(schedule="sugd", chunk_size=8.5), "settings: chunk_size=8.5: expected an integer"),
-    (lambda r: r["settings"].update(schedule="sugd", epochs_per_chunk=0),
-     "settings: schedule sugd: epochs_per_chunk=0 (expected an integer >= 1)"),
-    (lambda r: r["settings"].update(schedule="agad", annealing=1.5),
-     "settings: schedule agad: annealing=1.5 (expected a value in (0, 1])"),
-    (lambda r: r["settings"].update(schedule="agad", interleaving=2.0),
-     "settings: schedule agad: interleaving=2.0 (expected a value in [0, 1])"),
-    (lambda r: r["settings"].update(schedule="agad", final_annealing="yes"),
-     "settings: final_annealing='yes': expected true or false"),
+    (
+        lambda r: r["settings"].update(schedule="sugd", epochs_per_chunk=0),
+        "settings: schedule sugd: epochs_per_chunk=0 (expected an integer >= 1)",
+    ),
+    (
+        lambda r: r["settings"].update(schedule="agad", annealing=1.5),
+        "settings: schedule agad: annealing=1.5 (expected a value in (0, 1])",
+    ),
+    (
+        lambda r: r["settings"].update(schedule="agad", interleaving=2.0),
+        "settings: schedule agad: interleaving=2.0 (expected a value in [0, 1])",
+    ),
+    (
+        lambda r: r["settings"].update(schedule="agad", final_annealing="yes"),
+        "settings: final_annealing='yes': expected true or false",
+    ),
     (lambda r: r["settings"].update(method="npo", beta=0), "settings: method npo: beta=0.0 (expected a value > 0)"),
     (lambda r: r["settings"].update(max_length=None), "settings: max_length=None: expected an integer"),
     (lambda r: r["settings"].update(method=["gd"]), "settings: method=['gd']: expected a name"),
-    (lambda r: r["settings"].update(train_split="test"), "settings: train_split 'test': expected one of train, validation"),
+    (
+        lambda r: r["settings"].update(train_split="test"),
+        "settings: train_split 'test': expected one of train, validation",
+    ),
     (lambda r: r["settings"].update(refusals=3), "settings: refusals=3: expected a string"),
     (lambda r: r.update(search={"n_startup_trials": 2.5}), "search.n_startup_trials: expected an integer (got 2.5)"),
-    (lambda r: r["params"]["lora_rank"].update(when={"trainable": []}),
-     "params.lora_rank.when.trainable: expected a value or a non-empty list of values (got [])"),
-    (lambda r: (r["params"].pop("trainable"), r["settings"].update(trainable="full")),
-     "params.lora_rank.when.trainable: expected values that include trainable's fixed value 'full'"),
-    (lambda r: r["settings"].update(forget_weight=-1.0), "settings: method gd: forget_weight=-1.0 (expected a value >= 0)"),
+    (
+        lambda r: r["params"]["lora_rank"].update(when={"trainable": []}),
+        "params.lora_rank.when.trainable: expected a value or a non-empty list of values (got [])",
+    ),
+    (
+        lambda r: (r["params"].pop("trainable"), r["settings"].update(trainable="full")),
+        "params.lora_rank.when.trainable: expected values that include trainable's fixed value 'full'",
+    ),
+    (
+        lambda r: r["settings"].update(forget_weight=-1.0),
+        "settings: method gd: forget_weight=-1.0 (expected a value >= 0)",
+    ),
     (lambda r: r.update(constraints={"retain_utility": 0.5}), "constraints: expected a list of {metric, min} or"),
-    (lambda r: (r["settings"].update(keep_best=True), r.update(objective={"metric": "forget_efficacy"})),
-     "settings.keep_best: a trial keeps its boundary with the highest quick aggregate, so the objective must be "
-     "aggregate, max (got forget_efficacy (max))"),
-    (lambda r: r.update(constraints=[{"metric": "utility", "min": 0.5}]), "constraints[0].metric: expected one of aggregate"),
+    (
+        lambda r: (r["settings"].update(keep_best=True), r.update(objective={"metric": "forget_efficacy"})),
+        "settings.keep_best: a trial keeps its boundary with the highest quick aggregate, so the objective must be "
+        "aggregate, max (got forget_efficacy (max))",
+    ),
+    (
+        lambda r: r.update(constraints=[{"metric": "utility", "min": 0.5}]),
+        "constraints[0].metric: expected one of aggregate",
+    ),
     (lambda r: r.update(constraints=[{"metric": "mmlu", "above": 0.5}]), "constraints[0].above: unknown key"),
-    (lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2, "max": 0.9}]),
-     "constraints[0]: expected exactly one of min or max"),
+    (
+        lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2, "max": 0.9}]),
+        "constraints[0]: expected exactly one of min or max",
+    ),
     (lambda r: r.update(constraints=[{"metric": "mmlu"}]), "constraints[0]: expected exactly one of min or max"),
-    (lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2}, {"metric": "mmlu", "min": 0.3}]),
-     "constraints: each metric at most once with min and once with max"),
-    (lambda r: r.update(constraints=[{"metric": "mmlu", "min": "half"}]),
-     "constraints[0].min: expected a finite number (got 'half')"),
-    (lambda r: r.update(objective={"metric": "aggregate", "signal": "forget_nll"}),
-     "objective.signal: expected one of forget_signal, forget_efficacy, retain_utility (got 'forget_nll')"),
-    (lambda r: r.update(objective={"metric": "aggregate", "signal_weight": 0.1}),
-     "objective.signal_weight: weighs a signal (expected signal too)"),
-    (lambda r: r.update(objective={"metric": "aggregate", "signal": "forget_signal", "signal_weight": 2}),
-     "objective.signal_weight: expected a number in [0, 1] (got 2)"),
-    (lambda r: r.update(objectives=[{"metric": "aggregate", "signal": "forget_signal"}, {"metric": "mmlu"}]),
-     "objectives[0].signal: only a single objective takes a signal"),
-    (lambda r: r.update(objective={"metric": "aggregate", "signl": "forget_signal"}),
-     "objective.signl: unknown key (expected one of metric, mode, signal, signal_weight; did you mean 'signal'?)"),
+    (
+        lambda r: r.update(constraints=[{"metric": "mmlu", "min": 0.2}, {"metric": "mmlu", "min": 0.3}]),
+        "constraints: each metric at most once with min and once with max",
+    ),
+    (
+        lambda r: r.update(constraints=[{"metric": "mmlu", "min": "half"}]),
+        "constraints[0].min: expected a finite number (got 'half')",
+    ),
+    (
+        lambda r: r.update(objective={"metric": "aggregate", "signal": "forget_nll"}),
+        "objective.signal: expected one of forget_signal, forget_efficacy, retain_utility (got 'forget_nll')",
+    ),
+    (
+        lambda r: r.update(objective={"metric": "aggregate", "signal_weight": 0.1}),
+        "objective.signal_weight: weighs a signal (expected signal too)",
+    ),
+    (
+        lambda r: r.update(objective={"metric": "aggregate", "signal": "forget_signal", "signal_weight": 2}),
+        "objective.signal_weight: expected a number in [0, 1] (got 2)",
+    ),
+    (
+        lambda r: r.update(objectives=[{"metric": "aggregate", "signal": "forget_signal"}, {"metric": "mmlu"}]),
+        "objectives[0].signal: only a single objective takes a signal",
+    ),
+    (
+        lambda r: r.update(objective={"metric": "aggregate", "signl": "forget_signal"}),
+        "objective.signl: unknown key (expected one of metric, mode, signal, signal_weight; did you mean 'signal'?)",
+    ),
 ]
 
 
@@ -199,8 +267,13 @@ def test_load_space_reports_the_file_and_yaml_line(tmp_path):
 EVALUATION = {
     "forget-set": {"overall-regurgitation-score": 0.2, "overall-knowledge-score": 0.4},
     "retain-set": {"overall-regurgitation-score": 0.9, "overall-knowledge-score": 0.7},
-    "harmonic-mean-task-aggregate": 0.6, "mia_loss_acc": 0.7, "mia_final_score": 0.6, "mmlu_average": 0.3,
-    "aggregate-score": 0.5, "mmlu_threshold": 0.25, "passes_utility_threshold": True,
+    "harmonic-mean-task-aggregate": 0.6,
+    "mia_loss_acc": 0.7,
+    "mia_final_score": 0.6,
+    "mmlu_average": 0.3,
+    "aggregate-score": 0.5,
+    "mmlu_threshold": 0.25,
+    "passes_utility_threshold": True,
 }
 
 
@@ -222,22 +295,28 @@ def test_the_sampler_sees_the_weighted_signal_and_the_best_trial_is_still_the_be
     # The forget answers' probability fell to 0.2, the retain's stayed at 0.9: (1 - 0.2) * 0.9.
     assert forget_signal(0.2, 0.9) == pytest.approx(0.72)
     assert forget_signal(1.0, 1.0) == 0.0 and forget_signal(0.0, 0.0) == 0.0
-    probabilities = {"forget-set": {**EVALUATION["forget-set"], "mean-answer-probability": 0.2},
-                     "retain-set": {**EVALUATION["retain-set"], "mean-answer-probability": 0.9}}
+    probabilities = {
+        "forget-set": {**EVALUATION["forget-set"], "mean-answer-probability": 0.2},
+        "retain-set": {**EVALUATION["retain-set"], "mean-answer-probability": 0.9},
+    }
     metrics = final_metrics({**EVALUATION, **probabilities})
     assert metrics["forget_signal"] == pytest.approx(0.72)
-    objective = parse_space({**copy.deepcopy(BASE), "objective": {"metric": "aggregate",
-                                                                  "signal": "forget_signal"}}).objectives[0]
+    objective = parse_space(
+        {**copy.deepcopy(BASE), "objective": {"metric": "aggregate", "signal": "forget_signal"}}
+    ).objectives[0]
     assert (objective.signal, objective.signal_weight) == ("forget_signal", 0.05)  # the default weight
     assert objective_value(metrics, objective) == pytest.approx(0.5 + 0.05 * metrics["forget_signal"])
     assert objective_value(metrics, Objective("aggregate", "min", "forget_signal", 0.1)) == pytest.approx(
-        0.5 - 0.1 * metrics["forget_signal"])
+        0.5 - 0.1 * metrics["forget_signal"]
+    )
     assert objective_value(final_metrics(EVALUATION), objective) == 0.5  # no NLL, no signal: the metric
     failing = {**metrics, PASSES: 0.0}
     assert objective_value(failing, objective) == 0.0  # under the threshold: the penalty, no signal
     # A plateau trial with more signal is ranked higher by the sampler, never picked over a better aggregate.
-    rows = [{"trial_id": "flat", "status": "completed", "aggregate": 0.10, "forget_signal": 0.9, PASSES: 1.0},
-            {"trial_id": "good", "status": "completed", "aggregate": 0.12, "forget_signal": 0.1, PASSES: 1.0}]
+    rows = [
+        {"trial_id": "flat", "status": "completed", "aggregate": 0.10, "forget_signal": 0.9, PASSES: 1.0},
+        {"trial_id": "good", "status": "completed", "aggregate": 0.12, "forget_signal": 0.1, PASSES: 1.0},
+    ]
     assert objective_value(rows[0], objective) > objective_value(rows[1], objective)
     assert best_trial(rows, [objective])["trial_id"] == "good"
 
@@ -260,13 +339,16 @@ def test_the_spaces_constraints_exclude_a_trial_like_the_mmlu_threshold():
     # A metric the evaluation could not compute (NaN) fails its constraint; Optuna refuses NaN.
     assert constraints[0].violation({**metrics, "retain_utility": math.nan}) == math.inf
     assert with_constraints({**metrics, "retain_utility": math.nan}, constraints[:1])[MEETS_CONSTRAINTS] == 0.0
-    rows = [{"trial_id": "erased", "status": "completed", "aggregate": 0.37, PASSES: 1.0, MEETS_CONSTRAINTS: 0.0},
-            {"trial_id": "kept", "status": "completed", "aggregate": 0.30, PASSES: 1.0, MEETS_CONSTRAINTS: 1.0}]
+    rows = [
+        {"trial_id": "erased", "status": "completed", "aggregate": 0.37, PASSES: 1.0, MEETS_CONSTRAINTS: 0.0},
+        {"trial_id": "kept", "status": "completed", "aggregate": 0.30, PASSES: 1.0, MEETS_CONSTRAINTS: 1.0},
+    ]
     assert best_trial(rows, [Objective("aggregate")])["trial_id"] == "kept"
     assert best_trial(rows[:1], [Objective("aggregate")]) is None
     assert MEETS_CONSTRAINTS in summary_table(rows, ["lr"], "kept").splitlines()[0]
-    assert MEETS_CONSTRAINTS not in summary_table([{k: v for k, v in r.items() if k != MEETS_CONSTRAINTS}
-                                                   for r in rows], ["lr"], None)
+    assert MEETS_CONSTRAINTS not in summary_table(
+        [{k: v for k, v in r.items() if k != MEETS_CONSTRAINTS} for r in rows], ["lr"], None
+    )
 
 
 def test_best_trial_never_picks_a_trial_under_the_threshold():
@@ -287,8 +369,13 @@ def test_best_trial_never_picks_a_trial_under_the_threshold():
 
 
 def test_pareto_front_by_hand():
-    rows = [{"id": 1, "f": 0.9, "r": 0.1}, {"id": 2, "f": 0.5, "r": 0.5}, {"id": 3, "f": 0.4, "r": 0.4},
-            {"id": 4, "f": 0.1, "r": 0.9}, {"id": 5, "f": 0.5, "r": 0.5}]
+    rows = [
+        {"id": 1, "f": 0.9, "r": 0.1},
+        {"id": 2, "f": 0.5, "r": 0.5},
+        {"id": 3, "f": 0.4, "r": 0.4},
+        {"id": 4, "f": 0.1, "r": 0.9},
+        {"id": 5, "f": 0.5, "r": 0.5},
+    ]
     front = pareto_front(rows, [Objective("f"), Objective("r")])
     assert sorted(r["id"] for r in front) == [1, 2, 4, 5]  # 3 is dominated by 2; equal points both stay
     front = pareto_front(rows, [Objective("f", "min"), Objective("r")])
@@ -314,9 +401,17 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
         assert config["method"] == "gd" and ("lora_rank" in config) == (config["trainable"] == "lora")
         searcher.on_trial_result(f"t{i}", quick)
         passes = i != 4  # the last one collapsed: MMLU below the threshold
-        searcher.on_trial_complete(f"t{i}", {"forget_efficacy": 0.2 * i, "retain_utility": 1 - 0.15 * i,
-                                             "mmlu": 0.4 if passes else 0.1, "mmlu_threshold": 0.3,
-                                             PASSES: float(passes), TRIAL_OUTPUT: f"trials/t{i}"})
+        searcher.on_trial_complete(
+            f"t{i}",
+            {
+                "forget_efficacy": 0.2 * i,
+                "retain_utility": 1 - 0.15 * i,
+                "mmlu": 0.4 if passes else 0.1,
+                "mmlu_threshold": 0.3,
+                PASSES: float(passes),
+                TRIAL_OUTPUT: f"trials/t{i}",
+            },
+        )
     searcher.suggest("pruned")
     searcher.on_trial_result("pruned", quick)
     searcher.on_trial_complete("pruned", quick)  # stopped by the pruner: its last result is an estimate
@@ -328,8 +423,9 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
     # values: NSGA-II gets them as constraints (feasible at <= 0).
     constraints = [t.constraints for t in study.trials]
     retain = [-0.5, -0.35, -0.2, -0.05, 0.1]  # 0.5 - retain_utility
-    assert constraints[:4] == [{"mmlu": pytest.approx(-0.1), "retain_utility >= 0.5": pytest.approx(retain[i])}
-                               for i in range(4)]  # MMLU 0.1 above the threshold
+    assert constraints[:4] == [
+        {"mmlu": pytest.approx(-0.1), "retain_utility >= 0.5": pytest.approx(retain[i])} for i in range(4)
+    ]  # MMLU 0.1 above the threshold
     assert constraints[4] == {"mmlu": pytest.approx(0.2), "retain_utility >= 0.5": pytest.approx(0.1)}
     assert constraints[5] == {}  # pruned: none
     ask = optuna.create_study().ask()  # a metric the evaluation could not compute: violation inf, which Optuna takes
@@ -340,19 +436,59 @@ def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pare
 
 # ---------------------------------------------------------------- fuzzing the loader
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings  # noqa: E402 - the fuzzing section's own
+from hypothesis import strategies as st  # noqa: E402
 
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=8), st.sampled_from(["gd", "sugd", "lora", "loguniform", "int", "categorical",
-                                                          "tpe", "asha", "aggregate", "max", "lr", "epochs"]))
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=8) | SCALARS.filter(lambda v: v is not None), inner, max_size=3)),
-                      max_leaves=8)
-PATHS = st.lists(st.sampled_from(["name", "settings", "params", "starts", "objective", "objectives", "constraints", "search",
-                                  "resources", "evaluation", "lr", "epochs", "trainable", "lora_rank", "low", "high",
-                                  "choices", "when", "distribution", "method", "sampler", "metric", "min", 0]),
-                 min_size=1, max_size=4)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.sampled_from(
+        ["gd", "sugd", "lora", "loguniform", "int", "categorical", "tpe", "asha", "aggregate", "max", "lr", "epochs"]
+    ),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=8) | SCALARS.filter(lambda v: v is not None), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+PATHS = st.lists(
+    st.sampled_from(
+        [
+            "name",
+            "settings",
+            "params",
+            "starts",
+            "objective",
+            "objectives",
+            "constraints",
+            "search",
+            "resources",
+            "evaluation",
+            "lr",
+            "epochs",
+            "trainable",
+            "lora_rank",
+            "low",
+            "high",
+            "choices",
+            "when",
+            "distribution",
+            "method",
+            "sampler",
+            "metric",
+            "min",
+            0,
+        ]
+    ),
+    min_size=1,
+    max_size=4,
+)
 
 
 def _mutate(document, path, value):
@@ -360,7 +496,9 @@ def _mutate(document, path, value):
     for key in path[:-1]:
         if isinstance(node, dict) and key in node and isinstance(node[key], (dict, list)):
             node = node[key]
-        elif isinstance(node, list) and isinstance(key, int) and key < len(node) and isinstance(node[key], (dict, list)):
+        elif (
+            isinstance(node, list) and isinstance(key, int) and key < len(node) and isinstance(node[key], (dict, list))
+        ):
             node = node[key]
         else:
             break
@@ -490,8 +628,9 @@ def test_the_pruner_takes_an_estimate_within_min_delta_of_the_bar_as_a_tie(prune
 
     from unlearn_search.search.driver import _scheduler
 
-    def decisions(min_delta: float | None, metric: str = "aggregate", mode: str = "max",
-                  sign: float = 1.0) -> list[str]:
+    def decisions(
+        min_delta: float | None, metric: str = "aggregate", mode: str = "max", sign: float = 1.0
+    ) -> list[str]:
         raw = copy.deepcopy(BASE)
         raw["search"] = {"pruner": pruner, "grace_period": 50, "reduction_factor": 2}
         if min_delta is not None:
@@ -504,8 +643,10 @@ def test_the_pruner_takes_an_estimate_within_min_delta_of_the_bar_as_a_tie(prune
         # The median rule needs two earlier trials past the grace period: both report the bar.
         values = [0.117, 0.117, 0.111, 0.08] if pruner == "median" else [0.117, 0.111, 0.08]
         controller = SimpleNamespace(get_live_trials=lambda: [])  # the median rule asks it while samples are few
-        return [scheduler.on_trial_result(controller, trial, {"progress": 60, metric: sign * value})
-                for trial, value in zip(trials, values)]
+        return [
+            scheduler.on_trial_result(controller, trial, {"progress": 60, metric: sign * value})
+            for trial, value in zip(trials, values)
+        ]
 
     tie, below = (2, 3) if pruner == "median" else (1, 2)
     default = decisions(None)
@@ -533,8 +674,10 @@ def test_a_scheduler_pickled_before_the_margin_resumes_without_one():
     scheduler = cloudpickle.loads(cloudpickle.dumps(scheduler))
     trials = [Trial("trial", stub=True) for _ in range(3)]
     controller = SimpleNamespace(get_live_trials=lambda: [])
-    decisions = [scheduler.on_trial_result(controller, trial, {"progress": 60, "aggregate": value})
-                 for trial, value in zip(trials, (0.117, 0.117, 0.111))]
+    decisions = [
+        scheduler.on_trial_result(controller, trial, {"progress": 60, "aggregate": value})
+        for trial, value in zip(trials, (0.117, 0.117, 0.111))
+    ]
     assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]
 
 
@@ -561,15 +704,22 @@ def test_the_pruner_judges_an_estimate_that_misses_a_constraint_as_the_worst(tmp
         scheduler.on_trial_add(None, trial)
 
     def report(name: str, aggregate: float, retain: float) -> str:
-        return scheduler.on_trial_result(None, trials[name], {"progress": 50, "aggregate": aggregate,
-                                                              "retain_utility": retain})
+        return scheduler.on_trial_result(
+            None, trials[name], {"progress": 50, "aggregate": aggregate, "retain_utility": retain}
+        )
+
     # The rung at 50 judges each report against those recorded before it.
     assert report("erased", 0.37, 0.0) == TrialScheduler.CONTINUE  # the first: recorded as 0
     assert report("kept", 0.10, 0.9) == TrialScheduler.CONTINUE  # 0.10 > 0 (on the raw 0.37: pruned)
     assert report("erased_again", 0.40, 0.0) == TrialScheduler.STOP
     assert pruned_record(trials["erased_again"].path) == {
-        "at": 50, "metric": "aggregate", "value": 0.40, "judged": 0.0, "by": "TrainingASHA",
-        "missed": ["retain_utility >= 0.5"]}
+        "at": 50,
+        "metric": "aggregate",
+        "value": 0.40,
+        "judged": 0.0,
+        "by": "TrainingASHA",
+        "missed": ["retain_utility >= 0.5"],
+    }
     raw["search"] = {"pruner": "median", "grace_period": 50}
     assert _scheduler(parse_space(raw)).constraints == parse_space(raw).constraints  # the same rule
 
@@ -585,8 +735,10 @@ def test_a_knob_of_a_searched_schedule_is_valid_under_its_condition():
         values = space.define_by_run()(study.ask())
         assert ("positive_ratio" in values) == (values["schedule"] == "sugd")
     raw["params"]["positive_ratio"].pop("when")  # without it, joint trials would get an unknown knob
-    with pytest.raises(UnlearnSearchError, match="params.positive_ratio: setting 'positive_ratio' is not known "
-                                                 "for method gd with schedule joint"):
+    with pytest.raises(
+        UnlearnSearchError,
+        match="params.positive_ratio: setting 'positive_ratio' is not known for method gd with schedule joint",
+    ):
         parse_space(raw)
 
 

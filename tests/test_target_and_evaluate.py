@@ -59,23 +59,53 @@ def _official_scores(output: Path) -> dict:
         per_task = df.groupby("task")[["regurgitation-score", "knowledge-score"]].mean().to_dict(orient="index")
         values = [float(v) for inner in per_task.values() for v in inner.values()]
         terms += [1 - v for v in values] if split == "forget" else values
-        results[split] = {"regurgitation": np.mean(df["regurgitation-score"]), "knowledge": np.mean(df["knowledge-score"])}
-    nll = {kind: pd.concat([pd.read_csv(f) for f in sorted((output / "mia_results").glob(f"{kind}_*.csv"))])["nll"].tolist()
-           for kind in ("member", "nonmember")}
-    fp, tp, _ = roc_curve([1] * len(nll["member"]) + [0] * len(nll["nonmember"]),
-                          -np.array(nll["member"] + nll["nonmember"]))
+        results[split] = {
+            "regurgitation": np.mean(df["regurgitation-score"]),
+            "knowledge": np.mean(df["knowledge-score"]),
+        }
+    nll = {
+        kind: pd.concat([pd.read_csv(f) for f in sorted((output / "mia_results").glob(f"{kind}_*.csv"))])[
+            "nll"
+        ].tolist()
+        for kind in ("member", "nonmember")
+    }
+    fp, tp, _ = roc_curve(
+        [1] * len(nll["member"]) + [0] * len(nll["nonmember"]), -np.array(nll["member"] + nll["nonmember"])
+    )
     mia_auc = float(auc(fp, tp))
     mmlu = json.loads((output / "mmlu_metrics.json").read_text())["average_acc"]
     task = harmonic_mean(terms)
     mia_final = 1 - abs(mia_auc - 0.5) * 2
-    return {"terms": terms, "task": task, "mia_auc": mia_auc, "mia_final": mia_final, "mmlu": mmlu,
-            "aggregate": (task + mmlu + mia_final) / 3, "sets": results}
+    return {
+        "terms": terms,
+        "task": task,
+        "mia_auc": mia_auc,
+        "mia_final": mia_final,
+        "mmlu": mmlu,
+        "aggregate": (task + mmlu + mia_final) / 3,
+        "sets": results,
+    }
 
 
 def test_evaluate_writes_what_the_official_scorer_recomputes_exactly(tiny_target, data_paths, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main(["evaluate", "--model", str(tiny_target), "--output", str(out), "--split", "train",
-                 "--mmlu-limit", "1", "--mmlu-shots", "1", "--data", str(data_paths.root)])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_target),
+            "--output",
+            str(out),
+            "--split",
+            "train",
+            "--mmlu-limit",
+            "1",
+            "--mmlu-shots",
+            "1",
+            "--data",
+            str(data_paths.root),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     manifest = read_target_manifest(tiny_target)
@@ -83,8 +113,14 @@ def test_evaluate_writes_what_the_official_scorer_recomputes_exactly(tiny_target
     results = json.loads((out / "evaluation_results.json").read_text())
     assert json.loads((out / "evaluation_results.jsonl").read_text()) == results
     assert results["mmlu_questions"] == 57
-    assert list(pd.read_csv(out / "forget_0.csv").columns) == ["id", "task", "input", "expected_output",
-                                                               "model_output", "nll"]
+    assert list(pd.read_csv(out / "forget_0.csv").columns) == [
+        "id",
+        "task",
+        "input",
+        "expected_output",
+        "model_output",
+        "nll",
+    ]
     assert list(pd.read_csv(out / "mia_results" / "member_0.csv").columns) == ["id", "nll"]
     official = _official_scores(out)
     assert len(official["terms"]) == 12 and results["missing-terms"] == []
@@ -95,10 +131,15 @@ def test_evaluate_writes_what_the_official_scorer_recomputes_exactly(tiny_target
     assert results["mmlu_average"] == pytest.approx(official["mmlu"], abs=1e-9)
     assert results["aggregate-score"] == pytest.approx(official["aggregate"], abs=1e-9)
     for set_name, scores in official["sets"].items():
-        assert results[f"{set_name}-set"]["overall-regurgitation-score"] == pytest.approx(scores["regurgitation"], abs=1e-9)
+        assert results[f"{set_name}-set"]["overall-regurgitation-score"] == pytest.approx(
+            scores["regurgitation"], abs=1e-9
+        )
         assert results[f"{set_name}-set"]["overall-knowledge-score"] == pytest.approx(scores["knowledge"], abs=1e-9)
-    assert list(results["final-mean-terms"].values()) == [results["harmonic-mean-task-aggregate"],
-                                                         results["mmlu_average"], results["mia_final_score"]]
+    assert list(results["final-mean-terms"].values()) == [
+        results["harmonic-mean-task-aggregate"],
+        results["mmlu_average"],
+        results["mia_final_score"],
+    ]
     # The memorized target has not forgotten anything: the task aggregate is near zero.
     assert results["harmonic-mean-task-aggregate"] < 0.1
     assert "aggregate-score" in printed
@@ -120,9 +161,13 @@ def test_retrained_gold_standard_never_saw_the_forget_set(tiny_target, data_path
     retrained = build_retrained(data_paths, tiny_target, tmp_path / "retrained", progress=False)
     assert read_target_manifest(retrained)["forget_ids"] == read_target_manifest(tiny_target)["forget_ids"]
     assert (retrained / "tokenizer.json").read_text() == (tiny_target / "tokenizer.json").read_text()
-    results = evaluate(load_model(retrained), load_tokenizer(retrained), data_paths,
-                       EvalConfig(split="train", max_new_tokens=64, mmlu_limit=1),
-                       read_target_manifest(tiny_target))
+    results = evaluate(
+        load_model(retrained),
+        load_tokenizer(retrained),
+        data_paths,
+        EvalConfig(split="train", max_new_tokens=64, mmlu_limit=1),
+        read_target_manifest(tiny_target),
+    )
     assert results["retain-set"]["overall-regurgitation-score"] >= 0.9
     assert results["forget-set"]["overall-regurgitation-score"] <= 0.5
     assert results["forget-set"]["overall-knowledge-score"] <= 0.5
@@ -138,7 +183,9 @@ def test_batched_inference_equals_one_at_a_time(tiny_target, data_paths):
     from unlearn_search.models import load_model, load_tokenizer
 
     manifest = read_target_manifest(tiny_target)
-    items = load_benchmark(data_paths.benchmark, "train").restricted(manifest["forget_ids"][:6] + manifest["retain_ids"][:6])
+    items = load_benchmark(data_paths.benchmark, "train").restricted(
+        manifest["forget_ids"][:6] + manifest["retain_ids"][:6]
+    )
     items = list(items.forget) + list(items.retain)
     assert {i.kind for i in items} == {"sc", "qa"}
     model, tokenizer = load_model(tiny_target).eval(), load_tokenizer(tiny_target)
@@ -154,7 +201,7 @@ def test_batched_inference_equals_one_at_a_time(tiny_target, data_paths):
     continuation = tokenizer(one[0], add_special_tokens=False)["input_ids"]
     stop = next(k for k in range(2, len(continuation)) if continuation[k] not in continuation[:k])
     model.generation_config.eos_token_id = continuation[stop]
-    assert generate(model, tokenizer, prompts[:1], max_new_tokens=24) == [tokenizer.decode(continuation[:stop + 1])]
+    assert generate(model, tokenizer, prompts[:1], max_new_tokens=24) == [tokenizer.decode(continuation[: stop + 1])]
 
 
 def _quick_scores_on_rank(rank: int, init_file: str, model_dir: str, data_root: str, out: str) -> None:
@@ -199,8 +246,11 @@ def test_ranks_share_the_quick_evaluation_and_all_get_the_whole_result(tiny_targ
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
     alone = quick_scores_of(model, tokenizer, data, paths, config)
-    mp.spawn(_quick_scores_on_rank, args=(str(tmp_path / "init"), str(tiny_target), str(data_paths.root),
-                                          str(tmp_path)), nprocs=2)
+    mp.spawn(
+        _quick_scores_on_rank,
+        args=(str(tmp_path / "init"), str(tiny_target), str(data_paths.root), str(tmp_path)),
+        nprocs=2,
+    )
     ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     for rank in ranks:
         assert rank["scores"] == pytest.approx(alone)
@@ -211,8 +261,7 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
     """What a search prunes on estimates the trial's result: on the whole data with the final
     limits, the quick scores equal the full evaluation's metrics, and on a subset they combine
     their own terms the way the final aggregate does."""
-    from unlearn_search.evaluation.evaluate import (METRIC_NAMES, EvalConfig, evaluate, load_eval_data,
-                                                    metric_values)
+    from unlearn_search.evaluation.evaluate import METRIC_NAMES, EvalConfig, evaluate, load_eval_data, metric_values
     from unlearn_search.evaluation.inference import document_nll
     from unlearn_search.evaluation.quick import quick_config, quick_data, quick_scores
     from unlearn_search.models import load_model, load_tokenizer
@@ -227,8 +276,12 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
     assert set(whole) == set(METRIC_NAMES)  # the names MLflow keeps apart as estimates
 
     subset = quick_data(data, items=16, documents=6)
-    assert [len(subset.benchmark.forget), len(subset.benchmark.retain), len(subset.members), len(subset.nonmembers)] \
-        == [8, 8, 3, 3]
+    assert [
+        len(subset.benchmark.forget),
+        len(subset.benchmark.retain),
+        len(subset.members),
+        len(subset.nonmembers),
+    ] == [8, 8, 3, 3]
     # Every task and kind of each set (each term of the task harmonic mean), shared evenly.
     for items in (subset.benchmark.forget, subset.benchmark.retain):
         groups = collections.Counter((i.task, i.kind) for i in items)

@@ -38,17 +38,25 @@ def _losses(method_name, prepared, student, reference, **params):
     forget = data.batch("forget", list(range(min(4, len(data.forget)))))
     retain = data.batch("retain", [3, 0, 5, 1])
     cache: dict = {}
-    step = StepInputs(forget=forget, retain=retain, student=lambda b: student(input_ids=b["input_ids"],
-                      attention_mask=b["attention_mask"]).logits,
-                      reference=lambda which: cache.setdefault(which, reference({"forget": forget, "retain": retain}[which])))
+    step = StepInputs(
+        forget=forget,
+        retain=retain,
+        student=lambda b: student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+        reference=lambda which: cache.setdefault(which, reference({"forget": forget, "retain": retain}[which])),
+    )
     return method.loss(step)
 
 
 @pytest.mark.parametrize("method,params", [("ga_kl", {}), ("npo", {"retain_loss": "kl"}), ("npo", {})])
 def test_full_logprob_cache_equals_live_teacher(setup, method, params):
     prepared, teacher, student = setup
-    cache = compute_cache(teacher, {"forget": prepared.data.forget, "retain": prepared.data.retain},
-                          prepared.data.pad_token_id, top_k=None, batch_size=3)  # other batches than the step's
+    cache = compute_cache(
+        teacher,
+        {"forget": prepared.data.forget, "retain": prepared.data.retain},
+        prepared.data.pad_token_id,
+        top_k=None,
+        batch_size=3,
+    )  # other batches than the step's
     live = _losses(method, prepared, student, live_reference(teacher), **params)
     cached = _losses(method, prepared, student, cache, **params)
     assert float(live.loss.detach()) != 0.0
@@ -88,8 +96,9 @@ def test_cache_file_is_keyed_and_reused(setup, tiny_target, tmp_path):
     assert ensure_cache(tiny_target, prepared.data, tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert ensure_cache(tiny_target, prepared.data, tmp_path, top_k=16) != first  # settings are in the key
     loaded = TeacherCache.load(first)
-    assert loaded.top_k is None and len(loaded.entries) == len({tuple(e.input_ids) for e in
-                                                                prepared.data.forget + prepared.data.retain})
+    assert loaded.top_k is None and len(loaded.entries) == len(
+        {tuple(e.input_ids) for e in prepared.data.forget + prepared.data.retain}
+    )
 
 
 def test_unlearning_with_cached_teacher_matches_live(tiny_target, data_paths):
@@ -114,8 +123,10 @@ def test_a_loaded_cache_is_read_from_the_file_not_copied(tmp_path):
     entries = {}
     for row in range(12):
         ids = tuple(range(row, row + 200))
-        entries[ids] = {"label_logprobs": -torch.rand(199, generator=generator),
-                        "logprobs": torch.log_softmax(torch.randn(200, 4096, generator=generator), -1)}
+        entries[ids] = {
+            "label_logprobs": -torch.rand(199, generator=generator),
+            "logprobs": torch.log_softmax(torch.randn(200, 4096, generator=generator), -1),
+        }
     path = tmp_path / "teacher.pt"
     TeacherCache(entries, None, 4096).save(path)
     before = _anonymous_kib()

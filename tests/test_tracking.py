@@ -40,12 +40,27 @@ def test_nested_runs_params_metrics_and_artifacts_in_a_local_store(tmp_path):
     trial = _trial("t1", tmp_path, lr=1e-4, method="gd")
     tracker.on_trial_start(0, [], trial)
     for step, value in enumerate([0.2, 0.5], start=1):  # the boundaries' quick estimates
-        tracker.on_trial_result(0, [], trial, {"task_aggregate": value, "aggregate": value / 2, "loss": 1.5 * step,
-                                               "training_iteration": step, "boundary": "epoch", "done": False})
+        tracker.on_trial_result(
+            0,
+            [],
+            trial,
+            {
+                "task_aggregate": value,
+                "aggregate": value / 2,
+                "loss": 1.5 * step,
+                "training_iteration": step,
+                "boundary": "epoch",
+                "done": False,
+            },
+        )
     (tmp_path / "t1").mkdir()
     (tmp_path / "t1" / "evaluation_results.json").write_text(json.dumps({"aggregate-score": 0.4}))
-    trial.last_result = {"aggregate": 0.4, "task_aggregate": 0.45, "training_iteration": 3,
-                         "trial_output": str(tmp_path / "t1")}
+    trial.last_result = {
+        "aggregate": 0.4,
+        "task_aggregate": 0.45,
+        "training_iteration": 3,
+        "trial_output": str(tmp_path / "t1"),
+    }
     tracker.on_trial_result(0, [], trial, trial.last_result)  # the full evaluation
     tracker.on_trial_complete(0, [], trial)
     failed = _trial("t2", tmp_path, lr=1e-3, method="gd")
@@ -56,15 +71,20 @@ def test_nested_runs_params_metrics_and_artifacts_in_a_local_store(tmp_path):
     tracker.on_experiment_end([])
 
     client = MlflowClient(tracking_uri=uri)
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("unlearn-search/unit").experiment_id])}
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("unlearn-search/unit").experiment_id])
+    }
     parent, one, two = runs["search-unit"], runs["t1"], runs["t2"]
     assert one.data.tags["mlflow.parentRunId"] == parent.info.run_id == two.data.tags["mlflow.parentRunId"]
     assert one.data.params["lr"] == "0.0001" and one.data.tags["status"] == "completed"
     # Defaults too (the method's own knobs included): the run alone says how to reproduce it.
     assert one.data.params["max_length"] == "512" and one.data.params["forget_weight"] == "1.0"
+
     # Estimates apart from the evaluation: the run's "aggregate" is only ever a full evaluation's.
     def history(name):
         return [(m.step, m.value) for m in client.get_metric_history(one.info.run_id, name)]
+
     assert history("estimate.task_aggregate") == [(1, 0.2), (2, 0.5)]
     assert history("estimate.aggregate") == [(1, 0.1), (2, 0.25)]
     assert history("task_aggregate") == [(3, 0.45)] and history("aggregate") == [(3, 0.4)]
@@ -97,6 +117,7 @@ def test_a_stopped_trial_is_ended_and_reopened_when_a_resumed_search_continues_i
 
     def run(trial):
         return client.get_run(tracker.trial_runs[trial.trial_id])
+
     assert (run(done).info.status, run(done).data.tags["status"]) == ("FINISHED", "completed")
     assert (run(cut).info.status, run(cut).data.tags["status"]) == ("KILLED", "stopped")
 
@@ -124,8 +145,11 @@ def test_a_resumed_search_keeps_the_tracking_store_of_its_first_run(tmp_path, mo
     assert resumed_tracking(tmp_path, first, "unlearn-search/a") == (first, "unlearn-search/a")
     assert resumed_tracking(tmp_path, "sqlite:///../first/first.db", None)[0] == "sqlite:///../first/first.db"
     # The same relative name from here is another file: another store.
-    with pytest.raises(UnlearnSearchError, match=r"^--tracking-uri sqlite:///first.db: this search's runs are in "
-                                                 rf"{re.escape(first)} \(mlflow.json\); omit --tracking-uri"):
+    with pytest.raises(
+        UnlearnSearchError,
+        match=r"^--tracking-uri sqlite:///first.db: this search's runs are in "
+        rf"{re.escape(first)} \(mlflow.json\); omit --tracking-uri",
+    ):
         resumed_tracking(tmp_path, "sqlite:///first.db", None)
     with pytest.raises(UnlearnSearchError, match=r"^--experiment b: this search's runs are in unlearn-search/a"):
         resumed_tracking(tmp_path, None, "b")
@@ -146,8 +170,14 @@ def test_a_stores_uri_names_the_same_store_from_any_directory(tmp_path, monkeypa
     assert absolute_uri("./mlruns") == str(tmp_path / "mlruns")
     assert absolute_uri("http://127.0.0.1:5000/") == "http://127.0.0.1:5000"
     # Not paths here: left exactly as given.
-    for uri in ("postgresql://user@host/optuna", "databricks", "databricks://profile", "sqlite://",
-                "sqlite:///file:studies.db?mode=ro&uri=true", "file:///abs/mlruns"):
+    for uri in (
+        "postgresql://user@host/optuna",
+        "databricks",
+        "databricks://profile",
+        "sqlite://",
+        "sqlite:///file:studies.db?mode=ro&uri=true",
+        "file:///abs/mlruns",
+    ):
         assert absolute_uri(uri) == uri
 
 
@@ -158,10 +188,23 @@ def test_unreachable_server_is_one_clear_error_before_anything_starts(tmp_path):
     assert f"--tracking-uri {uri}: the MLflow server does not answer" in str(caught.value)
     import subprocess
 
-    result = subprocess.run([sys.executable, str(REPO / "run_search.py"), "--space",
-                             str(REPO / "tests" / "spaces" / "tiny_gd.yaml"), "--model", "tiny",
-                             "--output", str(tmp_path / "out"), "--tracking-uri", uri],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run_search.py"),
+            "--space",
+            str(REPO / "tests" / "spaces" / "tiny_gd.yaml"),
+            "--model",
+            "tiny",
+            "--output",
+            str(tmp_path / "out"),
+            "--tracking-uri",
+            uri,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("unlearn-search: error: --tracking-uri")
     assert "Ray" not in result.stdout  # refused before Ray started
@@ -183,8 +226,20 @@ def test_logging_calls_are_kept_when_the_server_goes_away(tmp_path, capsys):
     # The search's outcome after the trials: refused at once as well, and said so.
     from unlearn_search.search.driver import SearchOutcome
 
-    tracker.log_outcome(SearchOutcome(output=tmp_path, rows=[], best=None, best_dir=None, best_evaluation=None,
-                                      seconds=1.0, dashboard_url=None, study_name="s", storage="sqlite://"), [])
+    tracker.log_outcome(
+        SearchOutcome(
+            output=tmp_path,
+            rows=[],
+            best=None,
+            best_dir=None,
+            best_evaluation=None,
+            seconds=1.0,
+            dashboard_url=None,
+            study_name="s",
+            storage="sqlite://",
+        ),
+        [],
+    )
     assert time.monotonic() - started < 60  # eight failed calls, each refused at once
     assert "did not take the search's outcome" in capsys.readouterr().out
     assert not {"MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"} & set(os.environ)  # restored
@@ -199,8 +254,9 @@ def test_params_are_logged_on_the_retry_when_the_first_attempt_fails_after_creat
     from mlflow.tracking import MlflowClient
 
     uri = default_tracking_uri(tmp_path)
-    tracker = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"},
-                            retries=2, retry_wait_s=0.01)
+    tracker = MLflowTracker(
+        uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"}, retries=2, retry_wait_s=0.01
+    )
     client = MlflowClient(tracking_uri=uri)
     real_log_batch, failures = client.log_batch, []
 
@@ -218,7 +274,10 @@ def test_params_are_logged_on_the_retry_when_the_first_attempt_fails_after_creat
     tracker.on_trial_start(0, [], trial)
     tracker.on_experiment_end([])
     assert not tracker.pending
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("unlearn-search/unit").experiment_id])}
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("unlearn-search/unit").experiment_id])
+    }
     assert set(runs) == {"search-unit", "t1"}  # no second parent run
     assert runs["search-unit"].data.params == {"space": "unit"}
     assert runs["t1"].data.params["lr"] == "0.0001"

@@ -34,9 +34,31 @@ def ray_cluster():
 
 def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_paths, tmp_path, capsys):
     out = tmp_path / "trial"
-    code = main(["trial", "--model", str(tiny_target), "--method", "ga_kl", "--set", "lr=5e-4", "--set", "epochs=3",
-                 "--workers", "2", "--zero-stage", "3", "--mmlu-limit", "1", "--mmlu-shots", "1",
-                 "--data", str(data_paths.root), "--output", str(out)])
+    code = main(
+        [
+            "trial",
+            "--model",
+            str(tiny_target),
+            "--method",
+            "ga_kl",
+            "--set",
+            "lr=5e-4",
+            "--set",
+            "epochs=3",
+            "--workers",
+            "2",
+            "--zero-stage",
+            "3",
+            "--mmlu-limit",
+            "1",
+            "--mmlu-shots",
+            "1",
+            "--data",
+            str(data_paths.root),
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     reports = read_metrics_log(out / "metrics.jsonl")
     boundaries = [r for r in reports if not r["trained"]]
@@ -58,8 +80,7 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
     assert "aggregate-score" in capsys.readouterr().out
 
 
-def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_cluster, tiny_target, data_paths,
-                                                                       tmp_path):
+def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_cluster, tiny_target, data_paths, tmp_path):
     """dtype: bfloat16 reaches DeepSpeed (bf16 engines), the quick estimates (on the engine's own
     shards) and the full evaluation, on CPU too; keep_best's boundary gathers and the export
     move only the LoRA adapters; the teacher is the student's base with the adapters off (no
@@ -71,12 +92,28 @@ def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_clus
     from unlearn_search.training.trial import TRAINED_DIR
 
     out = tmp_path / "trial"
-    settings = {"method": "ga_kl", "lr": 5e-4, "epochs": 2, "trainable": "lora", "lora_rank": 8, "keep_best": True,
-                "dtype": "bfloat16"}
-    result = run_trial(tiny_target, data_paths.root, settings, out, Resources(workers=2, eval_max_new_tokens=16),
-                       EvalConfig(mmlu_limit=1, mmlu_shots=1, max_new_tokens=32))
-    adapters = {name: p.numel() for name, p in prepare_trainable(load_model(tiny_target), "lora", lora_rank=8)
-                .named_parameters() if p.requires_grad}
+    settings = {
+        "method": "ga_kl",
+        "lr": 5e-4,
+        "epochs": 2,
+        "trainable": "lora",
+        "lora_rank": 8,
+        "keep_best": True,
+        "dtype": "bfloat16",
+    }
+    result = run_trial(
+        tiny_target,
+        data_paths.root,
+        settings,
+        out,
+        Resources(workers=2, eval_max_new_tokens=16),
+        EvalConfig(mmlu_limit=1, mmlu_shots=1, max_new_tokens=32),
+    )
+    adapters = {
+        name: p.numel()
+        for name, p in prepare_trainable(load_model(tiny_target), "lora", lora_rank=8).named_parameters()
+        if p.requires_grad
+    }
     boundaries = [r for r in result.metrics_history if not r["trained"]]
     assert {(r["eval_device"], r["eval_dtype"]) for r in boundaries} == {("cpu", "bfloat16")}
     assert boundaries[0]["gathered_parameters"] == sum(adapters.values())  # the first boundary always wins
@@ -92,9 +129,17 @@ def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_clus
     assert read_target_manifest(out / "model") == read_target_manifest(tiny_target)
     # Where the time went: phases that do not overlap, each measured, together within the wall time.
     spent = time_spent(result)
-    assert all(spent[name] > 0 for name in ("training steps", "quick evaluations", "checkpoints",
-                                             "models and DeepSpeed initialization", "Ray Train and worker start-up",
-                                             "full evaluation (with the model's export)"))
+    assert all(
+        spent[name] > 0
+        for name in (
+            "training steps",
+            "quick evaluations",
+            "checkpoints",
+            "models and DeepSpeed initialization",
+            "Ray Train and worker start-up",
+            "full evaluation (with the model's export)",
+        )
+    )
     assert 0 <= spent["other"] < 0.2 * result.seconds, spent
 
 
@@ -111,8 +156,9 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     def run():
         try:
             # Every boundary evaluated and checkpointed: 6 boundaries, 1/6 of training apart.
-            outcome["result"] = run_trial(tiny_target, data_paths.root, settings, out,
-                                          Resources(workers=2, eval_every=0))
+            outcome["result"] = run_trial(
+                tiny_target, data_paths.root, settings, out, Resources(workers=2, eval_every=0)
+            )
         except BaseException as error:  # noqa: BLE001 - surfaced by the assertion below
             outcome["error"] = error
 
@@ -148,15 +194,19 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     kept = max(sorted(estimates), key=lambda step: estimates[step]["aggregate"] + 1e-12 * step)
     assert reports[-1]["kept_step"] == outcome["result"].kept_step == kept
     quick = quick_config(EvalConfig(), Resources().eval_max_new_tokens, Resources().eval_mmlu_limit)
-    data = quick_data(load_eval_data(data_paths, quick, read_target_manifest(tiny_target)),
-                      Resources().eval_items, Resources().eval_documents)
+    data = quick_data(
+        load_eval_data(data_paths, quick, read_target_manifest(tiny_target)),
+        Resources().eval_items,
+        Resources().eval_documents,
+    )
     scores = quick_scores(load_model(out / "model"), load_tokenizer(out / "model"), data, data_paths.mmlu, quick)
     for name in ("aggregate", "forget_regurgitation", "retain_regurgitation", "forget_nll", "retain_nll"):
         assert scores[name] == pytest.approx(estimates[kept][name], abs=1e-6), (name, kept, estimates)
 
 
-@pytest.mark.parametrize("estimates,kept", [([0.1, 0.3, 0.3, 0.2], 3), ([0.2, float("nan"), 0.1], 1),
-                                             ([float("nan"), float("nan")], 2)])
+@pytest.mark.parametrize(
+    "estimates,kept", [([0.1, 0.3, 0.3, 0.2], 3), ([0.2, float("nan"), 0.1], 1), ([float("nan"), float("nan")], 2)]
+)
 def test_keep_best_holds_the_best_boundary_ties_to_the_later(estimates, kept, tmp_path):
     import torch
 
@@ -211,17 +261,20 @@ def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, 
     assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=2)) == pytest.approx(scored["average"])
     # A report from before the prompt followed Open-Instruct (no format, or another): scored again.
     one = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 5, 1, 32)["average"]
-    for stale in ({k: v for k, v in report.items() if k != "mmlu_prompt_format"}, {**report, "mmlu_prompt_format": "x"}):
+    for stale in (
+        {k: v for k, v in report.items() if k != "mmlu_prompt_format"},
+        {**report, "mmlu_prompt_format": "x"},
+    ):
         (target / "target_evaluation.json").write_text(json.dumps(stale))
         assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1)) == pytest.approx(one)
     # Other shots than the report's: scored again.
     zero_shot = evaluate_mmlu(load_model(tiny_target), load_tokenizer(tiny_target), data_paths.mmlu, 0, 1, 32)
-    assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1, mmlu_shots=0)) == \
-        pytest.approx(zero_shot["average"])
+    assert original_mmlu(target, data_paths.root, EvalConfig(mmlu_limit=1, mmlu_shots=0)) == pytest.approx(
+        zero_shot["average"]
+    )
 
 
-def test_a_search_keeps_the_original_mmlu_per_question_set(ray_cluster, tiny_target, data_paths, tmp_path,
-                                                           monkeypatch):
+def test_a_search_keeps_the_original_mmlu_per_question_set(ray_cluster, tiny_target, data_paths, tmp_path, monkeypatch):
     """Scoring the original on all of MMLU takes minutes: a search scores it on the cluster once,
     keeps it in its output and in the user cache, and a later search of the same checkpoint
     reuses it, also when its own copy is damaged."""
@@ -242,6 +295,7 @@ def test_a_search_keeps_the_original_mmlu_per_question_set(ray_cluster, tiny_tar
 
     def no_scoring(*args):
         raise AssertionError("scored again")
+
     monkeypatch.setattr(trial, "on_cluster", no_scoring)
     (second / driver.ORIGINAL_MMLU_FILE).write_text("{")  # damaged: read from the user cache instead
     assert driver.original_mmlu(tiny_target, data_paths.root, space, second, 2) == scored
@@ -258,15 +312,20 @@ def test_cluster_work_fits_one_node_when_the_workers_spread_over_several(ray_clu
     from unlearn_search.training.trial import on_cluster
 
     done: dict = {}
-    runner = threading.Thread(target=lambda: done.update(pid=on_cluster(
-        Resources(workers=4, cpus_per_worker=1, placement="spread"), os.getpid)), daemon=True)
+    runner = threading.Thread(
+        target=lambda: done.update(
+            pid=on_cluster(Resources(workers=4, cpus_per_worker=1, placement="spread"), os.getpid)
+        ),
+        daemon=True,
+    )
     runner.start()
     runner.join(timeout=120)
     assert done.get("pid", os.getpid()) != os.getpid(), "the task never ran"
 
 
-def test_the_lr_range_test_finds_where_the_forget_nll_rises_and_fits_the_space_to_it(ray_cluster, tiny_target,
-                                                                                      data_paths, tmp_path, capsys):
+def test_the_lr_range_test_finds_where_the_forget_nll_rises_and_fits_the_space_to_it(
+    ray_cluster, tiny_target, data_paths, tmp_path, capsys
+):
     """Two ZeRO-3 workers ramp the first start's lr over params.lr: gradient difference at lr up to
     1 must raise the forget NLL; the searched range is placed around where it did, the start moved
     into it, and the record kept (a second call reads it back instead of running again)."""
@@ -291,7 +350,7 @@ def test_the_lr_range_test_finds_where_the_forget_nll_rises_and_fits_the_space_t
     assert onset in [p["lr"] for p in probes[1:]]
     lr = next(p for p in fitted.params if p.name == "lr")
     assert (lr.low, lr.high) == (record["fitted"]["low"], record["fitted"]["high"])
-    assert lr.low == pytest.approx(max(1e-5, onset * 10 ** -test.below)) and lr.low <= onset <= lr.high
+    assert lr.low == pytest.approx(max(1e-5, onset * 10**-test.below)) and lr.low <= onset <= lr.high
     assert fitted.starts[0]["lr"] == pytest.approx(1e-5 if lr.low <= 1e-5 else math.sqrt(lr.low * lr.high))
     assert (tmp_path / "plots" / "lr_range.png").stat().st_size > 0
     assert "lr range test: 12 steps" in capsys.readouterr().out

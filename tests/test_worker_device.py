@@ -64,8 +64,7 @@ def _load_and_gather(rank: int, model_dir: str, init_file: str, out: str) -> Non
     from safetensors.torch import load_file
 
     from unlearn_search.models.trainable import prepare_trainable
-    from unlearn_search.training.distributed import (gather_trained, load_partitioned, safetensors_index,
-                                                     teacher_config)
+    from unlearn_search.training.distributed import gather_trained, load_partitioned, safetensors_index, teacher_config
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model, handle = load_partitioned(model_dir, teacher_config(dtype=torch.bfloat16), torch.bfloat16)
@@ -78,10 +77,19 @@ def _load_and_gather(rank: int, model_dir: str, init_file: str, out: str) -> Non
     model = prepare_trainable(model, "last_k", last_k=1)
     state = gather_trained(model, rank, group_bytes=1 << 16)
     trained = sorted(name for name, p in model.named_parameters() if p.requires_grad)
-    Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "exact": exact, "dtypes": sorted(dtypes), "held": held, "total": total,
-        "gathered": None if state is None else sorted(state), "trained": trained,
-        "whole": None if state is None else all(t.numel() > 0 for t in state.values())}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "exact": exact,
+                "dtypes": sorted(dtypes),
+                "held": held,
+                "total": total,
+                "gathered": None if state is None else sorted(state),
+                "trained": trained,
+                "whole": None if state is None else all(t.numel() > 0 for t in state.values()),
+            }
+        )
+    )
     dist.barrier()
     # Leave without the C++ teardown: DeepSpeed's shared-memory communicator can abort a child
     # at interpreter exit ("terminate called without an active exception") after all is written.

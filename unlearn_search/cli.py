@@ -13,10 +13,12 @@ from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.quiet import silence_known_warnings
 
 
-
 def _add_data(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="data root (semeval25/, mmlu/, refusals/) or a benchmark folder; "
-                        "default: $UNLEARN_SEARCH_DATA, ../shared/data, then the user cache")
+    parser.add_argument(
+        "--data",
+        help="data root (semeval25/, mmlu/, refusals/) or a benchmark folder; "
+        "default: $UNLEARN_SEARCH_DATA, ../shared/data, then the user cache",
+    )
 
 
 def _add_model(parser: argparse.ArgumentParser, **kwargs) -> None:
@@ -32,30 +34,49 @@ def _add_num_cpus(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", default="validation", choices=["train", "validation", "all"],
-                        help="the benchmark items scored: `train`, `validation` or both")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
-                        help="tokens generated per item (256: the official setting)")
+    parser.add_argument(
+        "--split",
+        default="validation",
+        choices=["train", "validation", "all"],
+        help="the benchmark items scored: `train`, `validation` or both",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="tokens generated per item (256: the official setting)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="items per generation and scoring batch")
     parser.add_argument("--mmlu-shots", type=int, default=5, help="MMLU shots (5: the official setting)")
     parser.add_argument("--mmlu-limit", type=int, default=None, help="questions per subject (default: all)")
-    parser.add_argument("--mmlu-threshold", type=float, default=None,
-                        help="utility threshold (0.371 for the SemEval 7B); default 75%% of the original model's MMLU")
+    parser.add_argument(
+        "--mmlu-threshold",
+        type=float,
+        default=None,
+        help="utility threshold (0.371 for the SemEval 7B); default 75%% of the original model's MMLU",
+    )
     parser.add_argument("--original-mmlu", type=float, default=None, help="the original model's MMLU average")
     from unlearn_search.models.loading import DTYPES
 
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="what the model is scored in: auto is bfloat16 on a GPU (as the organizers ran it), "
-                             "float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="what the model is scored in: auto is bfloat16 on a GPU (as the organizers ran it), float32 on CPU",
+    )
 
 
 def _eval_config(args, **overrides):
     from unlearn_search.evaluation import EvalConfig
 
-    values = dict(split=args.split, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  mmlu_shots=args.mmlu_shots, mmlu_limit=args.mmlu_limit,
-                  mmlu_threshold=args.mmlu_threshold, original_mmlu=args.original_mmlu, progress=True,
-                  dtype=getattr(args, "dtype", "auto"))
+    values = dict(
+        split=args.split,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        mmlu_shots=args.mmlu_shots,
+        mmlu_limit=args.mmlu_limit,
+        mmlu_threshold=args.mmlu_threshold,
+        original_mmlu=args.original_mmlu,
+        progress=True,
+        dtype=getattr(args, "dtype", "auto"),
+    )
     values.update(overrides)
     return EvalConfig(**values)
 
@@ -63,8 +84,11 @@ def _eval_config(args, **overrides):
 def _headline(results: dict) -> str:
     keys = ["harmonic-mean-task-aggregate", "mia_loss_acc", "mia_final_score", "mmlu_average", "aggregate-score"]
     forget, retain = results["forget-set"], results["retain-set"]
-    lines = [f"  forget: regurgitation {forget['overall-regurgitation-score']:.3f}  knowledge {forget['overall-knowledge-score']:.3f}",
-             f"  retain: regurgitation {retain['overall-regurgitation-score']:.3f}  knowledge {retain['overall-knowledge-score']:.3f}"]
+    lines = [
+        f"  {name}: regurgitation {scores['overall-regurgitation-score']:.3f}  "
+        f"knowledge {scores['overall-knowledge-score']:.3f}"
+        for name, scores in (("forget", forget), ("retain", retain))
+    ]
     lines += [f"  {k}: {results[k]:.4f}" for k in keys]
     if results.get("passes_utility_threshold") is not None:
         lines.append(f"  passes MMLU threshold {results['mmlu_threshold']:.3f}: {results['passes_utility_threshold']}")
@@ -75,8 +99,14 @@ def cmd_target_build(args) -> None:
     from unlearn_search.data import resolve_data
     from unlearn_search.data.locate import cache_lock
     from unlearn_search.evaluation import EvalConfig, evaluate
-    from unlearn_search.models import (TARGET_EVALUATION, build_target, get_preset, load_model, load_tokenizer,
-                                       read_target_manifest)
+    from unlearn_search.models import (
+        TARGET_EVALUATION,
+        build_target,
+        get_preset,
+        load_model,
+        load_tokenizer,
+        read_target_manifest,
+    )
 
     paths = resolve_data(args.data)
     preset = get_preset(args.preset)
@@ -94,8 +124,10 @@ def cmd_target_build(args) -> None:
     results = json.loads(report.read_text())
     manifest = read_target_manifest(directory)
     print(f"target ({preset.name}): {directory}")
-    print(f"  parameters: {manifest['parameters']:,}  build time: {manifest['build_seconds']:.0f} s "
-          f"(this call {time.time() - started:.0f} s)")
+    print(
+        f"  parameters: {manifest['parameters']:,}  build time: {manifest['build_seconds']:.0f} s "
+        f"(this call {time.time() - started:.0f} s)"
+    )
     print("memorization on the items it was trained on:")
     print(_headline(results))
 
@@ -104,8 +136,10 @@ def scored_items(data, config, from_manifest: bool, all_items: bool) -> str:
     """What an evaluation scores, said before it starts: a memorized target's own items, or all."""
     from unlearn_search.models.loading import TARGET_MANIFEST
 
-    counts = (f"{len(data.benchmark.forget)} forget and {len(data.benchmark.retain)} retain items "
-              f"(split {config.split}), {len(data.members)} MIA members and {len(data.nonmembers)} non-members")
+    counts = (
+        f"{len(data.benchmark.forget)} forget and {len(data.benchmark.retain)} retain items "
+        f"(split {config.split}), {len(data.members)} MIA members and {len(data.nonmembers)} non-members"
+    )
     if from_manifest:
         return f"scoring {counts}: those the target memorized ({TARGET_MANIFEST} beside the model)"
     why = "--all-items" if all_items else f"no {TARGET_MANIFEST} beside the model"
@@ -149,27 +183,63 @@ def methods_markdown() -> str:
     from unlearn_search.training.config import FIELD_HELP, TRIAL_FIELDS, setting_values
 
     def knobs(cls) -> str:
-        return "<br>".join(f"`{k.name}={k.default!r}`" + (f" ({' / '.join(map(str, k.choices))})" if k.choices else "")
-                           + (f" ({k.valid_range()})" if k.valid_range() else "")
-                           + (f": {k.help}" if getattr(k, "help", "") else "") for k in cls.knobs) or "-"
+        return (
+            "<br>".join(
+                f"`{k.name}={k.default!r}`"
+                + (f" ({' / '.join(map(str, k.choices))})" if k.choices else "")
+                + (f" ({k.valid_range()})" if k.valid_range() else "")
+                + (f": {k.help}" if getattr(k, "help", "") else "")
+                for k in cls.knobs
+            )
+            or "-"
+        )
 
-    lines = ["# Methods", "", "Generated by `unlearn-search methods --markdown` from the registries in",
-             "`unlearn_search/methods` (a test keeps this file equal to that output).", "",
-             "## Losses (`method`)", "", "| method | what it optimizes | knobs (defaults) | uses | source |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Methods",
+        "",
+        "Generated by `unlearn-search methods --markdown` from the registries in",
+        "`unlearn_search/methods` (a test keeps this file equal to that output).",
+        "",
+        "## Losses (`method`)",
+        "",
+        "| method | what it optimizes | knobs (defaults) | uses | source |",
+        "|---|---|---|---|---|",
+    ]
     for name, cls in METHODS.items():
-        needs = [n for n, flag in (("retain", cls.needs_retain), ("teacher", cls.needs_reference),
-                                   (f"{cls.alternative} answers", cls.alternative)) if flag]
-        lines.append(f"| `{name}` | {cls.summary.replace('|', chr(92) + '|')} | {knobs(cls)} | {', '.join(needs) or 'forget only'} | "
-                     f"{cls.reference_paper} |")
-    lines += ["", "## Schedules (`schedule`)", "", "| schedule | what it does | knobs (defaults) | source |",
-              "|---|---|---|---|"]
+        needs = [
+            n
+            for n, flag in (
+                ("retain", cls.needs_retain),
+                ("teacher", cls.needs_reference),
+                (f"{cls.alternative} answers", cls.alternative),
+            )
+            if flag
+        ]
+        lines.append(
+            f"| `{name}` | {cls.summary.replace('|', chr(92) + '|')} | {knobs(cls)} | "
+            f"{', '.join(needs) or 'forget only'} | {cls.reference_paper} |"
+        )
+    lines += [
+        "",
+        "## Schedules (`schedule`)",
+        "",
+        "| schedule | what it does | knobs (defaults) | source |",
+        "|---|---|---|---|",
+    ]
     for name, cls in SCHEDULES.items():
         lines.append(f"| `{name}` | {cls.summary} | {knobs(cls)} | {getattr(cls, 'reference_paper', '') or '-'} |")
-    lines += ["", "## Trial settings", "", "Shared by every method; the same names in `--set`, search spaces and "
-              "MLflow params.", "", "| setting | default | valid values | what it sets |", "|---|---|---|---|"]
-    lines += [f"| `{n}` | `{f.default!r}` | {setting_values(n) or '-'} | {FIELD_HELP[n]} |"
-              for n, f in TRIAL_FIELDS.items()]
+    lines += [
+        "",
+        "## Trial settings",
+        "",
+        "Shared by every method; the same names in `--set`, search spaces and MLflow params.",
+        "",
+        "| setting | default | valid values | what it sets |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{n}` | `{f.default!r}` | {setting_values(n) or '-'} | {FIELD_HELP[n]} |" for n, f in TRIAL_FIELDS.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -182,13 +252,25 @@ def cmd_methods(args) -> None:
         return
 
     def knobs(cls) -> str:
-        return ", ".join(f"{k.name}={k.default!r}" + (f" ({'|'.join(map(str, k.choices))})" if k.choices else "")
-                         for k in cls.knobs) or "-"
+        return (
+            ", ".join(
+                f"{k.name}={k.default!r}" + (f" ({'|'.join(map(str, k.choices))})" if k.choices else "")
+                for k in cls.knobs
+            )
+            or "-"
+        )
 
     print("losses (method):")
     for name, cls in METHODS.items():
-        needs = [n for n, flag in (("retain", cls.needs_retain), ("teacher", cls.needs_reference),
-                                   (f"{cls.alternative} answers", cls.alternative)) if flag]
+        needs = [
+            n
+            for n, flag in (
+                ("retain", cls.needs_retain),
+                ("teacher", cls.needs_reference),
+                (f"{cls.alternative} answers", cls.alternative),
+            )
+            if flag
+        ]
         print(f"  {name:13s} {cls.summary}")
         print(f"  {'':13s} knobs: {knobs(cls)}; uses: {', '.join(needs) or 'forget only'}")
         print(f"  {'':13s} from: {cls.reference_paper}")
@@ -210,8 +292,9 @@ def cmd_docs(args) -> None:
         return
     stale = docs.stale_pages(directory)
     if stale:
-        raise UnlearnSearchError(f"{directory}: {', '.join(stale)} differ from the code "
-                                 f"(expected them equal: run {docs.REGENERATE})")
+        raise UnlearnSearchError(
+            f"{directory}: {', '.join(stale)} differ from the code (expected them equal: run {docs.REGENERATE})"
+        )
     print(f"{directory}: every generated page is up to date ({', '.join(docs.pages())})")
 
 
@@ -226,14 +309,21 @@ def cmd_trial(args) -> None:
     settings = {"method": args.method, **parse_assignments(args.set or [])}
     config = trial_config(settings)
     directory = resolve_model(args.model, paths)
-    resources = Resources(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                          gpus_per_worker=args.gpus_per_worker, zero_stage=args.zero_stage, offload=args.offload,
-                          placement=args.placement)
+    resources = Resources(
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        zero_stage=args.zero_stage,
+        offload=args.offload,
+        placement=args.placement,
+    )
     init_ray(args.address)
     evaluation = _eval_config(args)
     result = run_trial(directory, paths.root, settings, args.output, resources, evaluation, resume=args.resume)
-    print(f"trial {config.method}/{config.schedule} on {directory}: {result.seconds:.0f} s, "
-          f"{len(result.metrics_history)} reports -> {result.model}")
+    print(
+        f"trial {config.method}/{config.schedule} on {directory}: {result.seconds:.0f} s, "
+        f"{len(result.metrics_history)} reports -> {result.model}"
+    )
     if result.kept_step is not None:
         print(f"keep_best: the model holds the weights after step {result.kept_step}, its best boundary")
     print(_headline(result.evaluation))
@@ -244,35 +334,59 @@ def cmd_search(args) -> None:
 
     from unlearn_search.search import SearchOptions, load_space, run_search
     from unlearn_search.search.driver import prepare_output
-    from unlearn_search.tracking import (MLflowTracker, check_reachable, default_tracking_uri, resumed_tracking,
-                                         study_plots)
-
+    from unlearn_search.tracking import (
+        MLflowTracker,
+        check_reachable,
+        default_tracking_uri,
+        resumed_tracking,
+        study_plots,
+    )
     from unlearn_search.training.config import parse_assignments
 
     overrides = {"resources": parse_assignments(args.resources, "--resources")} if args.resources else None
     space = load_space(args.space, overrides)
-    options = SearchOptions(model=args.model, data=args.data, output=Path(args.output) if args.output else None,
-                            address=args.address, num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                            time_budget_s=args.time_budget, seed=args.seed, storage=args.storage,
-                            resume=args.resume, dashboard_host=args.dashboard_host,
-                            dashboard_port=args.dashboard_port, num_cpus=args.num_cpus,
-                            final_mmlu_limit=args.final_mmlu_limit, final_split=args.final_split,
-                            final_max_new_tokens=args.final_max_new_tokens, verbose=args.verbose)
+    options = SearchOptions(
+        model=args.model,
+        data=args.data,
+        output=Path(args.output) if args.output else None,
+        address=args.address,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        time_budget_s=args.time_budget,
+        seed=args.seed,
+        storage=args.storage,
+        resume=args.resume,
+        dashboard_host=args.dashboard_host,
+        dashboard_port=args.dashboard_port,
+        num_cpus=args.num_cpus,
+        final_mmlu_limit=args.final_mmlu_limit,
+        final_split=args.final_split,
+        final_max_new_tokens=args.final_max_new_tokens,
+        verbose=args.verbose,
+    )
     output = prepare_output(space, options)  # refuses to overwrite an earlier search before anything starts
     tracking_uri, experiment = args.tracking_uri, args.experiment
     if options.resume:
         tracking_uri, experiment = resumed_tracking(output, tracking_uri, experiment)
     tracking_uri = tracking_uri or default_tracking_uri(output)
     check_reachable(tracking_uri)
-    settings = {**space.settings, "space": space.name, "sampler": space.search.sampler,
-                "pruner": space.search.pruner, "num_samples": options.num_samples or space.search.num_samples,
-                "model": args.model, "search_seed": args.seed,  # "seed" is a trial setting
-                "objectives": ",".join(f"{o.metric}:{o.mode}" + (f"+{o.signal_weight}*{o.signal}" if o.signal else "")
-                                      for o in space.objectives)}
+    settings = {
+        **space.settings,
+        "space": space.name,
+        "sampler": space.search.sampler,
+        "pruner": space.search.pruner,
+        "num_samples": options.num_samples or space.search.num_samples,
+        "model": args.model,
+        "search_seed": args.seed,  # "seed" is a trial setting
+        "objectives": ",".join(
+            f"{o.metric}:{o.mode}" + (f"+{o.signal_weight}*{o.signal}" if o.signal else "") for o in space.objectives
+        ),
+    }
     if space.search.pruner != "none":  # what decided which trials were pruned, under the space's key names
         settings.update({key: getattr(space.search, key) for key in ("grace_period", "reduction_factor", "min_delta")})
-    tracker = MLflowTracker(tracking_uri, experiment or f"unlearn-search/{space.name}", output,
-                            f"search-{space.name}", settings)
+    tracker = MLflowTracker(
+        tracking_uri, experiment or f"unlearn-search/{space.name}", output, f"search-{space.name}", settings
+    )
 
     def on_start(url):
         print(f"Ray dashboard: {url}" if url else "Ray dashboard: not available", flush=True)
@@ -288,8 +402,10 @@ def cmd_search(args) -> None:
         bounds = " and ".join(["the MMLU threshold", *map(str, space.constraints)])
         print(f"no finished trial met {bounds}: no best trial")
         return
-    print(f"best trial {outcome.best['trial_id']}: aggregate {outcome.best['aggregate']:.4f} (search evaluation); "
-          f"exported to {outcome.best_dir}")
+    print(
+        f"best trial {outcome.best['trial_id']}: aggregate {outcome.best['aggregate']:.4f} (search evaluation); "
+        f"exported to {outcome.best_dir}"
+    )
     print("full evaluation of the best trial:")
     print(_headline(outcome.best_evaluation))
     final = outcome.best_final
@@ -324,8 +440,14 @@ def cmd_lr_range(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from unlearn_search.training.plan import (count_parameters, memory_plan_page, model_config, plan_trial, report,
-                                              smallest_fit)
+    from unlearn_search.training.plan import (
+        count_parameters,
+        memory_plan_page,
+        model_config,
+        plan_trial,
+        report,
+        smallest_fit,
+    )
 
     if args.docs:
         print(memory_plan_page(), end="")
@@ -334,13 +456,31 @@ def cmd_plan(args) -> None:
     config = model_config(None if args.model else args.model_size, args.model)
     name = f"OLMo {args.model_size}" if not args.model else Path(args.model).name
     counts = count_parameters(config, name, trainable, lora_rank=args.lora_rank or 16, last_k=args.last_k)
-    plan = plan_trial(counts, args.gpus_per_trial, args.gpu_mem, trainable, args.teacher, args.micro_batch,
-                      args.seq_len, args.gpus_per_node, args.cluster_gpus, args.device)
+    plan = plan_trial(
+        counts,
+        args.gpus_per_trial,
+        args.gpu_mem,
+        trainable,
+        args.teacher,
+        args.micro_batch,
+        args.seq_len,
+        args.gpus_per_node,
+        args.cluster_gpus,
+        args.device,
+    )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return
-    smallest = smallest_fit(counts, args.gpu_mem, trainable, args.teacher, args.micro_batch, args.seq_len,
-                            args.gpus_per_node, limit=max(64, args.gpus_per_trial))
+    smallest = smallest_fit(
+        counts,
+        args.gpu_mem,
+        trainable,
+        args.teacher,
+        args.micro_batch,
+        args.seq_len,
+        args.gpus_per_node,
+        limit=max(64, args.gpus_per_trial),
+    )
     print(report(plan, smallest))
 
 
@@ -360,10 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearn-search", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    target = commands.add_parser("target", help="the reference target model").add_subparsers(dest="action", required=True)
+    target = commands.add_parser("target", help="the reference target model").add_subparsers(
+        dest="action", required=True
+    )
     build = target.add_parser("build", help="build (or reuse) the memorized reference target")
-    build.add_argument("--preset", default="small", choices=["tiny", "small"],
-                       help="the reference target: `tiny` (the tests') or `small` (the default job's)")
+    build.add_argument(
+        "--preset",
+        default="small",
+        choices=["tiny", "small"],
+        help="the reference target: `tiny` (the tests') or `small` (the default job's)",
+    )
     build.add_argument("--output", help="checkpoint directory (default: the user cache, keyed by data and settings)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--mmlu-limit", type=int, default=None, help="MMLU questions per subject in the report")
@@ -373,10 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score a model exactly as SemEval-2025 Task 4 does")
     _add_model(evaluate, required=True)
     evaluate.add_argument("--output", required=True, help="where evaluation_results.json and the CSVs go")
-    evaluate.add_argument("--all-items", action="store_true",
-                          help="for a reference target, score every item, not only those it memorized")
-    evaluate.add_argument("--trust-remote-code", action="store_true",
-                          help="let transformers run the checkpoint's own modeling code")
+    evaluate.add_argument(
+        "--all-items", action="store_true", help="for a reference target, score every item, not only those it memorized"
+    )
+    evaluate.add_argument(
+        "--trust-remote-code", action="store_true", help="let transformers run the checkpoint's own modeling code"
+    )
     _add_eval(evaluate)
     _add_data(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -385,18 +533,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(trial, default="small")
     trial.add_argument("--method", required=True, help="a loss from 'unlearn-search methods'")
     trial.add_argument("--set", action="append", metavar="KEY=VALUE", help="a trial setting (repeatable)")
-    trial.add_argument("--workers", type=int, default=2,
-                       help="Ray Train workers of the trial, each a DeepSpeed data-parallel rank")
+    trial.add_argument(
+        "--workers", type=int, default=2, help="Ray Train workers of the trial, each a DeepSpeed data-parallel rank"
+    )
     trial.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs each worker reserves")
     trial.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each worker reserves (0: CPU workers)")
     trial.add_argument("--zero-stage", type=int, default=3, choices=[0, 2, 3], help="DeepSpeed ZeRO stage")
-    trial.add_argument("--offload", action="store_true", help="ZeRO CPU offload of optimizer (and parameters at stage 3)")
-    trial.add_argument("--placement", default="pack", choices=["pack", "spread"],
-                       help="the workers on as few nodes as fit (pack) or across nodes (spread)")
+    trial.add_argument(
+        "--offload", action="store_true", help="ZeRO CPU offload of optimizer (and parameters at stage 3)"
+    )
+    trial.add_argument(
+        "--placement",
+        default="pack",
+        choices=["pack", "spread"],
+        help="the workers on as few nodes as fit (pack) or across nodes (spread)",
+    )
     _add_address(trial)
     trial.add_argument("--resume", action="store_true", help="continue the run found in OUTPUT")
-    trial.add_argument("--output", required=True,
-                       help="the trial's folder: its model, metrics log and evaluation files ([outputs.md](outputs.md))")
+    trial.add_argument(
+        "--output",
+        required=True,
+        help="the trial's folder: its model, metrics log and evaluation files ([outputs.md](outputs.md))",
+    )
     _add_eval(trial)
     trial.set_defaults(split="train")
     _add_data(trial)
@@ -409,35 +567,63 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address(search)
     search.add_argument("--num-samples", type=int, help="trials (default: the space's search.num_samples)")
     search.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's)")
-    search.add_argument("--time-budget", type=float,
-                        help="seconds of search: then no trial starts and running ones are cut (default: the space's)")
-    search.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the output; "
-                        "with --resume, the first run's)")
-    search.add_argument("--experiment", help="MLflow experiment (default: unlearn-search/<space name>; "
-                        "with --resume, the first run's)")
-    search.add_argument("--storage", help="Optuna storage URL (default: SQLite under the output; "
-                        "with --resume, the first run's)")
+    search.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds of search: then no trial starts and running ones are cut (default: the space's)",
+    )
+    search.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: SQLite under the output; with --resume, the first run's)"
+    )
+    search.add_argument(
+        "--experiment", help="MLflow experiment (default: unlearn-search/<space name>; with --resume, the first run's)"
+    )
+    search.add_argument(
+        "--storage", help="Optuna storage URL (default: SQLite under the output; with --resume, the first run's)"
+    )
     search.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     search.add_argument("--resume", action="store_true", help="continue the interrupted search in OUTPUT")
-    search.add_argument("--resources", action="append", metavar="KEY=VALUE",
-                        help="override the space's resources (repeatable), e.g. workers=8 gpus_per_worker=1")
+    search.add_argument(
+        "--resources",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override the space's resources (repeatable), e.g. workers=8 gpus_per_worker=1",
+    )
     _add_num_cpus(search)
     search.add_argument("--dashboard-host", default="127.0.0.1", help="where the Ray dashboard listens")
     search.add_argument("--dashboard-port", type=int, help="its port (default: Ray's)")
-    search.add_argument("--final-mmlu-limit", type=_positive_int, default=None,
-                        help="MMLU questions per subject in the best trial's re-evaluation (default: all)")
-    search.add_argument("--final-split", choices=["train", "validation", "all"], default="all",
-                        help="items of the best trial's re-evaluation (default: all)")
-    search.add_argument("--final-max-new-tokens", type=_positive_int, default=256,
-                        help="tokens generated per item in the best trial's re-evaluation (default: 256, the official)")
-    search.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
-                        help="Ray Tune's output: 0 silent, 1 status updates, 2 also each result; 0 also hides the "
-                             "best trial's re-evaluation progress")
+    search.add_argument(
+        "--final-mmlu-limit",
+        type=_positive_int,
+        default=None,
+        help="MMLU questions per subject in the best trial's re-evaluation (default: all)",
+    )
+    search.add_argument(
+        "--final-split",
+        choices=["train", "validation", "all"],
+        default="all",
+        help="items of the best trial's re-evaluation (default: all)",
+    )
+    search.add_argument(
+        "--final-max-new-tokens",
+        type=_positive_int,
+        default=256,
+        help="tokens generated per item in the best trial's re-evaluation (default: 256, the official)",
+    )
+    search.add_argument(
+        "--verbose",
+        type=int,
+        default=1,
+        choices=[0, 1, 2],
+        help="Ray Tune's output: 0 silent, 1 status updates, 2 also each result; 0 also hides the "
+        "best trial's re-evaluation progress",
+    )
     _add_data(search)
     search.set_defaults(func=cmd_search)
 
-    lr_range = commands.add_parser("lr-range", help="run a space's lr range test alone: the curve and the lr range "
-                                                    "a search would sample")
+    lr_range = commands.add_parser(
+        "lr-range", help="run a space's lr range test alone: the curve and the lr range a search would sample"
+    )
     lr_range.add_argument("--space", required=True, help="a YAML search space with an lr_range_test block")
     _add_model(lr_range, default="small")
     lr_range.add_argument("--output", help="where lr_range.json and its plot go (default: outputs/<space>-lr-range)")
@@ -446,24 +632,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(lr_range)
     lr_range.set_defaults(func=cmd_lr_range)
 
-    plan = commands.add_parser("plan", help="GPU memory of one trial per ZeRO stage (DeepSpeed's estimators); does it fit")
+    plan = commands.add_parser(
+        "plan", help="GPU memory of one trial per ZeRO stage (DeepSpeed's estimators); does it fit"
+    )
     plan.add_argument("--model-size", default="7B", help="an OLMo preset: 1B or 7B (default 7B)")
     plan.add_argument("--model", help="a local Hugging Face directory instead (only its config.json is read)")
     plan.add_argument("--gpus-per-trial", type=int, default=8, help="GPUs (ZeRO ranks) of one trial")
     plan.add_argument("--gpus-per-node", type=int, help="default: min(8, gpus per trial)")
     plan.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
     plan.add_argument("--trainable", choices=["full", "lora", "last_k"], help="default: full, or lora with --lora-rank")
-    plan.add_argument("--lora-rank", type=int,
-                      help="LoRA rank; given, the default `--trainable` is lora (rank 16 when not given)")
+    plan.add_argument(
+        "--lora-rank", type=int, help="LoRA rank; given, the default `--trainable` is lora (rank 16 when not given)"
+    )
     plan.add_argument("--last-k", type=int, default=8, help="decoder layers trained with `--trainable last_k`")
-    plan.add_argument("--teacher", default="live", choices=["live", "cached", "none"],
-                      help="the frozen teacher: `live` (a ZeRO-3 copy on the GPUs), `cached` (its outputs, read from "
-                           "the cache) or `none`")
+    plan.add_argument(
+        "--teacher",
+        default="live",
+        choices=["live", "cached", "none"],
+        help="the frozen teacher: `live` (a ZeRO-3 copy on the GPUs), `cached` (its outputs, read from "
+        "the cache) or `none`",
+    )
     plan.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step")
     plan.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     plan.add_argument("--cluster-gpus", type=int, help="GPUs in the cluster: how many trials run at once")
-    plan.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
-                      help="cpu: plan CPU workers (--gpus-per-trial workers, --gpu-mem GiB of host memory each, fp32)")
+    plan.add_argument(
+        "--device",
+        choices=["gpu", "cpu"],
+        default="gpu",
+        help="cpu: plan CPU workers (--gpus-per-trial workers, --gpu-mem GiB of host memory each, fp32)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--docs", action="store_true", help="print docs/memory_plan.md (the 7B figures)")
     plan.set_defaults(func=cmd_plan)
@@ -472,8 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--markdown", action="store_true", help="print the docs/methods.md table")
     methods.set_defaults(func=cmd_methods)
 
-    docs = commands.add_parser("docs", help="check or regenerate the reference pages in docs/ that are generated "
-                                            "from the code")
+    docs = commands.add_parser(
+        "docs", help="check or regenerate the reference pages in docs/ that are generated from the code"
+    )
     docs.add_argument("--write", action="store_true", help="write the pages that differ from the code")
     docs.add_argument("--dir", help="the docs folder (default: the checkout's docs/)")
     docs.set_defaults(func=cmd_docs)
@@ -482,8 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data.add_parser("fetch", help="download the public LUME release into the user cache")
     fetch.add_argument("--url", default=LUME_URL, help="folder URL holding forget.jsonl and retain.jsonl")
     fetch.add_argument("--output", help="data root to write (default: the user cache)")
-    fetch.add_argument("--validation-fraction", type=float, default=0.2,
-                       help="share of the items held out as the validation split")
+    fetch.add_argument(
+        "--validation-fraction", type=float, default=0.2, help="share of the items held out as the validation split"
+    )
     fetch.add_argument("--seed", type=int, default=0, help="the seed of that split")
     fetch.set_defaults(func=cmd_data_fetch)
     return parser

@@ -32,30 +32,62 @@ REGENERATE = "unlearn-search docs --write"
 
 # Top-level keys of a space file: (type, default, meaning). ``objective``'s default is read from the parser.
 TOP_HELP: dict[str, tuple[str, str, str]] = {
-    "name": ("string", "the file's name without `.yaml`",
-             ("letters, digits, `-` and `_`; names the output folder (`outputs/<name>`), the Optuna study and the "
-              "MLflow experiment (`unlearn-search/<name>`)")),
-    "description": ("string", "`\"\"`", "free text"),
-    "settings": ("mapping", "required (with `method`)",
-                 "fixed trial settings: any name `unlearn-search methods` lists (below)"),
-    "params": ("mapping", "required (at least one)",
-               ("the searched parameters, each a name and its distribution ([params](#params)); none may also be "
-                "fixed in `settings`")),
-    "starts": ("list", "`[]`",
-               ("parameter assignments evaluated first, in order (published values); each value within its "
-                "parameter's range or choices")),
+    "name": (
+        "string",
+        "the file's name without `.yaml`",
+        (
+            "letters, digits, `-` and `_`; names the output folder (`outputs/<name>`), the Optuna study and the "
+            "MLflow experiment (`unlearn-search/<name>`)"
+        ),
+    ),
+    "description": ("string", '`""`', "free text"),
+    "settings": (
+        "mapping",
+        "required (with `method`)",
+        "fixed trial settings: any name `unlearn-search methods` lists (below)",
+    ),
+    "params": (
+        "mapping",
+        "required (at least one)",
+        (
+            "the searched parameters, each a name and its distribution ([params](#params)); none may also be "
+            "fixed in `settings`"
+        ),
+    ),
+    "starts": (
+        "list",
+        "`[]`",
+        (
+            "parameter assignments evaluated first, in order (published values); each value within its "
+            "parameter's range or choices"
+        ),
+    ),
     "objective": ("mapping or a metric name", None, "what a search optimizes ([objective](#objective-objectives))"),
-    "objectives": ("list", "none",
-                   "several objectives instead (NSGA-II by default); give `objective` or `objectives`, not both"),
+    "objectives": (
+        "list",
+        "none",
+        "several objectives instead (NSGA-II by default); give `objective` or `objectives`, not both",
+    ),
     "constraints": ("list", "`[]`", "bounds a finished trial must meet ([constraints](#constraints))"),
     "search": ("mapping", "the defaults below", "sampler, pruner and budget ([search](#search))"),
-    "resources": ("mapping", "the defaults below",
-                  ("each trial's workers and its quick evaluation ([resources](#resources)); `--resources KEY=VALUE` "
-                   "overrides a key")),
-    "evaluation": ("mapping", "the defaults below",
-                   "the full evaluation each finished trial gets ([evaluation](#evaluation))"),
-    "lr_range_test": ("mapping", "none (no test)",
-                      "fit `params.lr` to the model before the search ([lr_range_test](#lr_range_test))"),
+    "resources": (
+        "mapping",
+        "the defaults below",
+        (
+            "each trial's workers and its quick evaluation ([resources](#resources)); `--resources KEY=VALUE` "
+            "overrides a key"
+        ),
+    ),
+    "evaluation": (
+        "mapping",
+        "the defaults below",
+        "the full evaluation each finished trial gets ([evaluation](#evaluation))",
+    ),
+    "lr_range_test": (
+        "mapping",
+        "none (no test)",
+        "fit `params.lr` to the model before the search ([lr_range_test](#lr_range_test))",
+    ),
 }
 
 # Keys of one ``params`` entry (``space.PARAM_KEYS``, the fields of ``space.Param`` but its name).
@@ -67,7 +99,7 @@ PARAM_HELP = {
     "log": "int only: sample on a log scale (floats: use loguniform)",
     "choices": "categorical only (required there): a non-empty list of distinct strings, numbers, booleans or null",
     "when": "`{setting: value or [values]}`: sampled only where each named setting or parameter takes one of "
-            "those values (a fixed setting's value must be among them)",
+    "those values (a fixed setting's value must be among them)",
 }
 
 OBJECTIVE_HELP = {  # ``space.Objective``
@@ -93,7 +125,7 @@ SEARCH_HELP = {  # ``space.SearchSettings``
     "max_concurrent": "trials at once (`--max-concurrent`)",
     "time_budget_s": "the search's wall-clock budget in seconds (`--time-budget`); null: none",
     "n_startup_trials": "TPE's random trials before it models (Optuna's name); null: a third of the trials, "
-                        "2 to 10 (start points count)",
+    "2 to 10 (start points count)",
 }
 
 RESOURCES_HELP = {  # ``training.trial.Resources``
@@ -109,20 +141,19 @@ RESOURCES_HELP = {  # ``training.trial.Resources``
     "eval_mmlu_limit": "quick evaluation: MMLU questions per subject",
     "eval_max_new_tokens": "quick evaluation: tokens generated per item",
     "eval_every": "percent of training between two boundaries that get a quick evaluation, a report and a "
-                  "checkpoint, in [0, 100] (the last boundary always does)",
+    "checkpoint, in [0, 100] (the last boundary always does)",
     "placement": "one of [[PLACEMENTS]]: a trial's workers on as few nodes as fit, or across nodes",
 }
 
 EVALUATION_HELP = {  # ``space.SearchEvaluation``
     "split": "one of [[EVAL_SPLITS]]: the items a finished trial is scored on (SemEval scored the set that "
-             "was unlearned)",
+    "was unlearned)",
     "max_new_tokens": "tokens generated per item (the best trial's re-evaluation: `--final-max-new-tokens`)",
     "batch_size": "items per generation and scoring batch",
     "mmlu_shots": "MMLU shots",
-    "mmlu_limit": "MMLU questions per subject during the search; null: all (the best trial's: "
-                  "`--final-mmlu-limit`)",
+    "mmlu_limit": "MMLU questions per subject during the search; null: all (the best trial's: `--final-mmlu-limit`)",
     "mmlu_threshold": "the utility threshold (0.371 for the SemEval 7B); null: [[THRESHOLD]] of the original "
-                      "model's MMLU on the same questions",
+    "model's MMLU on the same questions",
 }
 
 RANGE_FROM_LR = ("low", "high")  # fields of RangeTest that params.lr sets; not keys of the block
@@ -148,10 +179,15 @@ def _blocks() -> list[tuple[str, type, dict[str, str], tuple[str, ...]]]:
     )
     from unlearn_search.training.trial import Resources
 
-    return [("params", Param, PARAM_HELP, ("name",)), ("objective", Objective, OBJECTIVE_HELP, ()),
-            ("constraints", Constraint, CONSTRAINT_HELP, ()), ("search", SearchSettings, SEARCH_HELP, ()),
-            ("resources", Resources, RESOURCES_HELP, ()), ("evaluation", SearchEvaluation, EVALUATION_HELP, ()),
-            ("lr_range_test", RangeTest, RANGE_HELP, RANGE_FROM_LR)]
+    return [
+        ("params", Param, PARAM_HELP, ("name",)),
+        ("objective", Objective, OBJECTIVE_HELP, ()),
+        ("constraints", Constraint, CONSTRAINT_HELP, ()),
+        ("search", SearchSettings, SEARCH_HELP, ()),
+        ("resources", Resources, RESOURCES_HELP, ()),
+        ("evaluation", SearchEvaluation, EVALUATION_HELP, ()),
+        ("lr_range_test", RangeTest, RANGE_HELP, RANGE_FROM_LR),
+    ]
 
 
 def help_gaps() -> list[str]:
@@ -177,9 +213,15 @@ def _values() -> dict[str, str]:
     from unlearn_search.search import space
     from unlearn_search.training.trial import PLACEMENTS
 
-    names = {"DISTRIBUTIONS": space.DISTRIBUTIONS, "SAMPLERS": space.SAMPLERS, "PRUNERS": space.PRUNERS,
-             "EVAL_SPLITS": space.EVAL_SPLITS, "OBJECTIVE_METRICS": space.OBJECTIVE_METRICS,
-             "SIGNAL_METRICS": space.SIGNAL_METRICS, "PLACEMENTS": tuple(PLACEMENTS)}
+    names = {
+        "DISTRIBUTIONS": space.DISTRIBUTIONS,
+        "SAMPLERS": space.SAMPLERS,
+        "PRUNERS": space.PRUNERS,
+        "EVAL_SPLITS": space.EVAL_SPLITS,
+        "OBJECTIVE_METRICS": space.OBJECTIVE_METRICS,
+        "SIGNAL_METRICS": space.SIGNAL_METRICS,
+        "PLACEMENTS": tuple(PLACEMENTS),
+    }
     values = {name: ", ".join(f"`{v}`" for v in items) for name, items in names.items()}
     values["THRESHOLD"] = f"{DEFAULT_THRESHOLD_FRACTION:.0%}".replace("%", " %")
     return values
@@ -206,8 +248,14 @@ def _yaml(value: Any) -> str:
     return str(value)
 
 
-_TYPE_WORDS = {"str": "string", "float": "number", "int": "integer", "bool": "true/false", "tuple": "list",
-               "dict[str, tuple]": "mapping"}
+_TYPE_WORDS = {
+    "str": "string",
+    "float": "number",
+    "int": "integer",
+    "bool": "true/false",
+    "tuple": "list",
+    "dict[str, tuple]": "mapping",
+}
 
 
 def _type_words(annotation: Any) -> str:
@@ -224,12 +272,22 @@ def _minimal_space(**extra):
     """The smallest valid space, with ``extra`` top-level keys: defaults as the parser fills them in."""
     from unlearn_search.search.space import parse_space
 
-    return parse_space({"settings": {"method": "ga"},
-                        "params": {"lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3}}, **extra})
+    return parse_space(
+        {
+            "settings": {"method": "ga"},
+            "params": {"lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3}},
+            **extra,
+        }
+    )
 
 
-def _field_table(cls, helped: dict[str, str], left_out: tuple[str, ...], values: dict[str, str],
-                 defaults: dict[str, str] | None = None) -> list[str]:
+def _field_table(
+    cls,
+    helped: dict[str, str],
+    left_out: tuple[str, ...],
+    values: dict[str, str],
+    defaults: dict[str, str] | None = None,
+) -> list[str]:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         if f.name in left_out:
@@ -285,43 +343,83 @@ def space_markdown() -> str:
         cls, helped, left_out = blocks[key]
         return _field_table(cls, helped, left_out, values, defaults)
 
-    lines = ["# Search spaces", "",
-             f"Generated by `{REGENERATE}` from `unlearn_search/search/space.py`, `training/trial.py`",
-             "(`Resources`) and `search/lr_range.py` (`RangeTest`); a test keeps this file equal to that",
-             "output and the help text in `unlearn_search/docs.py` equal to the keys. A space file",
-             "(`search_spaces/*.yaml`, one per method family) is read by `python run_search.py --space FILE`",
-             "(the same as `unlearn-search search`, [cli.md](cli.md)). Any mistake in it is one error naming",
-             "the key, before anything starts.", "", EXAMPLE, "",
-             "## Top-level keys", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    lines = [
+        "# Search spaces",
+        "",
+        f"Generated by `{REGENERATE}` from `unlearn_search/search/space.py`, `training/trial.py`",
+        "(`Resources`) and `search/lr_range.py` (`RangeTest`); a test keeps this file equal to that",
+        "output and the help text in `unlearn_search/docs.py` equal to the keys. A space file",
+        "(`search_spaces/*.yaml`, one per method family) is read by `python run_search.py --space FILE`",
+        "(the same as `unlearn-search search`, [cli.md](cli.md)). Any mistake in it is one error naming",
+        "the key, before anything starts.",
+        "",
+        EXAMPLE,
+        "",
+        "## Top-level keys",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     for key, (kind, default_text, meaning) in TOP_HELP.items():
         if key == "objective":
             default_text = f"`{{metric: {objective.metric}, mode: {objective.mode}}}`"
         lines.append(f"| `{key}` | {kind} | {default_text} | {_cell(meaning)} |")
-    settings = ("Fixed trial settings, the same names as `--set`, the `params` and the MLflow params: the trial "
-                "settings (" + ", ".join(f"`{n}`" for n in TRIAL_FIELDS) + ") and the knobs of the chosen "
-                "`method` and `schedule`; [methods.md](methods.md) lists every one with its default and valid "
-                "values. `method` is required.")
-    lines += ["", "## settings", "", *textwrap.wrap(settings, 100, break_on_hyphens=False), "",
-              "## params", "", "Each searched parameter: `name: {distribution: ..., ...}`. The sampler draws them in",
-              "the file's order, each after any it names in `when`.", ""]
+    settings = (
+        "Fixed trial settings, the same names as `--set`, the `params` and the MLflow params: the trial "
+        "settings (" + ", ".join(f"`{n}`" for n in TRIAL_FIELDS) + ") and the knobs of the chosen "
+        "`method` and `schedule`; [methods.md](methods.md) lists every one with its default and valid "
+        "values. `method` is required."
+    )
+    lines += [
+        "",
+        "## settings",
+        "",
+        *textwrap.wrap(settings, 100, break_on_hyphens=False),
+        "",
+        "## params",
+        "",
+        "Each searched parameter: `name: {distribution: ..., ...}`. The sampler draws them in",
+        "the file's order, each after any it names in `when`.",
+        "",
+    ]
     lines += _field_table(blocks["params"][0], PARAM_HELP, ("name",), values)
-    lines += ["", "## objective, objectives", "",
-              "`objective: {metric, mode, signal, signal_weight}` (or just a metric name), or `objectives:` a list",
-              "of `{metric, mode}`, each metric at most once.", ""]
+    lines += [
+        "",
+        "## objective, objectives",
+        "",
+        "`objective: {metric, mode, signal, signal_weight}` (or just a metric name), or `objectives:` a list",
+        "of `{metric, mode}`, each metric at most once.",
+        "",
+    ]
     lines += table("objective", {"signal_weight": f"`{weight}` with a signal"})
     lines += ["", "## constraints", "", "A list of `{metric, min}` or `{metric, max}`.", ""]
     lines += table("constraints")
     lines += ["", "## search", ""] + table("search")
     lines += ["", "## resources", "", "How each trial runs (the trial runner's own settings, one name each).", ""]
     lines += table("resources")
-    lines += ["", "## evaluation", "", "The full evaluation every finished trial gets; the best trial is re-evaluated",
-              "on the items of `--final-split` (default all) and all of MMLU unless `--final-mmlu-limit`.", ""]
+    lines += [
+        "",
+        "## evaluation",
+        "",
+        "The full evaluation every finished trial gets; the best trial is re-evaluated",
+        "on the items of `--final-split` (default all) and all of MMLU unless `--final-mmlu-limit`.",
+        "",
+    ]
     lines += table("evaluation")
-    lines += ["", "## lr_range_test", "",
-              "Needs `params.lr` with distribution `loguniform` and at least one start. `low` and `high` are",
-              "not keys here: the test ramps over `params.lr`'s range.", ""]
+    lines += [
+        "",
+        "## lr_range_test",
+        "",
+        "Needs `params.lr` with distribution `loguniform` and at least one start. `low` and `high` are",
+        "not keys here: the test ramps over `params.lr`'s range.",
+        "",
+    ]
     lines += table("lr_range_test")
-    lines += ["", "## How the keys act together", "", *f"""\
+    lines += [
+        "",
+        "## How the keys act together",
+        "",
+        *f"""\
 **Boundaries and the quick estimate.** Each trial is a Ray Train run whose workers host DeepSpeed
 ZeRO-3 shards of the student (and of the frozen teacher when the method needs one). At schedule
 boundaries at least `resources.eval_every` percent of training apart (the last boundary always)
@@ -381,7 +479,8 @@ forget NLL grew `e**rise`-fold, capped where
 the retain NLL grew as much or the run diverged; a start outside the fitted range moves to its
 log-midpoint. It writes `lr_range.json` and `plots/lr_range.png` in the output and `lr_range.*`
 params in MLflow; `unlearn-search lr-range --space ...` runs it alone. Why below the onset: the
-module docstring of `unlearn_search/search/lr_range.py`.""".splitlines()]
+module docstring of `unlearn_search/search/lr_range.py`.""".splitlines(),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -390,30 +489,46 @@ module docstring of `unlearn_search/search/lr_range.py`.""".splitlines()]
 # Facts about a command that its options' help does not say, keyed by the command's words.
 CLI_NOTES: dict[str, list[str]] = {
     "target build": [
-        ("No model hub is reachable here, so the default target is built the way the task organizers built "
-         "theirs: a small OLMo (`OlmoForCausalLM`) with its own byte-level BPE tokenizer, trained from scratch "
-         "until it has memorized the forget and retain items and the MIA member documents (never the "
-         "non-members). It is cached under `~/.cache/unlearn-search/targets`, keyed by data and settings."),
+        (
+            "No model hub is reachable here, so the default target is built the way the task organizers built "
+            "theirs: a small OLMo (`OlmoForCausalLM`) with its own byte-level BPE tokenizer, trained from scratch "
+            "until it has memorized the forget and retain items and the MIA member documents (never the "
+            "non-members). It is cached under `~/.cache/unlearn-search/targets`, keyed by data and settings."
+        ),
     ],
     "evaluate": [
         "Scores as the organizers do and writes the files their scorer reads ([evaluation.md](evaluation.md)).",
-        ("`trust_remote_code` stays off unless `--trust-remote-code` is given; trials and searches never turn "
-         "it on (OLMo, like every architecture transformers ships, needs none)."),
+        (
+            "`trust_remote_code` stays off unless `--trust-remote-code` is given; trials and searches never turn "
+            "it on (OLMo, like every architecture transformers ships, needs none)."
+        ),
     ],
     "search": [
-        ("`python run_search.py --space FILE [options]` is the same command. What it writes: "
-         "[outputs.md](outputs.md); the space file: [space.md](space.md)."),
-        ("`--output` is never overwritten: a second search there is refused unless `--resume` continues it, "
-         "with its first run's `--storage`, `--tracking-uri` and `--experiment` (naming others is an error; a "
-         "relative SQLite or MLflow file-store path is saved absolute, so it resumes from any directory)."),
-        ("`--address` takes `auto`, `host:port` or `ray://host:port` to join a cluster; without it a local Ray "
-         "starts with `--num-cpus` CPUs (default all)."),
-        ("`--tracking-uri` takes any MLflow URI (default `sqlite:///<output>/mlflow.db`); an `http://` server "
-         "is checked before Ray starts. `--storage` takes any RDB URL (default `sqlite:///<output>/optuna.db`)."),
-        ("`--num-samples`, `--max-concurrent` and `--time-budget` override the space's `search:`; "
-         "`--resources KEY=VALUE` its `resources:`."),
-        ("The Ray dashboard listens on `--dashboard-host` (127.0.0.1; its URL is printed); Ray's token "
-         "authentication is on, so API calls need the token Ray stores in `~/.ray/auth_token`."),
+        (
+            "`python run_search.py --space FILE [options]` is the same command. What it writes: "
+            "[outputs.md](outputs.md); the space file: [space.md](space.md)."
+        ),
+        (
+            "`--output` is never overwritten: a second search there is refused unless `--resume` continues it, "
+            "with its first run's `--storage`, `--tracking-uri` and `--experiment` (naming others is an error; a "
+            "relative SQLite or MLflow file-store path is saved absolute, so it resumes from any directory)."
+        ),
+        (
+            "`--address` takes `auto`, `host:port` or `ray://host:port` to join a cluster; without it a local Ray "
+            "starts with `--num-cpus` CPUs (default all)."
+        ),
+        (
+            "`--tracking-uri` takes any MLflow URI (default `sqlite:///<output>/mlflow.db`); an `http://` server "
+            "is checked before Ray starts. `--storage` takes any RDB URL (default `sqlite:///<output>/optuna.db`)."
+        ),
+        (
+            "`--num-samples`, `--max-concurrent` and `--time-budget` override the space's `search:`; "
+            "`--resources KEY=VALUE` its `resources:`."
+        ),
+        (
+            "The Ray dashboard listens on `--dashboard-host` (127.0.0.1; its URL is printed); Ray's token "
+            "authentication is on, so API calls need the token Ray stores in `~/.ray/auth_token`."
+        ),
     ],
     "plan": ["The 7B figures and how they were checked on a GPU: [memory_plan.md](memory_plan.md)."],
     "methods": ["`--markdown` prints [methods.md](methods.md)."],
@@ -432,8 +547,12 @@ def _option_name(action: argparse.Action) -> str:
 
 
 def _cli_gaps() -> list[str]:
-    return [f"unlearn-search {' '.join(words)} {_option_name(action)}: no help in cli.py"
-            for words, _, parser in commands() for action in _options(parser) if not action.help]
+    return [
+        f"unlearn-search {' '.join(words)} {_option_name(action)}: no help in cli.py"
+        for words, _, parser in commands()
+        for action in _options(parser)
+        if not action.help
+    ]
 
 
 def _subcommands(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
@@ -474,7 +593,8 @@ def _option_value(action: argparse.Action) -> str:
     if action.metavar:
         return f"`{action.metavar}`"
     return {None: "text", int: "integer", float: "number", _positive_int: "integer >= 1"}.get(
-        action.type, getattr(action.type, "__name__", str(action.type)))
+        action.type, getattr(action.type, "__name__", str(action.type))
+    )
 
 
 def _option_default(action: argparse.Action) -> str:
@@ -499,24 +619,39 @@ def cli_markdown() -> str:
     unknown = sorted(set(CLI_NOTES) - {" ".join(words) for words, _, _ in found})
     if unknown:
         raise KeyError(f"CLI_NOTES names no command: {', '.join(unknown)}")
-    lines = ["# Command line", "",
-             f"Generated by `{REGENERATE}` from `unlearn_search.cli.build_parser()` (a test keeps this",
-             "file equal to that output); `unlearn-search COMMAND --help` prints the same. Every command that",
-             "reads data takes `--data`, found in this order: `--data DIR`, `$UNLEARN_SEARCH_DATA`,",
-             "`../shared/data`, the user cache filled by `unlearn-search data fetch` (the public LUME release).",
-             "A model is `tiny`, `small` (the reference targets, built once and cached) or any local Hugging",
-             "Face causal-LM directory. A mistake in the input is one error line (`unlearn-search: error: ...`)",
-             "and exit status 2.", "", "| command | what it does |", "|---|---|"]
+    lines = [
+        "# Command line",
+        "",
+        f"Generated by `{REGENERATE}` from `unlearn_search.cli.build_parser()` (a test keeps this",
+        "file equal to that output); `unlearn-search COMMAND --help` prints the same. Every command that",
+        "reads data takes `--data`, found in this order: `--data DIR`, `$UNLEARN_SEARCH_DATA`,",
+        "`../shared/data`, the user cache filled by `unlearn-search data fetch` (the public LUME release).",
+        "A model is `tiny`, `small` (the reference targets, built once and cached) or any local Hugging",
+        "Face causal-LM directory. A mistake in the input is one error line (`unlearn-search: error: ...`)",
+        "and exit status 2.",
+        "",
+        "| command | what it does |",
+        "|---|---|",
+    ]
     for words, help_text, _ in found:
         anchor = "unlearn-search-" + "-".join(words)
         lines.append(f"| [`unlearn-search {' '.join(words)}`](#{anchor}) | {_cell(help_text)} |")
     for words, help_text, parser in found:
-        lines += ["", f"## unlearn-search {' '.join(words)}", "", help_text[:1].upper() + help_text[1:] + ".", "",
-                  "| option | value | default | what it does |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## unlearn-search {' '.join(words)}",
+            "",
+            help_text[:1].upper() + help_text[1:] + ".",
+            "",
+            "| option | value | default | what it does |",
+            "|---|---|---|---|",
+        ]
         for action in _options(parser):
             name = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
-            lines.append(f"| {name} | {_cell(_option_value(action))} | {_cell(_option_default(action))} | "
-                         f"{_cell(_option_help(action, parser.prog))} |")
+            lines.append(
+                f"| {name} | {_cell(_option_value(action))} | {_cell(_option_default(action))} | "
+                f"{_cell(_option_help(action, parser.prog))} |"
+            )
         notes = CLI_NOTES.get(" ".join(words), [])
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
@@ -537,14 +672,16 @@ def evaluation_files() -> list[tuple[str, str]]:
         RESULTS_FILE,
     )
 
-    return [(RESULTS_FILE, f"all scores ({EVALUATION_DOC})"),
-            (OFFICIAL_RESULTS_FILE, "the same, one line, under the official file name"),
-            ("forget_0.csv", "one row per forget item: input, expected and model output, NLL"),
-            ("retain_0.csv", "the same for the retain items"),
-            (f"{MIA_DIR}/", "the MIA documents' NLLs"),
-            (f"{MIA_DIR}/member_0.csv", "one row per member document"),
-            (f"{MIA_DIR}/nonmember_0.csv", "one row per non-member document"),
-            (MMLU_METRICS_FILE, "MMLU average and per subject (the official scorer's input)")]
+    return [
+        (RESULTS_FILE, f"all scores ({EVALUATION_DOC})"),
+        (OFFICIAL_RESULTS_FILE, "the same, one line, under the official file name"),
+        ("forget_0.csv", "one row per forget item: input, expected and model output, NLL"),
+        ("retain_0.csv", "the same for the retain items"),
+        (f"{MIA_DIR}/", "the MIA documents' NLLs"),
+        (f"{MIA_DIR}/member_0.csv", "one row per member document"),
+        (f"{MIA_DIR}/nonmember_0.csv", "one row per non-member document"),
+        (MMLU_METRICS_FILE, "MMLU average and per subject (the official scorer's input)"),
+    ]
 
 
 def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
@@ -566,9 +703,13 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
     from unlearn_search.tracking.mlflow_tracking import PARENT_FILE, PENDING_FILE
     from unlearn_search.training.trial import MODEL_DIR, TRAINED_DIR
 
-    driver, tracking, trial, plots, cli = ("unlearn_search.search.driver", "unlearn_search.tracking.mlflow_tracking",
-                                           "unlearn_search.training.trial", "unlearn_search.tracking.plots",
-                                           "unlearn_search.cli")
+    driver, tracking, trial, plots, cli = (
+        "unlearn_search.search.driver",
+        "unlearn_search.tracking.mlflow_tracking",
+        "unlearn_search.training.trial",
+        "unlearn_search.tracking.plots",
+        "unlearn_search.cli",
+    )
     trial_dir, best = f"{TRIALS_DIR}/<trial id>/", f"{BEST_DIR}/"
     entries = [
         ("space.yaml", "the space as given", (driver, "space.yaml")),
@@ -581,19 +722,34 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
         (ORIGINAL_MMLU_FILE, "the original model's MMLU, one figure per set of questions", None),
         (RANGE_FILE, "with `lr_range_test`: the curve, the onset and the fitted lr range", None),
         (BUDGET_FILE, "written when the time budget ran out", None),
-        ("teacher_cache/", ("with `teacher: cached`: the original's outputs, built once per search (126 MB on "
-                            "`small`)"), (driver, "teacher_cache")),
+        (
+            "teacher_cache/",
+            ("with `teacher: cached`: the original's outputs, built once per search (126 MB on `small`)"),
+            (driver, "teacher_cache"),
+        ),
         (f"{TUNE_DIR}/", "Tune's experiment, which `--resume` continues", None),
         (f"{TUNE_DIR}/<trial>/", "Tune's folder of one trial", None),
-        (f"{TUNE_DIR}/<trial>/{PRUNED_FILE}", ("a pruned trial's: where, the estimate it reported, the value the "
-                                               "pruner judged, any constraint it missed"), None),
+        (
+            f"{TUNE_DIR}/<trial>/{PRUNED_FILE}",
+            (
+                "a pruned trial's: where, the estimate it reported, the value the "
+                "pruner judged, any constraint it missed"
+            ),
+            None,
+        ),
         (f"{TRIALS_DIR}/", "one folder per trial", None),
         (trial_dir, "a trial's own files", None),
-        (f"{trial_dir}{MODEL_DIR}/", f"the unlearned model, a Hugging Face checkpoint (with `{TARGET_MANIFEST}`)",
-         None),
+        (
+            f"{trial_dir}{MODEL_DIR}/",
+            f"the unlearned model, a Hugging Face checkpoint (with `{TARGET_MANIFEST}`)",
+            None,
+        ),
         (f"{trial_dir}{TRAINED_DIR}/", "its trained parameters, as the last checkpoint held them", None),
-        (f"{trial_dir}ray/", "the trial's Ray Train run: the boundary checkpoints a restarted worker resumes from",
-         (trial, "ray")),
+        (
+            f"{trial_dir}ray/",
+            "the trial's Ray Train run: the boundary checkpoints a restarted worker resumes from",
+            (trial, "ray"),
+        ),
         (f"{trial_dir}metrics.jsonl", "every report: losses, quick estimates, timings", (trial, "metrics.jsonl")),
         (f"{trial_dir}{RESULT_FILE}", "its final metrics (a resumed search reports them again)", None),
         *[(trial_dir + path, meaning, None) for path, meaning in evaluation_files()],
@@ -606,10 +762,16 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
         ("plots/", "Optuna's plots of the study, as PNG", (cli, "plots")),
         ("plots/optimization_history.png", "the objective by trial", (plots, "optimization_history")),
         ("plots/param_importances.png", "which parameters mattered", (plots, "param_importances")),
-        ("plots/parallel_coordinate.png", "each trial's parameters against its objective",
-         (plots, "parallel_coordinate")),
-        ("plots/pareto_front.png", "with several objectives (then one of each plot above per objective)",
-         (plots, "pareto_front")),
+        (
+            "plots/parallel_coordinate.png",
+            "each trial's parameters against its objective",
+            (plots, "parallel_coordinate"),
+        ),
+        (
+            "plots/pareto_front.png",
+            "with several objectives (then one of each plot above per objective)",
+            (plots, "pareto_front"),
+        ),
         ("plots/lr_range.png", "with `lr_range_test`: its curve", (driver, "lr_range.png")),
     ]
     return entries
@@ -633,7 +795,7 @@ def _tree(entries: list[tuple[str, str]]) -> list[str]:
         items = children[folder]
         for i, path in enumerate(items):
             last = i == len(items) - 1
-            name = path[len(folder):]
+            name = path[len(folder) :]
             rows.append((f"{prefix}{'└── ' if last else '├── '}{name}", meaning[path]))
             if path.endswith("/"):
                 walk(path, prefix + ("    " if last else "│   "))
@@ -646,11 +808,19 @@ def _tree(entries: list[tuple[str, str]]) -> list[str]:
 def outputs_markdown() -> str:
     """docs/outputs.md: what a search writes, drawn from the file names the code declares."""
     entries = [(path, text) for path, text, _ in output_entries()]
-    lines = ["# What a search writes", "",
-             f"Generated by `{REGENERATE}` from the file names the code declares (a test keeps this",
-             "file equal to that output, so a renamed file breaks it). Everything lands under `--output`",
-             "(default `outputs/<space name>`), which is never overwritten: a second search there is",
-             "refused unless `--resume` continues it.", "", "```", *_tree(entries), "```", "", *"""\
+    lines = [
+        "# What a search writes",
+        "",
+        f"Generated by `{REGENERATE}` from the file names the code declares (a test keeps this",
+        "file equal to that output, so a renamed file breaks it). Everything lands under `--output`",
+        "(default `outputs/<space name>`), which is never overwritten: a second search there is",
+        "refused unless `--resume` continues it.",
+        "",
+        "```",
+        *_tree(entries),
+        "```",
+        "",
+        *"""\
 A trial's folder and `best/` hold the same evaluation files as `unlearn-search evaluate --output`:
 their columns and keys, and how to rerun the organizers' scorer on them, are in
 [evaluation.md](evaluation.md).
@@ -673,7 +843,8 @@ re-evaluation, with `best_full.meets_constraints` when the space has constraints
 the plots, and the lr range test's `lr_range.*` params. A run's scores (`aggregate`, `mmlu`, ...)
 are its full evaluation only; the quick estimates at each boundary are `estimate.aggregate` and
 so on, so a pruned or stopped trial has estimates and no scores, and never sorts among finished
-ones.""".splitlines()]
+ones.""".splitlines(),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -685,8 +856,13 @@ def pages() -> dict[str, Callable[[], str]]:
     from unlearn_search.cli import methods_markdown
     from unlearn_search.training.plan import memory_plan_page
 
-    return {"space.md": space_markdown, "cli.md": cli_markdown, "outputs.md": outputs_markdown,
-            "methods.md": methods_markdown, "memory_plan.md": memory_plan_page}
+    return {
+        "space.md": space_markdown,
+        "cli.md": cli_markdown,
+        "outputs.md": outputs_markdown,
+        "methods.md": methods_markdown,
+        "memory_plan.md": memory_plan_page,
+    }
 
 
 def docs_dir() -> Path:
@@ -696,8 +872,11 @@ def docs_dir() -> Path:
 def stale_pages(directory: Path | None = None) -> list[str]:
     """The generated pages in ``directory`` (default the checkout's docs/) that differ from the code."""
     directory = Path(directory or docs_dir())
-    return [name for name, make in pages().items()
-            if not (directory / name).is_file() or (directory / name).read_text() != make()]
+    return [
+        name
+        for name, make in pages().items()
+        if not (directory / name).is_file() or (directory / name).read_text() != make()
+    ]
 
 
 def write_pages(directory: Path | None = None) -> list[Path]:

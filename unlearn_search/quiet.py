@@ -22,14 +22,19 @@ class KnownWarning:
 
 
 KNOWN_WARNINGS = (
-    KnownWarning("torch.distributed, on DeepSpeed's ZeRO collectives",
-                 "DeepSpeed's calls, not ours; printed on every worker at every gather under torch 2.13",
-                 FutureWarning,
-                 r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base"
-                 r"|_reduce_scatter_base)` is"),
-    KnownWarning("transformers, on peft's check of a LoRA model",
-                 "peft's call of a renamed property; the behaviour is the same",
-                 FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    KnownWarning(
+        "torch.distributed, on DeepSpeed's ZeRO collectives",
+        "DeepSpeed's calls, not ours; printed on every worker at every gather under torch 2.13",
+        FutureWarning,
+        r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base"
+        r"|_reduce_scatter_base)` is",
+    ),
+    KnownWarning(
+        "transformers, on peft's check of a LoRA model",
+        "peft's call of a renamed property; the behaviour is the same",
+        FutureWarning,
+        r"`is_gradient_checkpointing` is deprecated",
+    ),
 )
 
 

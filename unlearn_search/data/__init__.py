@@ -7,7 +7,21 @@ from unlearn_search.data.mmlu import Question, load_mmlu
 from unlearn_search.data.tokenize import Encoded, collate, encode, length_bucketed_batches, separator
 
 __all__ = [
-    "Benchmark", "DataPaths", "Document", "Encoded", "Item", "Question", "collate", "encode",
-    "fetch", "item_kind", "length_bucketed_batches", "load_benchmark", "load_documents",
-    "load_mmlu", "load_set", "resolve_data", "separator",
+    "Benchmark",
+    "DataPaths",
+    "Document",
+    "Encoded",
+    "Item",
+    "Question",
+    "collate",
+    "encode",
+    "fetch",
+    "item_kind",
+    "length_bucketed_batches",
+    "load_benchmark",
+    "load_documents",
+    "load_mmlu",
+    "load_set",
+    "resolve_data",
+    "separator",
 ]

@@ -8,9 +8,9 @@ completion (``sc``, regurgitation) or question answering (``qa``, knowledge).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pandas as pd
 
@@ -47,8 +47,7 @@ def item_kind(item_id: str) -> str:
     kind = str(item_id)[:-1][-2:]
     if kind not in KINDS:
         raise UnlearnSearchError(
-            f"item id {item_id!r}: expected it to end in 'sc<N>' (sentence completion) "
-            f"or 'qa<N>' (question answering)"
+            f"item id {item_id!r}: expected it to end in 'sc<N>' (sentence completion) or 'qa<N>' (question answering)"
         )
     return kind
 
@@ -69,9 +68,7 @@ def find_file(directory: Path, stem: str) -> Path:
         candidate = directory / f"{stem}{suffix}"
         if candidate.exists():
             return candidate
-    raise UnlearnSearchError(
-        f"{directory}: missing {stem}.parquet or {stem}.jsonl (expected the SemEval/LUME layout)"
-    )
+    raise UnlearnSearchError(f"{directory}: missing {stem}.parquet or {stem}.jsonl (expected the SemEval/LUME layout)")
 
 
 def load_set(directory: Path, set_name: str, split: str) -> list[Item]:
@@ -125,11 +122,9 @@ class Benchmark:
     forget: tuple[Item, ...]
     retain: tuple[Item, ...]
 
-    def restricted(self, ids: Iterable[str]) -> "Benchmark":
+    def restricted(self, ids: Iterable[str]) -> Benchmark:
         keep = set(ids)
-        return Benchmark(
-            tuple(i for i in self.forget if i.id in keep), tuple(i for i in self.retain if i.id in keep)
-        )
+        return Benchmark(tuple(i for i in self.forget if i.id in keep), tuple(i for i in self.retain if i.id in keep))
 
 
 def load_benchmark(directory: str | Path, split: str = "train") -> Benchmark:
@@ -145,7 +140,6 @@ def load_benchmark(directory: str | Path, split: str = "train") -> Benchmark:
     both = {i.id for i in forget} & {i.id for i in retain}
     if both:
         raise UnlearnSearchError(
-            f"{directory}: id {sorted(both)[0]!r} is in both the forget and the retain set "
-            f"(expected disjoint sets)"
+            f"{directory}: id {sorted(both)[0]!r} is in both the forget and the retain set (expected disjoint sets)"
         )
     return Benchmark(tuple(forget), tuple(retain))

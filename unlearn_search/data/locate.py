@@ -7,10 +7,10 @@ import json
 import os
 import random
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from unlearn_search.errors import UnlearnSearchError
 
@@ -65,6 +65,7 @@ def paths_from_root(root: Path) -> DataPaths:
     def folder(name: str) -> Path:
         inside = root / name
         return root.parent / name if benchmark == root and not inside.is_dir() else inside
+
     return DataPaths(root, benchmark, folder("mmlu"), folder("refusals"))
 
 
@@ -106,8 +107,9 @@ def _split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[lis
     return train, validation
 
 
-def fetch(url: str = LUME_URL, destination: Path | None = None, validation_fraction: float = 0.2,
-          seed: int = 0) -> Path:
+def fetch(
+    url: str = LUME_URL, destination: Path | None = None, validation_fraction: float = 0.2, seed: int = 0
+) -> Path:
     """Download LUME ``forget.jsonl`` and ``retain.jsonl`` and split each into train/validation."""
     destination = Path(destination or cache_root() / "data") / "semeval25"
     destination.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,7 @@ def load_questions(directory: str | Path, subject: str, split: str, limit: int |
     return questions
 
 
-def load_mmlu(
-    directory: str | Path, split: str = "test", limit_per_subject: int | None = None
-) -> list[Question]:
+def load_mmlu(directory: str | Path, split: str = "test", limit_per_subject: int | None = None) -> list[Question]:
     """Every subject's questions, optionally the first ``limit_per_subject`` of each."""
     questions: list[Question] = []
     for subject in subjects(directory, split):

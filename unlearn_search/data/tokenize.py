@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -45,8 +45,9 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int, mask_prompt: bo
     return Encoded(ids, labels, n_prompt)
 
 
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int,
-                            bucket_factor: int = 16) -> list[list[int]]:
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, bucket_factor: int = 16
+) -> list[list[int]]:
     """Batches of indices with similar lengths, in a random order (deterministic under ``seed``).
 
     Indices are shuffled, cut into buckets of ``batch_size * bucket_factor``, sorted by length
@@ -58,8 +59,8 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int,
     batches = []
     bucket = batch_size * bucket_factor
     for start in range(0, len(order), bucket):
-        chunk = sorted(order[start:start + bucket], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start : start + bucket], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 

@@ -58,21 +58,38 @@ def score_items(model, tokenizer, items: list[Item], config: EvalConfig) -> pd.D
     """One row per item in the official prediction-CSV layout, plus its metric values."""
     prompts = [i.input for i in items]
     # Tokenized once for both passes: the prompts start the generations and the answers' NLL.
-    prompt_ids, sequences = encode_answers(tokenizer, prompts, [i.output for i in items],
-                                           max_length(model, tokenizer))
+    prompt_ids, sequences = encode_answers(tokenizer, prompts, [i.output for i in items], max_length(model, tokenizer))
     starts = [len(ids) for ids in prompt_ids]
-    outputs = generate(model, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.progress,
-                       expected_tokens=[len(ids) - n for ids, n in zip(sequences, starts)], prompt_ids=prompt_ids)
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        config.max_new_tokens,
+        config.batch_size,
+        config.progress,
+        expected_tokens=[len(ids) - n for ids, n in zip(sequences, starts)],
+        prompt_ids=prompt_ids,
+    )
     nll = sequence_nll(model, sequences, starts, tokenizer.pad_token_id, config.batch_size)
     rows = []
     for item, output, item_nll in zip(items, outputs, nll):
-        row = {"id": item.id, "task": item.task, "input": item.input, "expected_output": item.output,
-               "model_output": output, "nll": item_nll, "kind": item.kind, "set": item.set}
+        row = {
+            "id": item.id,
+            "task": item.task,
+            "input": item.input,
+            "expected_output": item.output,
+            "model_output": output,
+            "nll": item_nll,
+            "kind": item.kind,
+            "set": item.set,
+        }
         if item.kind == "sc":
             rouge = metrics.rouge_recall(output, item.output)
             row.update(rougeL_recall=rouge["rougeL"], rouge1_recall=rouge["rouge1"], exact_match=math.nan)
         else:
-            row.update(rougeL_recall=math.nan, rouge1_recall=math.nan, exact_match=metrics.exact_match(output, item.output))
+            row.update(
+                rougeL_recall=math.nan, rouge1_recall=math.nan, exact_match=metrics.exact_match(output, item.output)
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -113,8 +130,14 @@ def utility_threshold(config: EvalConfig) -> float | None:
     return None
 
 
-def evaluate(model, tokenizer, paths: DataPaths, config: EvalConfig, manifest: dict | None = None,
-             output: str | Path | None = None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    paths: DataPaths,
+    config: EvalConfig,
+    manifest: dict | None = None,
+    output: str | Path | None = None,
+) -> dict:
     """Score ``model``; write ``evaluation_results.json`` and the prediction CSVs into ``output``."""
     results, frames = score(model, tokenizer, load_eval_data(paths, config, manifest), paths.mmlu, config)
     if output is not None:
@@ -145,8 +168,9 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
     results["mia_member_mean_nll"] = metrics.mean(member_nll)
     results["mia_nonmember_mean_nll"] = metrics.mean(nonmember_nll)
 
-    mmlu = evaluate_mmlu(model, tokenizer, mmlu_dir, config.mmlu_shots, config.mmlu_limit,
-                         config.batch_size, config.progress)
+    mmlu = evaluate_mmlu(
+        model, tokenizer, mmlu_dir, config.mmlu_shots, config.mmlu_limit, config.batch_size, config.progress
+    )
     results["mmlu_average"] = mmlu["average"]
     results["mmlu_questions"] = mmlu["questions"]
     results["mmlu_subjects"] = mmlu["subjects"]
@@ -165,9 +189,22 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
 
 # metric_values' names (the two NLLs only where the evaluation computed them): what a finished
 # trial reports and what the quick evaluation estimates at each boundary.
-METRIC_NAMES = ("aggregate", "task_aggregate", "mia_auc", "mia_score", "mmlu", "forget_regurgitation",
-                "forget_knowledge", "retain_regurgitation", "retain_knowledge", "forget_efficacy",
-                "retain_utility", "forget_nll", "retain_nll", "forget_signal")
+METRIC_NAMES = (
+    "aggregate",
+    "task_aggregate",
+    "mia_auc",
+    "mia_score",
+    "mmlu",
+    "forget_regurgitation",
+    "forget_knowledge",
+    "retain_regurgitation",
+    "retain_knowledge",
+    "forget_efficacy",
+    "retain_utility",
+    "forget_nll",
+    "retain_nll",
+    "forget_signal",
+)
 
 
 def metric_values(results: dict) -> dict[str, float]:

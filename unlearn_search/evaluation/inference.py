@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +35,7 @@ def _world() -> tuple[int, int]:
 
 
 def _batches(order: Sequence[int], size: int) -> list[list[int]]:
-    return [list(order[start:start + size]) for start in range(0, len(order), size)]
+    return [list(order[start : start + size]) for start in range(0, len(order), size)]
 
 
 def dealt(batches: list[list[int]]) -> list[tuple[list[int], bool]]:
@@ -70,9 +71,16 @@ def eos_token_id(model, tokenizer) -> int | list[int] | None:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 32,
-             progress: bool = False, expected_tokens: Sequence[int] | None = None,
-             prompt_ids: Sequence[Sequence[int]] | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    progress: bool = False,
+    expected_tokens: Sequence[int] | None = None,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens skipped).
 
     Rows are left-padded, the KV cache is on and each row stops at EOS, but a batch runs until
@@ -94,11 +102,15 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
             ids = encoded[i]
-            input_ids[r, width - len(ids):] = torch.tensor(ids)
-            attention_mask[r, width - len(ids):] = 1
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[r, width - len(ids) :] = 1
         generated = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad,
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
             eos_token_id=eos_token_id(model, tokenizer),
         )
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
@@ -109,8 +121,14 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256
 
 
 @torch.no_grad()
-def sequence_nll(model, sequences: Sequence[Sequence[int]], starts: Sequence[int], pad_token_id: int,
-                 batch_size: int = 32, progress: bool = False) -> list[float]:
+def sequence_nll(
+    model,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    pad_token_id: int,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[float]:
     """Mean token NLL of ``sequences[i][starts[i]:]`` given what precedes it, batched.
 
     ``starts[i]`` is the first scored token (at least 1: the first token has no context).
@@ -124,9 +142,9 @@ def sequence_nll(model, sequences: Sequence[Sequence[int]], starts: Sequence[int
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
             ids = sequences[i]
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            attention_mask[r, :len(ids)] = 1
-            scored[r, max(1, starts[i]):len(ids)] = True
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention_mask[r, : len(ids)] = 1
+            scored[r, max(1, starts[i]) : len(ids)] = True
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         token_nll = -logprobs.gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0].cpu()
@@ -144,8 +162,9 @@ def max_length(model, tokenizer) -> int:
     return int(min(limit, 1 << 20))
 
 
-def encode_answers(tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                   limit: int) -> tuple[list[list[int]], list[list[int]]]:
+def encode_answers(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], limit: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of each prompt and of the official ``input + output`` concatenation (cut at
     ``limit``), one bulk call each; the answer is scored from ``len(prompt_ids[i])`` on."""
     prompt_ids = tokenizer(list(prompts))["input_ids"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -53,8 +53,15 @@ def choice_token_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit_per_subject: int | None = None,
-                  batch_size: int = 8, progress: bool = False) -> dict:
+def evaluate_mmlu(
+    model,
+    tokenizer,
+    directory: str | Path,
+    shots: int = 5,
+    limit_per_subject: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """Average accuracy over all questions and per subject, on ``test`` with ``dev`` shots."""
     questions = load_mmlu(directory, "test", limit_per_subject)
     dev: dict[str, list[Question]] = {}
@@ -69,18 +76,27 @@ def evaluate_mmlu(model, tokenizer, directory: str | Path, shots: int = 5, limit
     order = sorted(range(len(questions)), key=lambda i: len(encoded[i]))
     right: dict[int, bool] = {}
     pad = tokenizer.pad_token_id
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     for rows, kept in tqdm(dealt(batches), desc="MMLU", disable=not progress):
         width = max(len(encoded[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
-            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention_mask[r, width - len(encoded[i]):] = 1
+            input_ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            attention_mask[r, width - len(encoded[i]) :] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         # Only the last position's logits: a batch of long few-shot prompts never holds B x L x V.
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                       position_ids=position_ids.to(model.device), logits_to_keep=1).logits[:, -1].float().cpu()
+        logits = (
+            model(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                position_ids=position_ids.to(model.device),
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+            .cpu()
+        )
         predicted = logits[:, choice_ids].argmax(-1)
         if kept:
             right.update((i, CHOICES[int(predicted[r])] == questions[i].answer) for r, i in enumerate(rows))

@@ -8,8 +8,8 @@ scores while MMLU collapses, or whose MIA AUC drifts, is judged on what it will 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -60,8 +60,14 @@ def quick_data(data: EvalData, items: int, documents: int) -> EvalData:
 
 def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit: int) -> EvalConfig:
     """The final evaluation's settings (shots, split, batch size) with the quick limits."""
-    return dataclasses.replace(config, max_new_tokens=max_new_tokens, mmlu_limit=mmlu_limit,
-                               mmlu_threshold=None, original_mmlu=None, progress=False)
+    return dataclasses.replace(
+        config,
+        max_new_tokens=max_new_tokens,
+        mmlu_limit=mmlu_limit,
+        mmlu_threshold=None,
+        original_mmlu=None,
+        progress=False,
+    )
 
 
 @torch.no_grad()

@@ -15,8 +15,10 @@ from unlearn_search.methods.losses.random_label import RandomLabel
 from unlearn_search.methods.losses.simnpo import SimNPO
 from unlearn_search.methods.schedules import AGAD, SUGD, Joint, Schedule, Step
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    GradientAscent, GradientDifference, GradientAscentKL, NPO, SimNPO, RandomLabel, IDK, FLAT, Adversarial)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (GradientAscent, GradientDifference, GradientAscentKL, NPO, SimNPO, RandomLabel, IDK, FLAT, Adversarial)
+}
 SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (Joint, AGAD, SUGD)}
 
 
@@ -32,5 +34,16 @@ def get_schedule(name: str, **params) -> Schedule:
     return SCHEDULES[name](**params)
 
 
-__all__ = ["METHODS", "SCHEDULES", "Knob", "LossOutput", "Method", "Reference", "Schedule", "Step", "StepInputs",
-           "get_method", "get_schedule"]
+__all__ = [
+    "METHODS",
+    "SCHEDULES",
+    "Knob",
+    "LossOutput",
+    "Method",
+    "Reference",
+    "Schedule",
+    "Step",
+    "StepInputs",
+    "get_method",
+    "get_schedule",
+]

@@ -9,8 +9,9 @@ plain PyTorch loop or inside a DeepSpeed engine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,7 +38,7 @@ class Reference:
     topk_logprobs: torch.Tensor | None = None
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, top_k: int | None = None) -> "Reference":
+    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, top_k: int | None = None) -> Reference:
         logits = logits.detach().float()
         label_logprobs, _ = F.token_logprobs(logits, labels)
         if top_k is None or top_k >= logits.shape[-1]:
@@ -49,8 +50,12 @@ class Reference:
         """KL(reference || student) over the scored positions."""
         if self.logprobs is not None:
             return F.kl_full(student_logits, self.logprobs.to(student_logits.device), labels)
-        return F.kl_topk(student_logits, self.topk_ids.to(student_logits.device),
-                         self.topk_logprobs.to(student_logits.device), labels)
+        return F.kl_topk(
+            student_logits,
+            self.topk_ids.to(student_logits.device),
+            self.topk_logprobs.to(student_logits.device),
+            labels,
+        )
 
     def sequence_logprob(self, labels: torch.Tensor) -> torch.Tensor:
         mask = labels[:, 1:] != IGNORE_INDEX
@@ -110,6 +115,7 @@ class Knob:
 
     def check(self, owner: str, value: Any) -> Any:
         """``value`` if it is valid for this knob, else one clear error naming ``owner`` and the knob."""
+
         def fail(expected: str) -> UnlearnSearchError:
             return UnlearnSearchError(f"{owner}: {self.name}={value!r} (expected {expected})")
 
@@ -128,8 +134,11 @@ class Knob:
                 raise fail("a finite number")
             if isinstance(self.default, int) and not float(value).is_integer():
                 raise fail("an integer")
-            if ((self.positive and not value > 0) or (self.low is not None and value < self.low)
-                    or (self.high is not None and value > self.high)):
+            if (
+                (self.positive and not value > 0)
+                or (self.low is not None and value < self.low)
+                or (self.high is not None and value > self.high)
+            ):
                 raise fail(self.valid_range())
             return int(value) if isinstance(self.default, int) else value
         return value
@@ -214,8 +223,14 @@ def retain_term(step: StepInputs, kind: str) -> tuple[torch.Tensor, float]:
 RETAIN_KINDS = ("ce", "kl", "none")
 
 
-def compose(step: StepInputs, forget_name: str, forget_fn: Callable[[StepInputs], torch.Tensor] | None,
-            forget_weight: float, retain_kind: str, retain_weight: float) -> LossOutput:
+def compose(
+    step: StepInputs,
+    forget_name: str,
+    forget_fn: Callable[[StepInputs], torch.Tensor] | None,
+    forget_weight: float,
+    retain_kind: str,
+    retain_weight: float,
+) -> LossOutput:
     """``forget_weight * forget_fn(step) + retain_weight * retain term``, each scaled by the schedule.
 
     ``forget_fn`` returns the value to minimize (negated cross-entropy for ascent), each mean in it

@@ -24,8 +24,19 @@ import torch.nn.functional as TF
 from unlearn_search.data.tokenize import IGNORE_INDEX  # the label of a token no loss scores
 
 __all__ = [
-    "IGNORE_INDEX", "FLAT_DIVERGENCES", "shift", "token_logprobs", "sequence_logprob", "cross_entropy",
-    "kl_full", "kl_topk", "topk_reference", "npo_loss", "simnpo_loss", "mean_token_prob", "flat_loss",
+    "IGNORE_INDEX",
+    "FLAT_DIVERGENCES",
+    "shift",
+    "token_logprobs",
+    "sequence_logprob",
+    "cross_entropy",
+    "kl_full",
+    "kl_topk",
+    "topk_reference",
+    "npo_loss",
+    "simnpo_loss",
+    "mean_token_prob",
+    "flat_loss",
     "adversarial_targets",
 ]
 
@@ -131,8 +142,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def kl_topk(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-            labels: torch.Tensor) -> torch.Tensor:
+def kl_topk(
+    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """``KL(reference || student)`` when the reference kept only its top-k log-probs, a scalar.
 
     ``topk_ids``/``topk_logprobs`` are ``[B, T, K]`` in the unshifted layout (see

@@ -59,7 +59,7 @@ class Schedule:
 
 
 def batches(indices: list[int], size: int) -> list[tuple[int, ...]]:
-    return [tuple(indices[i:i + size]) for i in range(0, len(indices), size)]
+    return [tuple(indices[i : i + size]) for i in range(0, len(indices), size)]
 
 
 class Joint(Schedule):
@@ -113,17 +113,29 @@ class SUGD(Schedule):
 
     name = "sugd"
     summary = "forget chunks in order, each item followed by positive_ratio weighted retain items"
-    reference_paper = "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
-    knobs = (Knob("chunk_size", 32, "forget items per chunk", low=1),
-             Knob("positive_ratio", 7, "retain items after each forget item", low=0),
-             Knob("positive_factor", 0.5, "weight of each retain item (forget items weigh -1)", low=0),
-             Knob("epochs_per_chunk", 7, "passes over each chunk before the next", low=1),
-             Knob("split_retain", True, "cycle disjoint retain items across chunks, positive_ratio after each forget "
-                                        "item (else the whole retain set with each chunk, reshuffled, spread evenly "
-                                        "after its forget items; positive_ratio unused)"),
-             Knob("restart_per_chunk", True, "each chunk its own run, as the authors train it: a fresh AdamW and "
-                                             "the lr decaying linearly to 0 over the chunk (else one optimizer "
-                                             "at a constant lr)"))
+    reference_paper = (
+        "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
+    )
+    knobs = (
+        Knob("chunk_size", 32, "forget items per chunk", low=1),
+        Knob("positive_ratio", 7, "retain items after each forget item", low=0),
+        Knob("positive_factor", 0.5, "weight of each retain item (forget items weigh -1)", low=0),
+        Knob("epochs_per_chunk", 7, "passes over each chunk before the next", low=1),
+        Knob(
+            "split_retain",
+            True,
+            "cycle disjoint retain items across chunks, positive_ratio after each forget "
+            "item (else the whole retain set with each chunk, reshuffled, spread evenly "
+            "after its forget items; positive_ratio unused)",
+        ),
+        Knob(
+            "restart_per_chunk",
+            True,
+            "each chunk its own run, as the authors train it: a fresh AdamW and "
+            "the lr decaying linearly to 0 over the chunk (else one optimizer "
+            "at a constant lr)",
+        ),
+    )
     needs_retain = True
 
     def plan(self, n_forget, n_retain, batch_size, epochs, seed):
@@ -145,16 +157,23 @@ class SUGD(Schedule):
                 ratio = n_retain // len(chunk)
                 for position, index in enumerate(chunk):
                     stream.append(("f", index))
-                    stream += [("r", i) for i in order[position * ratio:(position + 1) * ratio]]
-                stream += [("r", i) for i in order[len(chunk) * ratio:]]
+                    stream += [("r", i) for i in order[position * ratio : (position + 1) * ratio]]
+                stream += [("r", i) for i in order[len(chunk) * ratio :]]
             chunk_steps = []
             for _ in range(p["epochs_per_chunk"] * epochs):
                 for start in range(0, len(stream), batch_size):
-                    items = stream[start:start + batch_size]
+                    items = stream[start : start + batch_size]
                     forget = tuple(i for k, i in items if k == "f")
                     kept = tuple(i for k, i in items if k == "r")
-                    chunk_steps.append(Step(forget, kept, len(forget) / len(items),
-                                            p["positive_factor"] * len(kept) / len(items), "sugd"))
+                    chunk_steps.append(
+                        Step(
+                            forget,
+                            kept,
+                            len(forget) / len(items),
+                            p["positive_factor"] * len(kept) / len(items),
+                            "sugd",
+                        )
+                    )
             if p["restart_per_chunk"]:
                 chunk_steps = own_run(chunk_steps)
             chunk_steps[-1] = replace(chunk_steps[-1], boundary=f"chunk {number}")
@@ -177,16 +196,28 @@ class AGAD(Schedule):
 
     name = "agad"
     summary = "gradient ascent per forget chunk, alternating with descent on sampled retain items"
-    reference_paper = "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
-    knobs = (Knob("chunk_size", 64, "forget items per chunk", low=1),
-             Knob("interleaving", 1.0, "annealing phases per forgetting phase (0: none, 0.5: after every 2nd, 1: after each)",
-                  low=0, high=1),
-             Knob("annealing", 0.25, "fraction of the retain set sampled for each annealing phase", high=1,
-                  positive=True),
-             Knob("final_annealing", True, "end with descent on the whole retain set"),
-             Knob("restart_per_phase", True, "each phase its own run, as the authors train it: a fresh AdamW and "
-                                             "the lr decaying linearly to 0 over the phase (else one optimizer "
-                                             "at a constant lr)"))
+    reference_paper = (
+        "Premptis et al. 2025, SemEval-2025 Task 4 winner (arXiv 2503.02443); their code iraklis07/llm-unlearning"
+    )
+    knobs = (
+        Knob("chunk_size", 64, "forget items per chunk", low=1),
+        Knob(
+            "interleaving",
+            1.0,
+            "annealing phases per forgetting phase (0: none, 0.5: after every 2nd, 1: after each)",
+            low=0,
+            high=1,
+        ),
+        Knob("annealing", 0.25, "fraction of the retain set sampled for each annealing phase", high=1, positive=True),
+        Knob("final_annealing", True, "end with descent on the whole retain set"),
+        Knob(
+            "restart_per_phase",
+            True,
+            "each phase its own run, as the authors train it: a fresh AdamW and "
+            "the lr decaying linearly to 0 over the phase (else one optimizer "
+            "at a constant lr)",
+        ),
+    )
     needs_retain = True
 
     def plan(self, n_forget, n_retain, batch_size, epochs, seed):
@@ -198,8 +229,10 @@ class AGAD(Schedule):
             for _ in range(epochs):
                 order = list(indices)
                 rng.shuffle(order)
-                out += [Step(b, (), phase=kind) if kind == "ascent" else Step((), b, phase=kind)
-                        for b in batches(order, batch_size)]
+                out += [
+                    Step(b, (), phase=kind) if kind == "ascent" else Step((), b, phase=kind)
+                    for b in batches(order, batch_size)
+                ]
             if p["restart_per_phase"]:
                 out = own_run(out)
             out[-1] = replace(out[-1], boundary=boundary)

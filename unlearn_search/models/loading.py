@@ -20,9 +20,14 @@ TARGET_EVALUATION = "target_evaluation.json"  # the target's own scores (`unlear
 def check_model_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise UnlearnSearchError(f"model path {str(path)!r} does not exist (expected a local Hugging Face model directory)")
+        raise UnlearnSearchError(
+            f"model path {str(path)!r} does not exist (expected a local Hugging Face model directory)"
+        )
     if not (path / "config.json").exists():
-        raise UnlearnSearchError(f"model path {str(path)!r} has no config.json (expected a Hugging Face checkpoint saved with save_pretrained)")
+        raise UnlearnSearchError(
+            f"model path {str(path)!r} has no config.json "
+            "(expected a Hugging Face checkpoint saved with save_pretrained)"
+        )
     return path
 
 
@@ -53,14 +58,16 @@ def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device | N
     return getattr(torch, name)
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
-               device: str | None = None):
+def load_model(
+    path: str | Path, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False, device: str | None = None
+):
     """The model in eval mode, in ``dtype`` (a ``DTYPES`` name; default float32), loaded straight
     onto ``device`` (default: CPU); ``trust_remote_code`` stays off unless the user turns it on."""
     path = check_model_dir(path)
     device = device or "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype or "float32", device),
-                                                 device_map=device, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(dtype or "float32", device), device_map=device, trust_remote_code=trust_remote_code
+    )
     model.eval()
     return model
 

@@ -51,10 +51,32 @@ class TargetPreset:
 
 
 PRESETS = {
-    "tiny": TargetPreset("tiny", documents=6, mia_documents=12, vocab_size=2048, hidden_size=128,
-                         layers=4, heads=4, max_length=320, epochs=90, batch_size=8, peak_lr=3e-3),
-    "small": TargetPreset("small", documents=16, mia_documents=32, vocab_size=4096, hidden_size=192,
-                          layers=4, heads=4, max_length=320, epochs=100, batch_size=8, peak_lr=2.5e-3),
+    "tiny": TargetPreset(
+        "tiny",
+        documents=6,
+        mia_documents=12,
+        vocab_size=2048,
+        hidden_size=128,
+        layers=4,
+        heads=4,
+        max_length=320,
+        epochs=90,
+        batch_size=8,
+        peak_lr=3e-3,
+    ),
+    "small": TargetPreset(
+        "small",
+        documents=16,
+        mia_documents=32,
+        vocab_size=4096,
+        hidden_size=192,
+        layers=4,
+        heads=4,
+        max_length=320,
+        epochs=100,
+        batch_size=8,
+        peak_lr=2.5e-3,
+    ),
 }
 
 
@@ -137,18 +159,25 @@ def default_target_dir(paths: DataPaths, preset: TargetPreset) -> Path:
 def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, pad_token=PAD,
-                                        clean_up_tokenization_spaces=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token=EOS, pad_token=PAD, clean_up_tokenization_spaces=False
+    )
     tokenizer.save_pretrained(directory)
     return tokenizer
 
 
 def build_model(preset: TargetPreset, tokenizer) -> OlmoForCausalLM:
     config = OlmoConfig(
-        vocab_size=len(tokenizer), hidden_size=preset.hidden_size, intermediate_size=4 * preset.hidden_size,
-        num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
-        max_position_embeddings=max(512, preset.max_length), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden_size,
+        intermediate_size=4 * preset.hidden_size,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        max_position_embeddings=max(512, preset.max_length),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(preset.seed)
     return OlmoForCausalLM(config)
@@ -167,7 +196,8 @@ def memorize(model, examples: list, preset: TargetPreset, pad_token_id: int, pro
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.peak_lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(examples) / preset.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=preset.peak_lr, total_steps=steps_per_epoch * preset.epochs, pct_start=0.1)
+        optimizer, max_lr=preset.peak_lr, total_steps=steps_per_epoch * preset.epochs, pct_start=0.1
+    )
     lengths = [len(e.input_ids) for e in examples]
     model.train()
     bar = tqdm(range(preset.epochs), desc=f"memorizing ({preset.name})", disable=not progress)
@@ -189,8 +219,9 @@ def memorize(model, examples: list, preset: TargetPreset, pad_token_id: int, pro
     return epoch_loss
 
 
-def build_target(paths: DataPaths, preset: TargetPreset, output: Path | None = None,
-                 progress: bool = True, force: bool = False) -> Path:
+def build_target(
+    paths: DataPaths, preset: TargetPreset, output: Path | None = None, progress: bool = True, force: bool = False
+) -> Path:
     """Build (or reuse) the reference target; returns its checkpoint directory."""
     output = Path(output) if output else default_target_dir(paths, preset)
     if (output / TARGET_MANIFEST).exists() and not force:
@@ -209,13 +240,22 @@ def _build(paths: DataPaths, preset: TargetPreset, output: Path, progress: bool)
         texts = [f"{i.input} {i.output}" for i in data.items] + [d.text for d in data.members]
         tokenizer = train_tokenizer(texts, preset.vocab_size, staging)
         model = build_model(preset, tokenizer)
-        loss = memorize(model, training_examples(data, tokenizer, preset.max_length), preset,
-                        tokenizer.pad_token_id, progress)
-        _save(staging, model, tokenizer, {
-            "preset": dataclasses.asdict(preset), "data": str(paths.benchmark), "final_train_loss": loss,
-            "build_seconds": round(time.time() - started, 1),
-            "parameters": sum(p.numel() for p in model.parameters()), **data.manifest(),
-        })
+        loss = memorize(
+            model, training_examples(data, tokenizer, preset.max_length), preset, tokenizer.pad_token_id, progress
+        )
+        _save(
+            staging,
+            model,
+            tokenizer,
+            {
+                "preset": dataclasses.asdict(preset),
+                "data": str(paths.benchmark),
+                "final_train_loss": loss,
+                "build_seconds": round(time.time() - started, 1),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                **data.manifest(),
+            },
+        )
     return output
 
 
@@ -269,8 +309,18 @@ def build_retrained(paths: DataPaths, original: Path, output: Path | None = None
         tokenizer = load_tokenizer(original)
         tokenizer.save_pretrained(staging)
         model = build_model(preset, tokenizer)
-        loss = memorize(model, training_examples(retain, tokenizer, preset.max_length), preset,
-                        tokenizer.pad_token_id, progress)
-        _save(staging, model, tokenizer, {**manifest, "final_train_loss": loss, "retrained_from": str(original),
-                                          "build_seconds": round(time.time() - started, 1)})
+        loss = memorize(
+            model, training_examples(retain, tokenizer, preset.max_length), preset, tokenizer.pad_token_id, progress
+        )
+        _save(
+            staging,
+            model,
+            tokenizer,
+            {
+                **manifest,
+                "final_train_loss": loss,
+                "retrained_from": str(original),
+                "build_seconds": round(time.time() - started, 1),
+            },
+        )
     return output

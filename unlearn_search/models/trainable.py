@@ -17,8 +17,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def prepare_trainable(model: nn.Module, trainable: str = "full", last_k: int = 8, lora_rank: int = 16,
-                      lora_alpha: float = 32, lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear"):
+def prepare_trainable(
+    model: nn.Module,
+    trainable: str = "full",
+    last_k: int = 8,
+    lora_rank: int = 16,
+    lora_alpha: float = 32,
+    lora_dropout: float = 0.0,
+    lora_targets: str | list[str] = "all-linear",
+):
     """The model ready to train: LoRA-wrapped, or with all but the chosen parameters frozen."""
     if trainable not in TRAINABLE:
         raise UnlearnSearchError(f"trainable {trainable!r}: expected one of {', '.join(TRAINABLE)}")
@@ -40,8 +47,13 @@ def prepare_trainable(model: nn.Module, trainable: str = "full", last_k: int = 8
 
     if lora_rank < 1:
         raise UnlearnSearchError(f"lora_rank={lora_rank}: expected a positive integer")
-    config = LoraConfig(r=int(lora_rank), lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                        target_modules=lora_targets, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=int(lora_rank),
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=lora_targets,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 

@@ -20,9 +20,20 @@ from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.evaluation.evaluate import METRIC_NAMES
-from unlearn_search.search.results import (MEETS_CONSTRAINTS, OBJECTIVE, PASSES, TRIAL_OUTPUT, best_trial, evaluated,
-                                           final_metrics, mmlu_violation, objective_value, summary_table,
-                                           trial_status, with_constraints)
+from unlearn_search.search.results import (
+    MEETS_CONSTRAINTS,
+    OBJECTIVE,
+    PASSES,
+    TRIAL_OUTPUT,
+    best_trial,
+    evaluated,
+    final_metrics,
+    mmlu_violation,
+    objective_value,
+    summary_table,
+    trial_status,
+    with_constraints,
+)
 from unlearn_search.search.space import PROGRESS, Constraint, SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -85,8 +96,14 @@ def _trial_evaluation(space: SearchSpace, threshold: float | None):
     from unlearn_search.evaluation import EvalConfig
 
     ev = space.evaluation
-    return EvalConfig(split=ev.split, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                      mmlu_shots=ev.mmlu_shots, mmlu_limit=ev.mmlu_limit, mmlu_threshold=threshold)
+    return EvalConfig(
+        split=ev.split,
+        max_new_tokens=ev.max_new_tokens,
+        batch_size=ev.batch_size,
+        mmlu_shots=ev.mmlu_shots,
+        mmlu_limit=ev.mmlu_limit,
+        mmlu_threshold=threshold,
+    )
 
 
 def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -104,16 +121,26 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         ray.tune.report(json.loads(saved.read_text()))
         return
     # resume=True: a trial Tune restarts (a restored search) continues its own Ray Train run.
-    result = run_trial(context["model_dir"], context["data_root"], config, output, Resources(**context["resources"]),
-                       context["evaluation"], name="train", storage=output / "ray", resume=True,
-                       teacher_cache_dir=Path(context["output"]) / "teacher_cache")
+    result = run_trial(
+        context["model_dir"],
+        context["data_root"],
+        config,
+        output,
+        Resources(**context["resources"]),
+        context["evaluation"],
+        name="train",
+        storage=output / "ray",
+        resume=True,
+        teacher_cache_dir=Path(context["output"]) / "teacher_cache",
+    )
     metrics = with_constraints(final_metrics(result.evaluation), context["constraints"])
     objectives = context["objectives"]
     if len(objectives) == 1:
         metrics[OBJECTIVE] = objective_value(metrics, objectives[0])
     nodes = sorted({n for record in result.metrics_history for n in record.get("worker_nodes", [])})
-    metrics.update({PROGRESS: 100.0, "seconds": result.seconds, TRIAL_OUTPUT: str(output),
-                    "worker_nodes": ",".join(nodes)})
+    metrics.update(
+        {PROGRESS: 100.0, "seconds": result.seconds, TRIAL_OUTPUT: str(output), "worker_nodes": ",".join(nodes)}
+    )
     if result.kept_step is not None:
         metrics["kept_step"] = result.kept_step
     partial = saved.with_suffix(".tmp")
@@ -172,8 +199,10 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
 
     sampler = {
         "tpe": lambda: optuna.samplers.TPESampler(
-            seed=seed, multivariate=True,
-            n_startup_trials=space.search.startup_trials(num_samples or space.search.num_samples)),
+            seed=seed,
+            multivariate=True,
+            n_startup_trials=space.search.startup_trials(num_samples or space.search.num_samples),
+        ),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
@@ -182,8 +211,16 @@ def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_s
         metric, mode = [o.metric for o in space.objectives], [o.mode for o in space.objectives]
     else:
         metric, mode = OBJECTIVE, space.objectives[0].mode
-    return _Search(space.define_by_run(), metric=metric, mode=mode, sampler=sampler, study_name=study_name,
-                   storage=storage, seed=seed, points_to_evaluate=[dict(s) for s in space.starts] or None)
+    return _Search(
+        space.define_by_run(),
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        study_name=study_name,
+        storage=storage,
+        seed=seed,
+        points_to_evaluate=[dict(s) for s in space.starts] or None,
+    )
 
 
 def end_stopped_trials(storage, study_name: str, rows: list[dict[str, Any]]) -> int:
@@ -216,11 +253,13 @@ def _scheduler(space: SearchSpace):
     # Progress is a percent of training, so rungs compare trials at the same fraction of their
     # schedule whatever their chunk counts; nothing is pruned once training is done (schedulers.py).
     if s.pruner == "asha":
-        return TrainingASHA(PROGRESS, target.metric, target.mode, s.grace_period, s.reduction_factor, space.constraints,
-                            s.min_delta)
+        return TrainingASHA(
+            PROGRESS, target.metric, target.mode, s.grace_period, s.reduction_factor, space.constraints, s.min_delta
+        )
     if s.pruner == "median":
-        return TrainingMedianStopping(PROGRESS, target.metric, target.mode, s.grace_period, space.constraints,
-                                      s.min_delta)
+        return TrainingMedianStopping(
+            PROGRESS, target.metric, target.mode, s.grace_period, space.constraints, s.min_delta
+        )
     return FIFOScheduler()
 
 
@@ -243,7 +282,7 @@ def absolute_uri(uri: str) -> str:
             return uri
         return prefix + os.path.abspath(path)
     if uri.startswith("file:") and not uri.startswith("file://"):
-        return Path(os.path.abspath(uri[len("file:"):])).as_uri()
+        return Path(os.path.abspath(uri[len("file:") :])).as_uri()
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/")
     if ":" not in uri and uri not in ("databricks", "databricks-uc", "uc"):  # MLflow's plain path of a file store
@@ -262,11 +301,14 @@ def prepare_output(space: SearchSpace, options: SearchOptions) -> Path:
             raise UnlearnSearchError(f"--resume: {output} holds search {state.get('space')!r}, not {space.name!r}")
         if options.storage and state.get("storage") and absolute_uri(options.storage) != absolute_uri(state["storage"]):
             # The restored searcher keeps writing to the first one: two stores would each hold half.
-            raise UnlearnSearchError(f"--storage {options.storage}: this search's study is in {state['storage']} "
-                                     f"({STATE_FILE}); omit --storage to resume it there")
+            raise UnlearnSearchError(
+                f"--storage {options.storage}: this search's study is in {state['storage']} "
+                f"({STATE_FILE}); omit --storage to resume it there"
+            )
     elif (output / TUNE_DIR).exists():
-        raise UnlearnSearchError(f"--output {output}: already holds a search (use --resume to continue it, "
-                                 f"or another --output)")
+        raise UnlearnSearchError(
+            f"--output {output}: already holds a search (use --resume to continue it, or another --output)"
+        )
     output.mkdir(parents=True, exist_ok=True)
     return output
 
@@ -315,20 +357,29 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
     checkpoint_digest(model_dir, digest)
     # No batch size: prompts are length-sorted and padded with matching position ids, so it moves
     # the score by float rounding at most, and a new one should not cost minutes of rescoring.
-    key = {"model": str(model_dir), "checkpoint": digest.hexdigest()[:16], "data": str(data_root),
-           "shots": ev.mmlu_shots, "limit": limit, "prompt_format": PROMPT_FORMAT}
+    key = {
+        "model": str(model_dir),
+        "checkpoint": digest.hexdigest()[:16],
+        "data": str(data_root),
+        "shots": ev.mmlu_shots,
+        "limit": limit,
+        "prompt_format": PROMPT_FORMAT,
+    }
     kept, shared = output / ORIGINAL_MMLU_FILE, cache_root() / ORIGINAL_MMLU_FILE
 
     def find(path: Path) -> dict | None:
         return next((e for e in _entries(path) if e.get("key") == key), None)
+
     entry = find(kept)
     if entry is None:  # written only when new to this output (--resume and the export retry read it)
         with cache_lock(shared, "the original's MMLU"):  # a search started beside this one scores it once
             entry = find(shared)
             if entry is None:
                 evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
-                entry = {"key": key, "mmlu_average": on_cluster(space.resources, score_original, model_dir,
-                                                                 data_root, evaluation)}
+                entry = {
+                    "key": key,
+                    "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root, evaluation),
+                }
                 _keep(shared, entry)
         _keep(kept, entry)
     return entry["mmlu_average"]
@@ -351,8 +402,14 @@ def fitted_space(space: SearchSpace, model_dir: Path, data_root: Path, output: P
     its first start's settings run on the trial's resources; the curve, onset and range are kept
     in the output (``lr_range.json``, ``plots/lr_range.png``), and a kept test of the same
     settings is read back rather than run again."""
-    from unlearn_search.search.lr_range import (RANGE_FILE, FittedRange, fitted_param, moved_starts, range_settings,
-                                                run_range_test)
+    from unlearn_search.search.lr_range import (
+        RANGE_FILE,
+        FittedRange,
+        fitted_param,
+        moved_starts,
+        range_settings,
+        run_range_test,
+    )
     from unlearn_search.tracking.plots import range_plot
 
     test, path = space.lr_range_test, output / RANGE_FILE
@@ -362,8 +419,7 @@ def fitted_space(space: SearchSpace, model_dir: Path, data_root: Path, output: P
         record = saved
     else:
         print(f"lr range test: {test.steps} steps of start 1, lr {test.low:.0e} to {test.high:.0e}", flush=True)
-        result = run_range_test(model_dir, data_root, settings, space.resources, test, output,
-                                output / "teacher_cache")
+        result = run_range_test(model_dir, data_root, settings, space.resources, test, output, output / "teacher_cache")
         record = {**result.as_dict(), "test": dataclasses.asdict(test)}
         partial = path.with_suffix(".tmp")
         partial.write_text(json.dumps(record, indent=2))
@@ -380,8 +436,9 @@ def fitted_space(space: SearchSpace, model_dir: Path, data_root: Path, output: P
     return dataclasses.replace(space, params=params, starts=starts)
 
 
-def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | None = None,
-               on_start=None) -> SearchOutcome:
+def run_search(
+    space: SearchSpace, options: SearchOptions, callbacks: list | None = None, on_start=None
+) -> SearchOutcome:
     """Run (or resume) a search; returns every trial's row, the best trial and its export.
 
     ``callbacks`` are Ray Tune callbacks (tracking); ``on_start(dashboard_url)`` is called once
@@ -408,8 +465,13 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
 
     # Intermediate reports carry the quick metrics, the final one the full evaluation: they differ.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    context = init_ray(options.address, num_cpus=options.num_cpus, dashboard=True,
-                       dashboard_host=options.dashboard_host, dashboard_port=options.dashboard_port)
+    context = init_ray(
+        options.address,
+        num_cpus=options.num_cpus,
+        dashboard=True,
+        dashboard_host=options.dashboard_host,
+        dashboard_port=options.dashboard_port,
+    )
     dashboard_url = getattr(context, "dashboard_url", None)
     if dashboard_url and not dashboard_url.startswith("http"):
         dashboard_url = f"http://{dashboard_url}"
@@ -418,32 +480,62 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
     threshold = mmlu_threshold(model_dir, paths.root, space, output, space.evaluation.mmlu_limit)
     if space.lr_range_test is not None and not options.resume:  # a restored searcher keeps its fitted space
         space = fitted_space(space, model_dir, paths.root, output)
-    (output / STATE_FILE).write_text(json.dumps({"space": space.name, "source": str(space.source or ""),
-                                                 "model": str(model_dir), "storage": storage_url,
-                                                 "study": study_name, "mmlu_threshold": threshold}, indent=2))
+    (output / STATE_FILE).write_text(
+        json.dumps(
+            {
+                "space": space.name,
+                "source": str(space.source or ""),
+                "model": str(model_dir),
+                "storage": storage_url,
+                "study": study_name,
+                "mmlu_threshold": threshold,
+            },
+            indent=2,
+        )
+    )
 
-    trial_context = {"model_dir": str(model_dir), "data_root": str(paths.root), "output": str(output),
-                     "resources": dataclasses.asdict(space.resources),
-                     "evaluation": _trial_evaluation(space, threshold), "objectives": list(space.objectives),
-                     "constraints": list(space.constraints)}
+    trial_context = {
+        "model_dir": str(model_dir),
+        "data_root": str(paths.root),
+        "output": str(output),
+        "resources": dataclasses.asdict(space.resources),
+        "evaluation": _trial_evaluation(space, threshold),
+        "objectives": list(space.objectives),
+        "constraints": list(space.constraints),
+    }
     # The trial itself waits on its Ray Train run, whose workers hold the CPUs and GPUs, then
     # evaluates; it reserves only memory so that it never blocks its own workers' placement.
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(search_trial, context=trial_context),
-                                        {"memory": TRIAL_DRIVER_MEMORY})
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(search_trial, context=trial_context), {"memory": TRIAL_DRIVER_MEMORY}
+    )
     if options.resume:
-        tuner = Tuner.restore(str(output / TUNE_DIR), trainable=trainable, resume_unfinished=True,
-                              resume_errored=False, restart_errored=False)
+        tuner = Tuner.restore(
+            str(output / TUNE_DIR),
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
     else:
         storage = optuna.storages.RDBStorage(storage_url) if "://" in storage_url else storage_url
         num_samples = options.num_samples or space.search.num_samples
         search = make_searcher(space, storage, study_name, options.seed, num_samples)
-        tune_config = TuneConfig(search_alg=search, scheduler=_scheduler(space), num_samples=num_samples,
-                                 max_concurrent_trials=options.max_concurrent or space.search.max_concurrent)
+        tune_config = TuneConfig(
+            search_alg=search,
+            scheduler=_scheduler(space),
+            num_samples=num_samples,
+            max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,
+        )
         budget = options.time_budget_s or space.search.time_budget_s
-        run_config = RunConfig(name=TUNE_DIR, storage_path=str(output), callbacks=callbacks or [],
-                               stop=TimeBudget(budget, output / BUDGET_FILE) if budget else None,
-                               failure_config=FailureConfig(max_failures=0),
-                               checkpoint_config=CheckpointConfig(num_to_keep=1), verbose=options.verbose)
+        run_config = RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(output),
+            callbacks=callbacks or [],
+            stop=TimeBudget(budget, output / BUDGET_FILE) if budget else None,
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            verbose=options.verbose,
+        )
         tuner = Tuner(trainable, tune_config=tune_config, run_config=run_config)
     grid = tuner.fit()
 
@@ -461,11 +553,24 @@ def run_search(space: SearchSpace, options: SearchOptions, callbacks: list | Non
             best_dir, best_evaluation = export_best(best, model_dir, paths.root, space, options, output)
         except Exception as error:
             reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise UnlearnSearchError(f"exporting the best trial {best['trial_id']} failed ({reason}); the trials are "
-                                     f"in {output / 'trials.json'} and {output / 'summary.txt'}, and --resume "
-                                     f"retries the export") from error
-    return SearchOutcome(output, rows, best, best_dir, best_evaluation, time.time() - started, dashboard_url,
-                         study_name, storage_url, table, space.constraints)
+            raise UnlearnSearchError(
+                f"exporting the best trial {best['trial_id']} failed ({reason}); the trials are "
+                f"in {output / 'trials.json'} and {output / 'summary.txt'}, and --resume "
+                f"retries the export"
+            ) from error
+    return SearchOutcome(
+        output,
+        rows,
+        best,
+        best_dir,
+        best_evaluation,
+        time.time() - started,
+        dashboard_url,
+        study_name,
+        storage_url,
+        table,
+        space.constraints,
+    )
 
 
 def started_with(trial_path: str) -> dict[str, Any]:
@@ -498,14 +603,17 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
         # A finished trial's own wall time: a resumed search re-reports it in milliseconds.
         row["seconds"] = metrics.get("seconds", metrics.get("time_total_s"))
         if result.error is not None:
-            row["error"] = str(result.error).strip().splitlines()[-1][:500] if str(result.error).strip() else repr(result.error)
+            row["error"] = (
+                str(result.error).strip().splitlines()[-1][:500] if str(result.error).strip() else repr(result.error)
+            )
         rows.append(row)
     rows.sort(key=lambda r: r["trial_id"])
     return rows
 
 
-def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions,
-                output: Path) -> tuple[Path, dict]:
+def export_best(
+    best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path
+) -> tuple[Path, dict]:
     """Re-evaluate the best trial with the full evaluation and export it as a checkpoint."""
     from unlearn_search.evaluation import EvalConfig
     from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
@@ -518,10 +626,16 @@ def export_best(best: dict, model_dir: Path, data_root: Path, space: SearchSpace
     source = Path(best[TRIAL_OUTPUT]) / MODEL_DIR
     shutil.copytree(source, partial / MODEL_DIR)
     ev = space.evaluation
-    config = EvalConfig(split=options.final_split, max_new_tokens=options.final_max_new_tokens, batch_size=ev.batch_size,
-                        mmlu_shots=ev.mmlu_shots, mmlu_limit=options.final_mmlu_limit,
-                        mmlu_threshold=mmlu_threshold(model_dir, data_root, space, output, options.final_mmlu_limit),
-                        progress=options.verbose > 0, dtype={**space.settings, **best.get("settings", {})}.get("dtype", "auto"))
+    config = EvalConfig(
+        split=options.final_split,
+        max_new_tokens=options.final_max_new_tokens,
+        batch_size=ev.batch_size,
+        mmlu_shots=ev.mmlu_shots,
+        mmlu_limit=options.final_mmlu_limit,
+        mmlu_threshold=mmlu_threshold(model_dir, data_root, space, output, options.final_mmlu_limit),
+        progress=options.verbose > 0,
+        dtype={**space.settings, **best.get("settings", {})}.get("dtype", "auto"),
+    )
     # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
     evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, space.resources)
     (partial / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))

@@ -28,9 +28,10 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
 
@@ -54,17 +55,31 @@ class RangeTest:
     above: float = 0.5  # decades it reaches above the onset (capped by a retain rise or a divergence)
 
     def __post_init__(self) -> None:
-        checks = {"steps": self.steps >= 2, "low": self.low > 0, "high": self.high > self.low,
-                  "probe_every": 1 <= self.probe_every <= self.steps, "probe_items": self.probe_items >= 1,
-                  "rise": self.rise > 0, "below": self.below >= 0,
-                  "above": self.above >= 0 and self.below + self.above > 0}
-        expected = {"steps": "an integer >= 2", "low": "a value > 0", "high": f"a value > low ({self.low})",
-                    "probe_every": f"an integer from 1 to steps ({self.steps})", "probe_items": "an integer >= 1",
-                    "rise": "a value > 0", "below": "a value >= 0", "above": "a value >= 0, with below above 0 in all"}
+        checks = {
+            "steps": self.steps >= 2,
+            "low": self.low > 0,
+            "high": self.high > self.low,
+            "probe_every": 1 <= self.probe_every <= self.steps,
+            "probe_items": self.probe_items >= 1,
+            "rise": self.rise > 0,
+            "below": self.below >= 0,
+            "above": self.above >= 0 and self.below + self.above > 0,
+        }
+        expected = {
+            "steps": "an integer >= 2",
+            "low": "a value > 0",
+            "high": f"a value > low ({self.low})",
+            "probe_every": f"an integer from 1 to steps ({self.steps})",
+            "probe_items": "an integer >= 1",
+            "rise": "a value > 0",
+            "below": "a value >= 0",
+            "above": "a value >= 0, with below above 0 in all",
+        }
         for name, ok in checks.items():
             if not ok:
-                raise UnlearnSearchError(f"lr_range_test.{name}: expected {expected[name]} "
-                                         f"(got {getattr(self, name)!r})")
+                raise UnlearnSearchError(
+                    f"lr_range_test.{name}: expected {expected[name]} (got {getattr(self, name)!r})"
+                )
 
     def lr_at(self, step: int) -> float:
         """The lr of step ``step`` (0-based)."""
@@ -99,8 +114,13 @@ class RangeResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"fitted": dataclasses.asdict(self.fitted), "diverged_at": self.diverged_at, "seconds": self.seconds,
-                "settings": self.settings, "probes": [dataclasses.asdict(p) for p in self.probes]}
+        return {
+            "fitted": dataclasses.asdict(self.fitted),
+            "diverged_at": self.diverged_at,
+            "seconds": self.seconds,
+            "settings": self.settings,
+            "probes": [dataclasses.asdict(p) for p in self.probes],
+        }
 
 
 # ---------------------------------------------------------------- pure parts
@@ -114,8 +134,14 @@ def ramp(steps: Sequence, test: RangeTest) -> list:
     planned = []
     for i in range(test.steps):
         probe = (i + 1) % test.probe_every == 0 or i == test.steps - 1
-        planned.append(dataclasses.replace(steps[i % len(steps)], lr_scale=test.lr_at(i) / test.low, restart=False,
-                                           boundary=f"probe {i + 1}" if probe else None))
+        planned.append(
+            dataclasses.replace(
+                steps[i % len(steps)],
+                lr_scale=test.lr_at(i) / test.low,
+                restart=False,
+                boundary=f"probe {i + 1}" if probe else None,
+            )
+        )
     return planned
 
 
@@ -127,7 +153,7 @@ def probe_items(steps: Sequence, n_retain: int, count: int) -> tuple[tuple[int, 
     trained = {i for step in steps for i in step.retain}
     retain = [i for i in range(n_retain) if i not in trained][:count]
     if len(retain) < count:
-        retain += [i for i in range(n_retain) if i in trained][:count - len(retain)]
+        retain += [i for i in range(n_retain) if i in trained][: count - len(retain)]
     return tuple(forget), tuple(retain)
 
 
@@ -143,15 +169,16 @@ def _risen(probes: Sequence[Probe], value, threshold: float) -> Probe | None:
 def fit_range(probes: Sequence[Probe], test: RangeTest, diverged_at: int | None = None) -> FittedRange:
     """The onset and the searched range from the probes (the first is taken before any step)."""
     if len(probes) < 2:
-        raise UnlearnSearchError("lr_range_test: fewer than two probes (expected one before the ramp and one after "
-                                 "at least one step)")
+        raise UnlearnSearchError(
+            "lr_range_test: fewer than two probes (expected one before the ramp and one after at least one step)"
+        )
     start, curve, factor = probes[0], list(probes[1:]), math.exp(test.rise)
     onset_probe = _risen(curve, lambda p: p.forget_nll, max(start.forget_nll, FLOOR) * factor)
     onset = onset_probe.lr if onset_probe else None
     centre = onset if onset is not None else test.high
     # Within the range the space allows: the test ramps over it, so the onset lies inside.
-    low, capped_by = max(test.low, centre * 10 ** -test.below), None
-    high = min(test.high, centre * 10 ** test.above)
+    low, capped_by = max(test.low, centre * 10**-test.below), None
+    high = min(test.high, centre * 10**test.above)
     broken = _risen(curve, lambda p: p.retain_nll, max(start.retain_nll, FLOOR) * factor)
     caps = [(broken.lr, "retain")] if broken else []
     if diverged_at is not None:
@@ -165,8 +192,9 @@ def fit_range(probes: Sequence[Probe], test: RangeTest, diverged_at: int | None 
 def fitted_param(param, fitted: FittedRange):
     """The space's ``lr`` parameter with the fitted bounds."""
     if param.distribution != "loguniform":
-        raise UnlearnSearchError(f"params.{param.name}: the lr range test fits a loguniform lr "
-                                 f"(got {param.distribution})")
+        raise UnlearnSearchError(
+            f"params.{param.name}: the lr range test fits a loguniform lr (got {param.distribution})"
+        )
     return dataclasses.replace(param, low=fitted.low, high=fitted.high)
 
 
@@ -209,8 +237,9 @@ class Prober:
         was_training = self.backend.engine.training
         self.backend.engine.eval()
         with torch.no_grad():
-            forget, retain = (float(cross_entropy(self.backend.forward(b), b["labels"].to(self.backend.device)))
-                              for b in self.batches)
+            forget, retain = (
+                float(cross_entropy(self.backend.forward(b), b["labels"].to(self.backend.device))) for b in self.batches
+            )
         self.backend.engine.train(was_training)
         lr = self.test.lr_at(step - 1) if step else self.test.low
         self.probes.append(Probe(step, lr, forget, retain))
@@ -239,21 +268,39 @@ def range_worker(cfg: dict[str, Any]) -> None:
     prober.probe(0)
     diverged_at = None
     try:
-        run(worker.prepared.method, shard_steps(planned, worker.rank, worker.world, data), data, backend, reference,
-            worker.config.forget_loss_bound, prober, progress=worker.rank == 0)
+        run(
+            worker.prepared.method,
+            shard_steps(planned, worker.rank, worker.world, data),
+            data,
+            backend,
+            reference,
+            worker.config.forget_loss_bound,
+            prober,
+            progress=worker.rank == 0,
+        )
     except DivergedError as error:
         diverged_at = error.step
     # As a checkpoint: Ray Train keeps a run's metrics only with one.
     with tempfile.TemporaryDirectory() as directory:
         if worker.rank == 0:
-            (Path(directory) / PROBES_FILE).write_text(json.dumps(
-                {"probes": [dataclasses.asdict(p) for p in prober.probes], "diverged_at": diverged_at}))
-        ray.train.report({"probes": len(prober.probes)},
-                         checkpoint=ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None)
+            (Path(directory) / PROBES_FILE).write_text(
+                json.dumps({"probes": [dataclasses.asdict(p) for p in prober.probes], "diverged_at": diverged_at})
+            )
+        ray.train.report(
+            {"probes": len(prober.probes)},
+            checkpoint=ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None,
+        )
 
 
-def run_range_test(model_dir: str | Path, data_root: str | Path, settings: dict[str, Any], resources, test: RangeTest,
-                   output: Path, teacher_cache_dir: Path | None = None) -> RangeResult:
+def run_range_test(
+    model_dir: str | Path,
+    data_root: str | Path,
+    settings: dict[str, Any],
+    resources,
+    test: RangeTest,
+    output: Path,
+    teacher_cache_dir: Path | None = None,
+) -> RangeResult:
     """Run the test on Ray Train with the trial's resources (Ray must be initialized)."""
     import torch
     from ray.train import RunConfig
@@ -272,9 +319,14 @@ def run_range_test(model_dir: str | Path, data_root: str | Path, settings: dict[
     use_gpu = resources.gpus_per_worker > 0
     trainer = TorchTrainer(
         range_worker,
-        train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
-                           "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources),
-                           "teacher_cache": teacher_cache, "test": dataclasses.asdict(test)},
+        train_loop_config={
+            "settings": settings,
+            "model_dir": str(Path(model_dir).resolve()),
+            "data": str(Path(data_root).resolve()),
+            "resources": dataclasses.asdict(resources),
+            "teacher_cache": teacher_cache,
+            "test": dataclasses.asdict(test),
+        },
         scaling_config=scaling_config(resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
         run_config=RunConfig(name=RANGE_RUN, storage_path=str((output / "ray").resolve())),

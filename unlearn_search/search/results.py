@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from unlearn_search.evaluation.evaluate import metric_values
 from unlearn_search.search.space import Constraint, Objective

@@ -74,8 +74,13 @@ class _UntilTrained:
         if getattr(trial, "storage", None) is None:
             return
         # The estimate as reported, and what the pruner compared when a constraint changed it.
-        record = {"at": result.get(self._time_attr), "metric": self._metric, "value": result.get(self._metric),
-                  "judged": judged.get(self._metric), "by": type(self).__name__}
+        record = {
+            "at": result.get(self._time_attr),
+            "metric": self._metric,
+            "value": result.get(self._metric),
+            "judged": judged.get(self._metric),
+            "by": type(self).__name__,
+        }
         if missed:
             record["missed"] = missed
         try:
@@ -104,24 +109,48 @@ class TrainingASHA(_UntilTrained, ASHAScheduler):
     """ASHA over training progress; a trial that finished training always gets evaluated, and
     one within ``min_delta`` of a rung's bar goes on."""
 
-    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, reduction_factor: float,
-                 constraints: tuple = (), min_delta: float = 0.0):
-        super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=TRAINED,
-                         grace_period=grace_period, reduction_factor=reduction_factor)
+    def __init__(
+        self,
+        time_attr: str,
+        metric: str,
+        mode: str,
+        grace_period: float,
+        reduction_factor: float,
+        constraints: tuple = (),
+        min_delta: float = 0.0,
+    ):
+        super().__init__(
+            time_attr=time_attr,
+            metric=metric,
+            mode=mode,
+            max_t=TRAINED,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+        )
         self.constraints = tuple(constraints)
         # Ray's ASHA has no margin: its brackets are rebuilt with one, from the arguments it gave them.
-        self._brackets = [_BracketWithMargin(grace_period, TRAINED, reduction_factor, s, stop_last_trials=True,
-                                             min_delta=min_delta) for s in range(len(self._brackets))]
+        self._brackets = [
+            _BracketWithMargin(grace_period, TRAINED, reduction_factor, s, stop_last_trials=True, min_delta=min_delta)
+            for s in range(len(self._brackets))
+        ]
 
 
 class TrainingMedianStopping(_UntilTrained, MedianStoppingRule):
     """The median stopping rule over training progress; never after training is done, and not
     for a trial within ``min_delta`` of the median."""
 
-    def __init__(self, time_attr: str, metric: str, mode: str, grace_period: float, constraints: tuple = (),
-                 min_delta: float = 0.0):
-        super().__init__(time_attr=time_attr, metric=metric, mode=mode, grace_period=grace_period,
-                         min_samples_required=2)
+    def __init__(
+        self,
+        time_attr: str,
+        metric: str,
+        mode: str,
+        grace_period: float,
+        constraints: tuple = (),
+        min_delta: float = 0.0,
+    ):
+        super().__init__(
+            time_attr=time_attr, metric=metric, mode=mode, grace_period=grace_period, min_samples_required=2
+        )
         self.constraints = tuple(constraints)
         self.min_delta = min_delta
 

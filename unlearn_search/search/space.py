@@ -25,8 +25,18 @@ PRUNERS = ("asha", "median", "none")
 EVAL_SPLITS = ("train", "validation", "all")
 # What a finished trial reports (``evaluation.evaluate.metric_values``), and every boundary estimates;
 # any can be an objective.
-OBJECTIVE_METRICS = ("aggregate", "task_aggregate", "mia_score", "mmlu", "forget_efficacy", "retain_utility",
-                     "forget_regurgitation", "forget_knowledge", "retain_regurgitation", "retain_knowledge")
+OBJECTIVE_METRICS = (
+    "aggregate",
+    "task_aggregate",
+    "mia_score",
+    "mmlu",
+    "forget_efficacy",
+    "retain_utility",
+    "forget_regurgitation",
+    "forget_knowledge",
+    "retain_regurgitation",
+    "retain_knowledge",
+)
 SIGNAL_METRICS = ("forget_signal", "forget_efficacy", "retain_utility")  # higher is better, smooth in the model
 PROGRESS = "progress"  # percent of the trial's training steps done: comparable across schedules
 
@@ -47,8 +57,9 @@ class Param:
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.distribution == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step,
-                                   log=self.distribution == "loguniform")
+        return trial.suggest_float(
+            self.name, self.low, self.high, step=self.step, log=self.distribution == "loguniform"
+        )
 
     def grid(self) -> list:
         if self.distribution == "categorical":
@@ -59,8 +70,10 @@ class Param:
             # Down: a step that does not divide the range never steps past high.
             count = math.floor((self.high - self.low) / self.step + 1e-9)
             return [self.low + i * self.step for i in range(count + 1)]
-        raise UnlearnSearchError(f"params.{self.name}: the grid sampler needs categorical, int or stepped uniform "
-                                 f"parameters (got {self.distribution})")
+        raise UnlearnSearchError(
+            f"params.{self.name}: the grid sampler needs categorical, int or stepped uniform "
+            f"parameters (got {self.distribution})"
+        )
 
     def active(self, values: dict[str, Any]) -> bool:
         return all(values.get(key) in allowed for key, allowed in self.when.items())
@@ -194,8 +207,20 @@ class DefineByRun:
 
 # ---------------------------------------------------------------- validation
 
-TOP_KEYS = {"name", "description", "settings", "params", "starts", "objective", "objectives", "constraints",
-            "search", "resources", "evaluation", "lr_range_test"}
+TOP_KEYS = {
+    "name",
+    "description",
+    "settings",
+    "params",
+    "starts",
+    "objective",
+    "objectives",
+    "constraints",
+    "search",
+    "resources",
+    "evaluation",
+    "lr_range_test",
+}
 PARAM_KEYS = {"distribution", "low", "high", "step", "log", "choices", "when"}
 
 
@@ -216,8 +241,11 @@ def _mapping(value: Any, path: str) -> dict:
 
 
 def _number(value: Any, path: str, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise _fail(path, "an integer" if integer else "a finite number", value)
     if integer and not float(value).is_integer():
         raise _fail(path, "an integer", value)
@@ -267,15 +295,19 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
     when = {}
     for key, allowed in _mapping(raw.get("when"), f"{path}.when").items():
         if key not in known:
-            raise UnlearnSearchError(f"{path}.when.{key}: not a fixed setting or a searched parameter "
-                                     f"(expected {one_of(key, sorted(known))})")
+            raise UnlearnSearchError(
+                f"{path}.when.{key}: not a fixed setting or a searched parameter "
+                f"(expected {one_of(key, sorted(known))})"
+            )
         when[key] = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not when[key]:
             raise _fail(f"{path}.when.{key}", "a value or a non-empty list of values", allowed)
     if distribution == "categorical":
         extra = {"low", "high", "step", "log"} & set(raw)
         if extra:
-            raise UnlearnSearchError(f"{path}.{sorted(extra)[0]}: not used by a categorical parameter (expected choices)")
+            raise UnlearnSearchError(
+                f"{path}.{sorted(extra)[0]}: not used by a categorical parameter (expected choices)"
+            )
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             raise _fail(f"{path}.choices", "a non-empty list", choices)
@@ -308,8 +340,15 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
             raise _fail(f"{path}.step", f"a value in (0, {high - low}]", step)
         if distribution == "loguniform" or log:
             raise UnlearnSearchError(f"{path}.step: a log range takes no step")
-    return Param(name, distribution, float(low) if not integer else int(low), float(high) if not integer else int(high),
-                 step, log, when=when)
+    return Param(
+        name,
+        distribution,
+        float(low) if not integer else int(low),
+        float(high) if not integer else int(high),
+        step,
+        log,
+        when=when,
+    )
 
 
 def _objectives(raw: dict) -> tuple[Objective, ...]:
@@ -424,23 +463,32 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
     for param in params:  # a value its condition can never take is a typo that silently stops sampling
         for key, allowed in param.when.items():
             if key in settings and settings[key] not in allowed:
-                raise _fail(f"params.{param.name}.when.{key}", f"values that include {key}'s fixed "
-                            f"value {settings[key]!r} (the parameter would never be sampled)", list(allowed))
+                raise _fail(
+                    f"params.{param.name}.when.{key}",
+                    f"values that include {key}'s fixed value {settings[key]!r} (the parameter would never be sampled)",
+                    list(allowed),
+                )
             choices = by_name[key].choices if key in by_name else None
             wrong = [value for value in allowed if choices is not None and value not in choices]
             if wrong:
-                raise _fail(f"params.{param.name}.when.{key}", f"values among {key}'s choices "
-                            f"({', '.join(map(str, choices))})", wrong[0])
+                raise _fail(
+                    f"params.{param.name}.when.{key}",
+                    f"values among {key}'s choices ({', '.join(map(str, choices))})",
+                    wrong[0],
+                )
     # Every parameter must be a setting the method and schedule know: check each at a value it can take.
     for param in params:
         # Under its own conditions: a knob of a searched schedule exists only where that schedule runs.
         context = {**settings, **{key: allowed[0] for key, allowed in param.when.items()}}
-        for choice in (param.choices or (param.low, param.high)):
+        for choice in param.choices or (param.low, param.high):
             _check_settings({**context, param.name: choice}, f"params.{param.name}")
-        if param.distribution in ("uniform", "loguniform") and setting_type(
-                param.name, context.get("method"), context.get("schedule", "joint")) is int:
-            raise _fail(f"params.{param.name}.distribution", f"int ({param.name} is an integer setting)",
-                        param.distribution)
+        if (
+            param.distribution in ("uniform", "loguniform")
+            and setting_type(param.name, context.get("method"), context.get("schedule", "joint")) is int
+        ):
+            raise _fail(
+                f"params.{param.name}.distribution", f"int ({param.name} is an integer setting)", param.distribution
+            )
 
     starts = []
     starts_raw = raw.get("starts") or []
@@ -450,8 +498,9 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         start = _mapping(start, f"starts[{i}]")
         for key, value in start.items():
             if key not in by_name:
-                raise UnlearnSearchError(f"starts[{i}].{key}: not a searched parameter "
-                                         f"(expected {one_of(key, by_name)})")
+                raise UnlearnSearchError(
+                    f"starts[{i}].{key}: not a searched parameter (expected {one_of(key, by_name)})"
+                )
             _check_start_value(by_name[key], value, f"starts[{i}].{key}")
         _check_settings({**settings, **start}, f"starts[{i}]")
         starts.append(dict(start))
@@ -461,8 +510,10 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
     keeps_best = settings.get("keep_best") is True or (searched is not None and True in (searched.choices or ()))
     if keeps_best and [(o.metric, o.mode) for o in objectives] != [("aggregate", "max")]:
         got = ", ".join(f"{o.metric} ({o.mode})" for o in objectives)
-        raise UnlearnSearchError(f"settings.keep_best: a trial keeps its boundary with the highest quick aggregate, "
-                                 f"so the objective must be aggregate, max (got {got})")
+        raise UnlearnSearchError(
+            f"settings.keep_best: a trial keeps its boundary with the highest quick aggregate, "
+            f"so the objective must be aggregate, max (got {got})"
+        )
     search = _dataclass_from(SearchSettings, raw.get("search"), "search")
     if search.sampler not in SAMPLERS:
         raise _fail("search.sampler", f"one of {', '.join(SAMPLERS)}", search.sampler)
@@ -499,11 +550,25 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         raise _fail("evaluation.split", f"one of {', '.join(EVAL_SPLITS)}", evaluation.split)
     for key in ("max_new_tokens", "batch_size", "mmlu_limit"):
         if getattr(evaluation, key) is not None and getattr(evaluation, key) < 1:
-            raise _fail(f"evaluation.{key}", "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""),
-                        getattr(evaluation, key))
-    space = SearchSpace(name, settings, tuple(params), tuple(starts), objectives, search, resources, evaluation,
-                        description, source, _constraints(raw.get("constraints")),
-                        _range_test(raw.get("lr_range_test"), by_name.get("lr"), starts))
+            raise _fail(
+                f"evaluation.{key}",
+                "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""),
+                getattr(evaluation, key),
+            )
+    space = SearchSpace(
+        name,
+        settings,
+        tuple(params),
+        tuple(starts),
+        objectives,
+        search,
+        resources,
+        evaluation,
+        description,
+        source,
+        _constraints(raw.get("constraints")),
+        _range_test(raw.get("lr_range_test"), by_name.get("lr"), starts),
+    )
     if search.sampler == "grid":
         space.grid()
     return space
@@ -517,8 +582,9 @@ def _range_test(raw: Any, lr: Param | None, starts: list[dict]) -> RangeTest | N
         if key in _mapping(raw, "lr_range_test"):
             raise UnlearnSearchError(f"lr_range_test.{key}: the test ramps over params.lr's range (set {key} there)")
     if lr is None or lr.distribution != "loguniform":
-        raise UnlearnSearchError("lr_range_test: fits the searched learning rate (expected params.lr with "
-                                 "distribution loguniform)")
+        raise UnlearnSearchError(
+            "lr_range_test: fits the searched learning rate (expected params.lr with distribution loguniform)"
+        )
     if not starts:
         raise UnlearnSearchError("lr_range_test: runs the first start point (expected at least one in starts)")
     return _dataclass_from(RangeTest, {**raw, "low": lr.low, "high": lr.high}, "lr_range_test")
@@ -531,8 +597,9 @@ def _in_dependency_order(params: list[Param]) -> list[Param]:
     while pending:
         ready = [p for p in pending if all(k not in names or k in placed for k in p.when)]
         if not ready:
-            raise UnlearnSearchError(f"params.{pending[0].name}.when: the conditions form a cycle "
-                                     f"({', '.join(p.name for p in pending)})")
+            raise UnlearnSearchError(
+                f"params.{pending[0].name}.when: the conditions form a cycle ({', '.join(p.name for p in pending)})"
+            )
         ordered.append(ready[0])
         placed.add(ready[0].name)
         pending.remove(ready[0])
@@ -559,14 +626,17 @@ def load_space(path: str | Path, overrides: dict[str, dict] | None = None) -> Se
 
     path = Path(path)
     if not path.is_file():
-        raise UnlearnSearchError(f"--space {path}: no such file (expected a YAML search space, "
-                                 f"e.g. search_spaces/sugd.yaml)")
+        raise UnlearnSearchError(
+            f"--space {path}: no such file (expected a YAML search space, e.g. search_spaces/sugd.yaml)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UnlearnSearchError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+        raise UnlearnSearchError(
+            f"{path}{where}: not valid YAML ({getattr(error, 'problem', None) or error})"
+        ) from None
     if overrides and isinstance(raw, dict):
         raw = {**raw, **{section: {**(raw.get(section) or {}), **values} for section, values in overrides.items()}}
     try:

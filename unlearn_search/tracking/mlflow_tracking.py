@@ -28,11 +28,29 @@ from unlearn_search.training.config import trial_config
 PARENT_FILE = "mlflow.json"
 PENDING_FILE = "mlflow_pending.jsonl"
 # A trial's evaluation as the official scorer reads it (artifact path, under the run: same layout).
-TRIAL_ARTIFACTS = (RESULTS_FILE, "forget_0.csv", "retain_0.csv", f"{MIA_DIR}/member_0.csv", f"{MIA_DIR}/nonmember_0.csv",
-                   MMLU_METRICS_FILE, "metrics.jsonl")
+TRIAL_ARTIFACTS = (
+    RESULTS_FILE,
+    "forget_0.csv",
+    "retain_0.csv",
+    f"{MIA_DIR}/member_0.csv",
+    f"{MIA_DIR}/nonmember_0.csv",
+    MMLU_METRICS_FILE,
+    "metrics.jsonl",
+)
 # Bookkeeping keys Tune adds to every result; not worth a metric series each.
-SKIPPED_METRICS = {"timestamp", "time_this_iter_s", "time_since_restore", "iterations_since_restore", "pid",
-                   "done", "trained", "training_iteration", "resumed_from", "steps_total", "step"}
+SKIPPED_METRICS = {
+    "timestamp",
+    "time_this_iter_s",
+    "time_since_restore",
+    "iterations_since_restore",
+    "pid",
+    "done",
+    "trained",
+    "training_iteration",
+    "resumed_from",
+    "steps_total",
+    "step",
+}
 # Tune gives a boundary's quick estimates the final metrics' names (the pruner compares them with
 # finished trials'); a run keeps them apart, so that its "aggregate" is only ever a full evaluation's
 # and a pruned or stopped trial never ranks among finished ones on an estimate.
@@ -75,9 +93,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 raise OSError(f"HTTP {response.status}")
     except (OSError, urllib.error.URLError) as error:
         reason = getattr(error, "reason", error)
-        raise UnlearnSearchError(f"--tracking-uri {uri}: the MLflow server does not answer ({reason}); "
-                                 f"expected a running server (mlflow server --host 127.0.0.1) or omit the "
-                                 f"option for a local store under the output") from None
+        raise UnlearnSearchError(
+            f"--tracking-uri {uri}: the MLflow server does not answer ({reason}); "
+            f"expected a running server (mlflow server --host 127.0.0.1) or omit the "
+            f"option for a local store under the output"
+        ) from None
 
 
 def _saved(output: Path) -> dict:
@@ -90,12 +110,16 @@ def resumed_tracking(output: Path, tracking_uri: str | None, experiment: str | N
     """On ``--resume``, the tracking URI and experiment of the first run (``mlflow.json``), which
     hold its parent and trial runs; naming others is one clear error."""
     saved = _saved(output)
-    for option, given, key in (("--tracking-uri", tracking_uri, "tracking_uri"),
-                               ("--experiment", experiment, "experiment")):
+    for option, given, key in (
+        ("--tracking-uri", tracking_uri, "tracking_uri"),
+        ("--experiment", experiment, "experiment"),
+    ):
         same = absolute_uri if key == "tracking_uri" else str
         if given and saved.get(key) and same(given) != same(saved[key]):
-            raise UnlearnSearchError(f"{option} {given}: this search's runs are in {saved[key]} ({PARENT_FILE}); "
-                                     f"omit {option} to resume them there")
+            raise UnlearnSearchError(
+                f"{option} {given}: this search's runs are in {saved[key]} ({PARENT_FILE}); "
+                f"omit {option} to resume them there"
+            )
     return tracking_uri or saved.get("tracking_uri"), experiment or saved.get("experiment")
 
 
@@ -122,8 +146,16 @@ class MLflowTracker(Callback):
     its experiment checkpoint; a resumed search continues the same parent and trial runs.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, output: Path, parent_name: str,
-                 parent_params: dict[str, Any], retries: int = 3, retry_wait_s: float = 1.0):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        output: Path,
+        parent_name: str,
+        parent_params: dict[str, Any],
+        retries: int = 3,
+        retry_wait_s: float = 1.0,
+    ):
         self.tracking_uri, self.experiment = absolute_uri(tracking_uri), experiment
         self.output = Path(output).resolve()
         self.parent_name, self.parent_params = parent_name, parent_params
@@ -153,10 +185,19 @@ class MLflowTracker(Callback):
         return self._client
 
     def _save(self) -> None:
-        (self.output / PARENT_FILE).write_text(json.dumps(
-            {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "parent_id": self.parent_id,
-             "trial_runs": self.trial_runs, "params_logged": sorted(self.params_logged),
-             "ended": sorted(self.ended)}, indent=2))
+        (self.output / PARENT_FILE).write_text(
+            json.dumps(
+                {
+                    "tracking_uri": self.tracking_uri,
+                    "experiment": self.experiment,
+                    "parent_id": self.parent_id,
+                    "trial_runs": self.trial_runs,
+                    "params_logged": sorted(self.params_logged),
+                    "ended": sorted(self.ended),
+                },
+                indent=2,
+            )
+        )
 
     def _call(self, what: str, **kwargs) -> bool:
         """Run one logging call now, or queue it; earlier queued calls go first."""
@@ -181,8 +222,10 @@ class MLflowTracker(Callback):
                         for left in self.pending:
                             handle.write(json.dumps(left, default=str) + "\n")
                     count, self.pending = len(self.pending), []
-                    print(f"unlearn-search: MLflow at {self.tracking_uri} did not take {count} logging calls; "
-                          f"they are kept in {self.output / PENDING_FILE}")
+                    print(
+                        f"unlearn-search: MLflow at {self.tracking_uri} did not take {count} logging calls; "
+                        f"they are kept in {self.output / PENDING_FILE}"
+                    )
                 return False
             self.pending.pop(0)
         return True
@@ -206,8 +249,14 @@ class MLflowTracker(Callback):
             for name in TRIAL_ARTIFACTS:
                 if directory and (directory / name).exists():
                     client.log_artifact(run_id, str(directory / name), str(Path(name).parent) if "/" in name else None)
-            client.set_terminated(run_id, "FAILED" if call["status"] == "failed" else
-                                  "KILLED" if call["status"] in ("pruned", "stopped") else "FINISHED")
+            client.set_terminated(
+                run_id,
+                "FAILED"
+                if call["status"] == "failed"
+                else "KILLED"
+                if call["status"] in ("pruned", "stopped")
+                else "FINISHED",
+            )
         elif what == "trial_resume":
             run_id = self._trial_run(call["trial_id"], None)
             client.set_tag(run_id, "status", "running")
@@ -228,8 +277,9 @@ class MLflowTracker(Callback):
 
     def _parent(self) -> str:
         if self.parent_id is None:
-            run = self.client.create_run(self._experiment_id(), run_name=self.parent_name,
-                                         tags={"unlearn_search.role": "search"})
+            run = self.client.create_run(
+                self._experiment_id(), run_name=self.parent_name, tags={"unlearn_search.role": "search"}
+            )
             self.parent_id = run.info.run_id
             self._save()
         self._log_params(self.parent_id, self.parent_params)
@@ -238,9 +288,16 @@ class MLflowTracker(Callback):
     def _trial_run(self, trial_id: str, params: dict | None) -> str:
         if trial_id not in self.trial_runs:
             parent = self._parent()
-            run = self.client.create_run(self._experiment_id(), run_name=trial_id,
-                                         tags={"mlflow.parentRunId": parent, "trial_id": trial_id,
-                                               "unlearn_search.role": "trial", "status": "running"})
+            run = self.client.create_run(
+                self._experiment_id(),
+                run_name=trial_id,
+                tags={
+                    "mlflow.parentRunId": parent,
+                    "trial_id": trial_id,
+                    "unlearn_search.role": "trial",
+                    "status": "running",
+                },
+            )
             self.trial_runs[trial_id] = run.info.run_id
             self._save()
         if params is not None:
@@ -284,8 +341,13 @@ class MLflowTracker(Callback):
         if not evaluated(result):
             values = {ESTIMATE_PREFIX + k if k in METRIC_NAMES else k: v for k, v in values.items()}
         if values:
-            self._call("metrics", trial_id=trial.trial_id, values=values,
-                       step=int(result.get("training_iteration", 0)), time=time.time())
+            self._call(
+                "metrics",
+                trial_id=trial.trial_id,
+                values=values,
+                step=int(result.get("training_iteration", 0)),
+                time=time.time(),
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._end(trial)
@@ -312,8 +374,13 @@ class MLflowTracker(Callback):
         status = trial_status(result, failed, pruned_record(getattr(trial, "path", None)) is not None)
         self.ended.add(trial.trial_id)
         self._save()
-        self._call("trial_end", trial_id=trial.trial_id, status=status, reason=reason,
-                   directory=None if failed else result.get(TRIAL_OUTPUT))
+        self._call(
+            "trial_end",
+            trial_id=trial.trial_id,
+            status=status,
+            reason=reason,
+            directory=None if failed else result.get(TRIAL_OUTPUT),
+        )
 
     # ---------------------------------------------------------------- the search's own results
 
@@ -327,8 +394,10 @@ class MLflowTracker(Callback):
                 self._log_outcome(outcome, plots)
         except Exception as error:  # any client failure: the results on disk stand
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-            print(f"unlearn-search: MLflow at {self.tracking_uri} did not take the search's outcome ({reason}); "
-                  f"it is in {outcome.output}")
+            print(
+                f"unlearn-search: MLflow at {self.tracking_uri} did not take the search's outcome ({reason}); "
+                f"it is in {outcome.output}"
+            )
 
     def _log_outcome(self, outcome, plots: list[Path]) -> None:
         self.flush(final=True)
@@ -365,8 +434,9 @@ class MLflowTracker(Callback):
         if not path.exists():
             return
         fitted = json.loads(path.read_text())["fitted"]
-        self.client.log_batch(parent, params=[Param(f"lr_range.{key}", _param_value(value))
-                                              for key, value in sorted(fitted.items())])
+        self.client.log_batch(
+            parent, params=[Param(f"lr_range.{key}", _param_value(value)) for key, value in sorted(fitted.items())]
+        )
         self.client.log_artifact(parent, str(path))
         plot = output / "plots" / "lr_range.png"
         if plot.exists():

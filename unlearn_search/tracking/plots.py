@@ -29,11 +29,14 @@ def study_plots(storage: str, study_name: str, directory: Path, objective_names:
         plots["pareto_front"] = lambda: ovm.plot_pareto_front(study, target_names=objective_names)
         for i, name in enumerate(objective_names):
             plots[f"optimization_history_{name}"] = lambda i=i, name=name: ovm.plot_optimization_history(
-                study, target=lambda t: t.values[i], target_name=name)
+                study, target=lambda t: t.values[i], target_name=name
+            )
             plots[f"param_importances_{name}"] = lambda i=i, name=name: ovm.plot_param_importances(
-                study, target=lambda t: t.values[i], target_name=name)
+                study, target=lambda t: t.values[i], target_name=name
+            )
             plots[f"parallel_coordinate_{name}"] = lambda i=i, name=name: ovm.plot_parallel_coordinate(
-                study, target=lambda t: t.values[i], target_name=name)
+                study, target=lambda t: t.values[i], target_name=name
+            )
     else:
         name = objective_names[0]
         plots["optimization_history"] = lambda: ovm.plot_optimization_history(study, target_name=name)

@@ -5,8 +5,13 @@ from __future__ import annotations
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
-             dashboard_host: str = "127.0.0.1", dashboard_port: int | None = None):
+def init_ray(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    dashboard: bool = False,
+    dashboard_host: str = "127.0.0.1",
+    dashboard_port: int | None = None,
+):
     """Join ``address`` (``auto`` or ``ray://...``) or start a local instance.
 
     A local instance listens on 127.0.0.1 only; its dashboard too unless asked otherwise.
@@ -21,8 +26,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     kwargs = {"runtime_env": {"env_vars": dict(WORKER_ENV)}, "log_to_driver": True}
     if address:
         return ray.init(address=address, **kwargs)
-    kwargs.update(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host,
-                  _node_ip_address="127.0.0.1")
+    kwargs.update(
+        num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=dashboard_host, _node_ip_address="127.0.0.1"
+    )
     if dashboard_port:
         kwargs["dashboard_port"] = dashboard_port
     return ray.init(**kwargs)

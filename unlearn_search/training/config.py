@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from unlearn_search.data.benchmark import SPLITS
 from unlearn_search.errors import UnlearnSearchError, one_of
@@ -43,15 +44,23 @@ class TrialConfig:
 
     def flat(self) -> dict[str, Any]:
         """Every setting under its own name, as logged and as written in search spaces."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("method_params", "schedule_params")}
-        return {**values, **get_method(self.method, **self.method_params).params,
-                **get_schedule(self.schedule, **self.schedule_params).params}
+        values = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("method_params", "schedule_params")
+        }
+        return {
+            **values,
+            **get_method(self.method, **self.method_params).params,
+            **get_schedule(self.schedule, **self.schedule_params).params,
+        }
 
 
 TEACHERS = ("live", "cached")
 
-TRIAL_FIELDS = {f.name: f for f in dataclasses.fields(TrialConfig) if f.name not in ("method_params", "schedule_params")}
+TRIAL_FIELDS = {
+    f.name: f for f in dataclasses.fields(TrialConfig) if f.name not in ("method_params", "schedule_params")
+}
 
 
 _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -127,16 +136,22 @@ FIELD_HELP = {
     "teacher_top_k": "log-probs kept per position in the cache (null: all for vocabularies up to 8192, else 128)",
     "seed": "data order, substitute answers, and random initialization (LoRA adapters)",
     "dtype": "what the student, the teacher and the evaluations run in: auto is bfloat16 on GPU workers "
-             "(DeepSpeed bf16), float32 on CPU",
+    "(DeepSpeed bf16), float32 on CPU",
     "keep_best": "end with the weights of the schedule boundary whose quick aggregate estimate was highest "
-                 "(ties: the later), not the last step's",
+    "(ties: the later), not the last step's",
 }
 
 
 def setting_values(name: str) -> str:
     """A trial field's valid values in words, as its errors say them (empty when any value goes)."""
-    choices = {"method": tuple(METHODS), "schedule": tuple(SCHEDULES), "trainable": TRAINABLE,
-               "teacher": TEACHERS, "train_split": SPLITS, "dtype": DTYPES}
+    choices = {
+        "method": tuple(METHODS),
+        "schedule": tuple(SCHEDULES),
+        "trainable": TRAINABLE,
+        "teacher": TEACHERS,
+        "train_split": SPLITS,
+        "dtype": DTYPES,
+    }
     if name in choices:
         return "one of " + ", ".join(choices[name])
     return FIELD_RANGES[name][1] if name in FIELD_RANGES else ""
@@ -181,8 +196,10 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
             schedule_params[name] = _coerce(name, value, _kind(schedule_knobs[name]))
         else:
             known = sorted(set(TRIAL_FIELDS) | set(method_knobs) | set(schedule_knobs))
-            raise UnlearnSearchError(f"setting {name!r} is not known for method {method} with schedule {schedule} "
-                                     f"(expected {one_of(name, known)})")
+            raise UnlearnSearchError(
+                f"setting {name!r} is not known for method {method} with schedule {schedule} "
+                f"(expected {one_of(name, known)})"
+            )
     config = TrialConfig(**own, method_params=method_params, schedule_params=schedule_params)
     if config.trainable not in TRAINABLE:
         raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")
@@ -198,8 +215,10 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
     get_method(method, **method_params)
     get_schedule(schedule, **schedule_params)
     if SCHEDULES[schedule].needs_retain and not METHODS[method].needs_retain:
-        raise UnlearnSearchError(f"schedule {schedule} needs a method with a retain term; {method} has none "
-                                 f"(expected one of {', '.join(n for n, m in METHODS.items() if m.needs_retain)})")
+        raise UnlearnSearchError(
+            f"schedule {schedule} needs a method with a retain term; {method} has none "
+            f"(expected one of {', '.join(n for n, m in METHODS.items() if m.needs_retain)})"
+        )
     return config
 
 
@@ -223,6 +242,7 @@ def check_output_dir(output: str | Path, model_dir: str | Path) -> Path:
     if output == model_dir:
         raise UnlearnSearchError(f"output {output}: is the input model directory (expected another directory)")
     if output in model_dir.parents:
-        raise UnlearnSearchError(f"output {output}: contains the input model directory {model_dir} "
-                                 f"(expected a directory outside it)")
+        raise UnlearnSearchError(
+            f"output {output}: contains the input model directory {model_dir} (expected a directory outside it)"
+        )
     return output

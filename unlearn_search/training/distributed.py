@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -23,9 +24,16 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def deepspeed_config(stage: int, offload: bool, lr: float, weight_decay: float, max_grad_norm: float,
-                     micro_batch: int, dtype: torch.dtype = torch.float32,
-                     config_dir: Path = DEEPSPEED_DIR) -> dict[str, Any]:
+def deepspeed_config(
+    stage: int,
+    offload: bool,
+    lr: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    micro_batch: int,
+    dtype: torch.dtype = torch.float32,
+    config_dir: Path = DEEPSPEED_DIR,
+) -> dict[str, Any]:
     """One of ``cluster/deepspeed/*.json`` with its ``auto`` fields filled from the trial
     (``bf16`` on exactly when the trial's dtype is bfloat16)."""
     if stage not in ZERO_CONFIGS:
@@ -45,8 +53,9 @@ def deepspeed_config(stage: int, offload: bool, lr: float, weight_decay: float, 
     return config
 
 
-def teacher_config(stage: int = 3, dtype: torch.dtype = torch.float32,
-                   config_dir: Path = DEEPSPEED_DIR) -> dict[str, Any]:
+def teacher_config(
+    stage: int = 3, dtype: torch.dtype = torch.float32, config_dir: Path = DEEPSPEED_DIR
+) -> dict[str, Any]:
     config = json.loads((config_dir / "teacher_zero3.json").read_text())
     config["zero_optimization"]["stage"] = stage
     config["bf16"]["enabled"] = dtype == torch.bfloat16
@@ -79,8 +88,9 @@ class DeepSpeedBackend:
         engine.train()
 
     def forward(self, batch) -> torch.Tensor:
-        return self.engine(input_ids=batch["input_ids"].to(self.device),
-                           attention_mask=batch["attention_mask"].to(self.device)).logits
+        return self.engine(
+            input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device)
+        ).logits
 
     def mean_over_ranks(self, values: Sequence[float]) -> list[float]:
         return means_over_ranks(values, self.device)
@@ -98,11 +108,14 @@ class DeepSpeedBackend:
 
 def teacher_reference(engine):
     """Reference outputs from a frozen ZeRO-3 teacher engine (every rank must call in step)."""
+
     @torch.no_grad()
     def reference(batch):
-        logits = engine(input_ids=batch["input_ids"].to(engine.device),
-                        attention_mask=batch["attention_mask"].to(engine.device)).logits
+        logits = engine(
+            input_ids=batch["input_ids"].to(engine.device), attention_mask=batch["attention_mask"].to(engine.device)
+        ).logits
         return Reference.from_logits(logits, batch["labels"].to(logits.device))
+
     return reference
 
 
@@ -112,12 +125,15 @@ def adapter_reference(engine):
     The frozen base of a LoRA student is the original model, so it is the teacher, and no
     second copy is loaded (at 7B, 14 GB of bf16 shards fewer per trial). Every rank must call in step.
     """
+
     @torch.no_grad()
     def reference(batch):
         with engine.module.disable_adapter():
-            logits = engine.module(input_ids=batch["input_ids"].to(engine.device),
-                                   attention_mask=batch["attention_mask"].to(engine.device)).logits
+            logits = engine.module(
+                input_ids=batch["input_ids"].to(engine.device), attention_mask=batch["attention_mask"].to(engine.device)
+            ).logits
         return Reference.from_logits(logits, batch["labels"].to(logits.device))
+
     return reference
 
 
@@ -153,7 +169,7 @@ def padded_parts(indices: Sequence[int], length: Callable[[int], int], world: in
     while len(parts) < world:  # halving a run never raises the largest cost
         longest = max(range(len(parts)), key=lambda p: len(parts[p]))
         run = parts.pop(longest)
-        parts[longest:longest] = [run[:len(run) // 2], run[len(run) // 2:]]
+        parts[longest:longest] = [run[: len(run) // 2], run[len(run) // 2 :]]
     return [tuple(p) for p in parts]
 
 
@@ -172,8 +188,10 @@ def shard_steps(steps: Sequence[Step], rank: int, world: int, data: TrainData) -
     lengths = {which: [len(e.input_ids) for e in getattr(data, which)] for which in kinds}
     if data.alternative is not None:
         lengths["forget"] = [f + a for f, a in zip(lengths["forget"], lengths["alternative"])]
-    scored = {which: [sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in getattr(data, which)]
-              for which in kinds}
+    scored = {
+        which: [sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in getattr(data, which)]
+        for which in kinds
+    }
 
     def cost(which: str, part: tuple[int, ...]) -> int:
         return len(part) * max((lengths[which][i] for i in part), default=0)
@@ -192,13 +210,19 @@ def shard_steps(steps: Sequence[Step], rank: int, world: int, data: TrainData) -
             parts["alternative"] = parts["forget"]
         shares = []
         for which, each in parts.items():
-            for unit, count in (("rows", len), ("tokens", lambda part: sum(scored[which][i] for i in part))):
+            for unit, count in (
+                ("rows", len),
+                ("tokens", lambda part, which=which: sum(scored[which][i] for i in part)),
+            ):
                 total = sum(count(part) for part, counts in each if counts)
                 if total:
                     mine, counts = each[rank]
                     shares.append(((which, unit), world * count(mine) / total if counts else 0.0))
-        sharded.append(dataclasses.replace(step, forget=parts["forget"][rank][0], retain=parts["retain"][rank][0],
-                                           shares=tuple(shares)))
+        sharded.append(
+            dataclasses.replace(
+                step, forget=parts["forget"][rank][0], retain=parts["retain"][rank][0], shares=tuple(shares)
+            )
+        )
     return sharded
 
 
@@ -225,8 +249,10 @@ def load_partitioned(path: str | Path, ds_config: dict, dtype: torch.dtype):
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, parameter in model.named_parameters():  # the same order on every rank: each gather is collective
         if name not in files:
-            raise UnlearnSearchError(f"checkpoint {path}: no tensor {name!r} in its safetensors files "
-                                     f"(expected a checkpoint saved by save_pretrained for {type(model).__name__})")
+            raise UnlearnSearchError(
+                f"checkpoint {path}: no tensor {name!r} in its safetensors files "
+                f"(expected a checkpoint saved by save_pretrained for {type(model).__name__})"
+            )
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
             if rank == 0:
                 copy_tensor(files[name], name, parameter.data)
@@ -280,8 +306,10 @@ def safetensors_index(path: Path) -> dict[str, Path]:
         return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     single = path / "model.safetensors"
     if not single.exists():
-        raise UnlearnSearchError(f"checkpoint {path}: no model.safetensors or model.safetensors.index.json "
-                                 f"(expected safetensors weights; convert .bin checkpoints with save_pretrained)")
+        raise UnlearnSearchError(
+            f"checkpoint {path}: no model.safetensors or model.safetensors.index.json "
+            f"(expected safetensors weights; convert .bin checkpoints with save_pretrained)"
+        )
     from safetensors import safe_open
 
     with safe_open(single, "pt") as handle:

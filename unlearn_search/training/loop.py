@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 import random
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from unlearn_search.data import Encoded, collate, encode
-from unlearn_search.data.tokenize import IGNORE_INDEX
 from unlearn_search.data.benchmark import Item
+from unlearn_search.data.tokenize import IGNORE_INDEX
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods.base import Batch, Method, Reference, StepInputs
 from unlearn_search.methods.schedules import Step
@@ -129,8 +130,15 @@ class TrainData:
         return collate([examples[i] for i in indices], self.pad_token_id)
 
 
-def alternative_answers(kind: str | None, forget: Sequence[Item], retain: Sequence[Item], tokenizer,
-                        refusals: Sequence[str] | None, random_source: str, seed: int) -> list[str] | None:
+def alternative_answers(
+    kind: str | None,
+    forget: Sequence[Item],
+    retain: Sequence[Item],
+    tokenizer,
+    refusals: Sequence[str] | None,
+    random_source: str,
+    seed: int,
+) -> list[str] | None:
     """Substitute answers for the forget prompts: template refusals or random answers."""
     if kind is None:
         return None
@@ -147,7 +155,9 @@ def alternative_answers(kind: str | None, forget: Sequence[Item], retain: Sequen
     return [tokenizer.decode([rng.choice(vocab) for _ in tokenizer(item.output)["input_ids"]]) for item in forget]
 
 
-def encode_items(tokenizer, items: Sequence[Item], max_length: int, answers: Sequence[str] | None = None) -> list[Encoded]:
+def encode_items(
+    tokenizer, items: Sequence[Item], max_length: int, answers: Sequence[str] | None = None
+) -> list[Encoded]:
     answers = answers if answers is not None else [i.output for i in items]
     return [encode(tokenizer, item.input, answer, max_length) for item, answer in zip(items, answers)]
 
@@ -181,19 +191,30 @@ def joint_forward(forward: Callable[[Batch], torch.Tensor], batches: Sequence[Ba
         return [forward(batches[0])]
     width = max(b["input_ids"].shape[1] for b in batches)
     fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
-    together = {key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
-                                for b in batches]) for key, value in fill.items()}
+    together = {
+        key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches])
+        for key, value in fill.items()
+    }
     logits = forward(together)
     ends = itertools.accumulate(b["input_ids"].shape[0] for b in batches)
-    return [logits[end - b["input_ids"].shape[0]:end, :b["input_ids"].shape[1]] for b, end in zip(batches, ends)]
+    return [logits[end - b["input_ids"].shape[0] : end, : b["input_ids"].shape[1]] for b, end in zip(batches, ends)]
 
 
-def step_inputs(method: Method, step: Step, data: TrainData, forward: Callable[[Batch], torch.Tensor],
-                reference: Callable[[Batch], Reference] | None = None, forget_loss_bound: float | None = None,
-                mean_over_ranks: Callable[[float], float] = lambda value: value) -> StepInputs:
+def step_inputs(
+    method: Method,
+    step: Step,
+    data: TrainData,
+    forward: Callable[[Batch], torch.Tensor],
+    reference: Callable[[Batch], Reference] | None = None,
+    forget_loss_bound: float | None = None,
+    mean_over_ranks: Callable[[float], float] = lambda value: value,
+) -> StepInputs:
     """What ``method.loss`` sees at ``step``: its batches, and each model's outputs computed once."""
-    batches = {"forget": data.batch("forget", step.forget), "retain": data.batch("retain", step.retain),
-               "alternative": data.batch("alternative", step.forget)}
+    batches = {
+        "forget": data.batch("forget", step.forget),
+        "retain": data.batch("retain", step.retain),
+        "alternative": data.batch("alternative", step.forget),
+    }
     student_cache: dict[int, torch.Tensor] = {}
     reference_cache: dict[str, Reference] = {}
     joined = [batches[name] for name in method.student_batches() if batches.get(name) is not None]
@@ -218,16 +239,31 @@ def step_inputs(method: Method, step: Step, data: TrainData, forward: Callable[[
             reference_cache[which] = reference(batches[which])
         return reference_cache[which]
 
-    return StepInputs(forget=batches["forget"], retain=batches["retain"], student=student, reference=reference_of,
-                      alternative=batches["alternative"], forget_scale=step.forget_scale,
-                      retain_scale=step.retain_scale, forget_loss_bound=forget_loss_bound,
-                      mean_over_ranks=mean_over_ranks, shares=dict(step.shares))
+    return StepInputs(
+        forget=batches["forget"],
+        retain=batches["retain"],
+        student=student,
+        reference=reference_of,
+        alternative=batches["alternative"],
+        forget_scale=step.forget_scale,
+        retain_scale=step.retain_scale,
+        forget_loss_bound=forget_loss_bound,
+        mean_over_ranks=mean_over_ranks,
+        shares=dict(step.shares),
+    )
 
 
-def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend,
-        reference: Callable[[Batch], Reference] | None = None, forget_loss_bound: float | None = None,
-        on_boundary: Callable[[Report], bool | None] | None = None, progress: bool = False,
-        start_step: int = 0) -> TrainResult:
+def run(
+    method: Method,
+    steps: Sequence[Step],
+    data: TrainData,
+    backend: Backend,
+    reference: Callable[[Batch], Reference] | None = None,
+    forget_loss_bound: float | None = None,
+    on_boundary: Callable[[Report], bool | None] | None = None,
+    progress: bool = False,
+    start_step: int = 0,
+) -> TrainResult:
     """Run ``steps[start_step:]``; ``on_boundary`` returning True stops the run (pruning)."""
     losses: list[dict[str, float]] = []
     reports: list[Report] = []
@@ -236,8 +272,15 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
     for index in bar:
         step_started = time.perf_counter()
         step = steps[index]
-        inputs = step_inputs(method, step, data, backend.forward, reference, forget_loss_bound,
-                             lambda value: backend.mean_over_ranks([value])[0])
+        inputs = step_inputs(
+            method,
+            step,
+            data,
+            backend.forward,
+            reference,
+            forget_loss_bound,
+            lambda value: backend.mean_over_ranks([value])[0],
+        )
         if step.restart:
             backend.restart()
         output = method.loss(inputs)
@@ -246,18 +289,27 @@ def run(method: Method, steps: Sequence[Step], data: TrainData, backend: Backend
         names = sorted(output.parts)
         value, *parts = backend.mean_over_ranks([float(output.loss.detach())] + [output.parts[n] for n in names])
         if not math.isfinite(value):
-            raise DivergedError(f"loss is {value} at step {index + 1} ({step.phase}): the run diverged; "
-                                f"lower lr or the forget weight, or set forget_loss_bound", step=index + 1)
+            raise DivergedError(
+                f"loss is {value} at step {index + 1} ({step.phase}): the run diverged; "
+                f"lower lr or the forget weight, or set forget_loss_bound",
+                step=index + 1,
+            )
         # A bounded ascent with no retain term can leave nothing to differentiate this step.
         grad_norm = backend.backward_step(output.loss, step.lr_scale) if output.loss.requires_grad else 0.0
-        record = {"loss": value, "grad_norm": grad_norm, **dict(zip(names, parts)),
-                  "step_seconds": time.perf_counter() - step_started}
+        record = {
+            "loss": value,
+            "grad_norm": grad_norm,
+            **dict(zip(names, parts)),
+            "step_seconds": time.perf_counter() - step_started,
+        }
         losses.append(record)
         window.append(record)
         bar.set_postfix(loss=f"{value:.3f}")
         if step.boundary:
-            mean = {k: sum(r[k] for r in window if k in r) / sum(1 for r in window if k in r)
-                    for k in {k for r in window for k in r}}
+            mean = {
+                k: sum(r[k] for r in window if k in r) / sum(1 for r in window if k in r)
+                for k in {k for r in window for k in r}
+            }
             report = Report(step.boundary, index + 1, mean)
             window = []
             reports.append(report)

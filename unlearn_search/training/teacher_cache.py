@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -63,9 +63,11 @@ class TeacherCache:
             key = tuple(input_ids[row, :n].tolist())
             entry = self.entries.get(key)
             if entry is None:
-                raise UnlearnSearchError("teacher cache: a batch holds a sequence the cache was not built on "
-                                         "(expected the same data, tokenizer and max_length as the cache)")
-            label_logprobs[row, :n - 1] = entry["label_logprobs"].float()
+                raise UnlearnSearchError(
+                    "teacher cache: a batch holds a sequence the cache was not built on "
+                    "(expected the same data, tokenizer and max_length as the cache)"
+                )
+            label_logprobs[row, : n - 1] = entry["label_logprobs"].float()
             if self.top_k is None:
                 logprobs[row, :n] = entry["logprobs"].float()
             else:
@@ -82,10 +84,12 @@ class TeacherCache:
         partial.replace(path)  # atomic: concurrent trials never read a half-written cache
 
     @classmethod
-    def load(cls, path: Path) -> "TeacherCache":
+    def load(cls, path: Path) -> TeacherCache:
         if not Path(path).exists():
-            raise UnlearnSearchError(f"teacher cache {path}: no such file (expected one built by the search "
-                                     f"or by the trial before its workers start)")
+            raise UnlearnSearchError(
+                f"teacher cache {path}: no such file (expected one built by the search "
+                f"or by the trial before its workers start)"
+            )
         # Memory-mapped: a worker reads entries from the page cache as its batches need them, and
         # the workers of a node share one copy instead of each holding the whole file privately.
         saved = torch.load(path, weights_only=True, mmap=True)
@@ -97,8 +101,9 @@ def default_top_k(vocab_size: int) -> int | None:
 
 
 @torch.no_grad()
-def compute_cache(teacher, sequences: dict[str, Sequence[Encoded]], pad_token_id: int, top_k: int | None,
-                  batch_size: int = 8) -> TeacherCache:
+def compute_cache(
+    teacher, sequences: dict[str, Sequence[Encoded]], pad_token_id: int, top_k: int | None, batch_size: int = 8
+) -> TeacherCache:
     """Run the teacher once over every distinct sequence."""
     teacher.eval()
     if top_k is not None and top_k >= teacher.config.vocab_size:
@@ -111,16 +116,19 @@ def compute_cache(teacher, sequences: dict[str, Sequence[Encoded]], pad_token_id
     entries: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
     vocab_size = None
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+        chunk = examples[start : start + batch_size]
         batch = collate(chunk, pad_token_id)
         device = next(teacher.parameters()).device
-        logits = teacher(input_ids=batch["input_ids"].to(device),
-                         attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+        logits = (
+            teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            .logits.float()
+            .cpu()
+        )
         vocab_size = logits.shape[-1]
         reference = Reference.from_logits(logits, batch["labels"], top_k)
         for row, example in enumerate(chunk):
             n = len(example.input_ids)
-            entry = {"label_logprobs": reference.label_logprobs[row, :n - 1].clone()}
+            entry = {"label_logprobs": reference.label_logprobs[row, : n - 1].clone()}
             if top_k is None:
                 entry["logprobs"] = reference.logprobs[row, :n].clone()
             else:
@@ -138,8 +146,9 @@ def cached_sequences(data) -> dict[str, Sequence[Encoded]]:
     return sequences
 
 
-def ensure_cache(model_dir: Path, data, directory: Path, top_k: int | None | str = "auto",
-                 progress: bool = False) -> Path:
+def ensure_cache(
+    model_dir: Path, data, directory: Path, top_k: int | None | str = "auto", progress: bool = False
+) -> Path:
     """The cache file for this model and data under ``directory``, computed if missing."""
     from unlearn_search.data.locate import cache_lock
     from unlearn_search.models import load_model

@@ -132,8 +132,12 @@ def scaling_config(resources: Resources):
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.gpus_per_worker > 0:
         per_worker["GPU"] = resources.gpus_per_worker
-    return ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpus_per_worker > 0,
-                         resources_per_worker=per_worker, placement_strategy=PLACEMENTS[resources.placement])
+    return ScalingConfig(
+        num_workers=resources.workers,
+        use_gpu=resources.gpus_per_worker > 0,
+        resources_per_worker=per_worker,
+        placement_strategy=PLACEMENTS[resources.placement],
+    )
 
 
 TRAINED_DIR = "trained"  # a checkpoint's trained parameters (safetensors shards)
@@ -167,8 +171,9 @@ def trainable_student(model, config):
     """``model`` with the parameters ``config`` (a TrialConfig) trains: full, LoRA or last_k."""
     from unlearn_search.models.trainable import prepare_trainable
 
-    return prepare_trainable(model, config.trainable, config.last_k, config.lora_rank, config.lora_alpha,
-                             config.lora_dropout)
+    return prepare_trainable(
+        model, config.trainable, config.last_k, config.lora_rank, config.lora_alpha, config.lora_dropout
+    )
 
 
 def start_worker(cfg: dict[str, Any]) -> Worker:
@@ -188,8 +193,17 @@ def start_worker(cfg: dict[str, Any]) -> Worker:
     config = trial_config(cfg["settings"])
     model_dir, paths = Path(cfg["model_dir"]), paths_from_root(cfg["data"])
     torch.manual_seed(config.seed)
-    return Worker(dist.get_rank(), dist.get_world_size(), config, resources, model_dir, paths,
-                  prepare(model_dir, paths, config), resolve_dtype(config.dtype), [])
+    return Worker(
+        dist.get_rank(),
+        dist.get_world_size(),
+        config,
+        resources,
+        model_dir,
+        paths,
+        prepare(model_dir, paths, config),
+        resolve_dtype(config.dtype),
+        [],
+    )
 
 
 def load_for(worker: Worker, ds_config: dict):
@@ -215,11 +229,19 @@ def build_student(worker: Worker):
     from unlearn_search.training.distributed import deepspeed_config
 
     c, r = worker.config, worker.resources
-    ds_config = deepspeed_config(r.zero_stage, r.offload, c.lr, c.weight_decay, c.max_grad_norm,
-                                 max(1, math.ceil(c.batch_size / worker.world)), worker.dtype)
+    ds_config = deepspeed_config(
+        r.zero_stage,
+        r.offload,
+        c.lr,
+        c.weight_decay,
+        c.max_grad_norm,
+        max(1, math.ceil(c.batch_size / worker.world)),
+        worker.dtype,
+    )
     student = worker.trainable(load_for(worker, ds_config))
-    engine, *_ = deepspeed.initialize(model=student, config=ds_config,
-                                      model_parameters=[p for p in student.parameters() if p.requires_grad])
+    engine, *_ = deepspeed.initialize(
+        model=student, config=ds_config, model_parameters=[p for p in student.parameters() if p.requires_grad]
+    )
     return engine
 
 
@@ -286,8 +308,16 @@ class BoundaryReporter:
     """At each schedule boundary: the quick evaluation on the engine's own shards (every rank runs
     it, in step, on the trial's device and dtype), keep_best's offer, a checkpoint, the report."""
 
-    def __init__(self, worker: Worker, engine, kept: KeptBoundary | None, resumed: Resumed, steps_total: int,
-                 teacher_parameters: int, quick_evaluation: dict):
+    def __init__(
+        self,
+        worker: Worker,
+        engine,
+        kept: KeptBoundary | None,
+        resumed: Resumed,
+        steps_total: int,
+        teacher_parameters: int,
+        quick_evaluation: dict,
+    ):
         from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
         from unlearn_search.evaluation.quick import quick_data
         from unlearn_search.models import read_target_manifest
@@ -299,8 +329,11 @@ class BoundaryReporter:
         self.steps_total, self.teacher_parameters = steps_total, teacher_parameters
         self.quick = EvalConfig(**quick_evaluation)
         r = worker.resources
-        self.data = quick_data(load_eval_data(worker.paths, self.quick, read_target_manifest(worker.model_dir)),
-                               r.eval_items, r.eval_documents)
+        self.data = quick_data(
+            load_eval_data(worker.paths, self.quick, read_target_manifest(worker.model_dir)),
+            r.eval_items,
+            r.eval_documents,
+        )
 
     def estimates(self) -> dict[str, Any]:
         """The quick scores, each rank computing its share of them in step (ZeRO-3 forwards are
@@ -313,11 +346,12 @@ class BoundaryReporter:
 
         module, started = self.engine.module, time.time()
         with shared_over_ranks():  # each rank scores its share of the batches; all get every result
-            scores = quick_scores(module, self.worker.prepared.tokenizer, self.data, self.worker.paths.mmlu,
-                                  self.quick)
-        scores.update(eval_device=torch.device(self.engine.device).type,
-                      eval_dtype=str(next(module.parameters()).dtype).removeprefix("torch."),
-                      eval_seconds=time.time() - started)
+            scores = quick_scores(module, self.worker.prepared.tokenizer, self.data, self.worker.paths.mmlu, self.quick)
+        scores.update(
+            eval_device=torch.device(self.engine.device).type,
+            eval_dtype=str(next(module.parameters()).dtype).removeprefix("torch."),
+            eval_seconds=time.time() - started,
+        )
         shared = [scores]
         dist.broadcast_object_list(shared, src=0, device=self.engine.device)  # one decision for keep_best
         return shared[0]
@@ -332,15 +366,27 @@ class BoundaryReporter:
         if not evaluation_due(report.step, self.last_estimated, self.steps_total, self.worker.resources.eval_every):
             return
         self.last_estimated = report.step
-        metrics = {**report.losses, "train_seconds": self.train_seconds, **self.worker.timing,
-                   "checkpoint_seconds": self.checkpoint_seconds, "step": report.step, "boundary": report.boundary,
-                   "steps_total": self.steps_total,
-                   "progress": 100.0 * report.step / max(1, self.steps_total),
-                   "peak_rss_mb": peak_rss_mb(), **proportional_memory(), **gpu_memory(), **self.worker.memory,
-                   "teacher_parameters": self.teacher_parameters,
-                   "resumed_from": -1 if self.resumed.from_step is None else self.resumed.from_step,
-                   "trained": False, "node_id": ray.get_runtime_context().get_node_id(),
-                   "peak_rss_before_estimates_mb": before_estimates, **self.estimates(), "gathered_parameters": 0}
+        metrics = {
+            **report.losses,
+            "train_seconds": self.train_seconds,
+            **self.worker.timing,
+            "checkpoint_seconds": self.checkpoint_seconds,
+            "step": report.step,
+            "boundary": report.boundary,
+            "steps_total": self.steps_total,
+            "progress": 100.0 * report.step / max(1, self.steps_total),
+            "peak_rss_mb": peak_rss_mb(),
+            **proportional_memory(),
+            **gpu_memory(),
+            **self.worker.memory,
+            "teacher_parameters": self.teacher_parameters,
+            "resumed_from": -1 if self.resumed.from_step is None else self.resumed.from_step,
+            "trained": False,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "peak_rss_before_estimates_mb": before_estimates,
+            **self.estimates(),
+            "gathered_parameters": 0,
+        }
         if self.kept is not None:
             if self.kept.offer(report.step, metrics["aggregate"], self.engine.module, self.worker.rank):
                 metrics["gathered_parameters"] = self.kept.parameters
@@ -356,8 +402,9 @@ class BoundaryReporter:
         self.checkpoint_seconds += time.time() - saving  # this report's, in the next one
 
 
-def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int, resumed: Resumed,
-                   checkpoint_seconds: float = 0.0) -> None:
+def export_trained(
+    worker: Worker, engine, kept: KeptBoundary | None, steps: int, resumed: Resumed, checkpoint_seconds: float = 0.0
+) -> None:
     """The run's result as a checkpoint of its trained parameters (the kept boundary's with
     keep_best): the full model is put together later, by the evaluation, from the original."""
     import ray.train
@@ -375,11 +422,18 @@ def export_trained(worker: Worker, engine, kept: KeptBoundary | None, steps: int
             write_tensors(state, Path(directory) / TRAINED_DIR)
             (Path(directory) / PROGRESS_FILE).write_text(json.dumps({**ending, "final": True}))
         # "trained", not "done": Tune reads a "done" key as the end of the trial, before its evaluation.
-        ray.train.report({**ending, "trained": True, "peak_rss_mb": peak_rss_mb(),
-                          "resumed_from": -1 if resumed.from_step is None else resumed.from_step,
-                          "export_seconds": time.time() - started, "checkpoint_seconds": checkpoint_seconds,
-                          READY_AT: time.time()},
-                         checkpoint=ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None)
+        ray.train.report(
+            {
+                **ending,
+                "trained": True,
+                "peak_rss_mb": peak_rss_mb(),
+                "resumed_from": -1 if resumed.from_step is None else resumed.from_step,
+                "export_seconds": time.time() - started,
+                "checkpoint_seconds": checkpoint_seconds,
+                READY_AT: time.time(),
+            },
+            checkpoint=ray.train.Checkpoint.from_directory(directory) if worker.rank == 0 else None,
+        )
 
 
 def train_worker(cfg: dict[str, Any]) -> None:
@@ -397,23 +451,41 @@ def train_worker(cfg: dict[str, Any]) -> None:
     worker.record("student")
     reference, teacher_parameters = build_reference(worker, engine, cfg.get("teacher_cache"))
     worker.record("teacher")
-    worker.timing = {"worker_start_seconds": entered - cfg["submitted_at"], "setup_seconds": started - entered,
-                     "build_seconds": time.time() - started}
+    worker.timing = {
+        "worker_start_seconds": entered - cfg["submitted_at"],
+        "setup_seconds": started - entered,
+        "build_seconds": time.time() - started,
+    }
     kept = KeptBoundary() if worker.config.keep_best else None
     resumed = resume(worker, engine, kept)
     if resumed.final is not None:
         final = resumed.final
-        ray.train.report({"step": final["step"], "trained": True, "resumed_from": final["step"],
-                          **({"kept_step": final["kept_step"]} if "kept_step" in final else {})},
-                         checkpoint=ray.train.get_checkpoint() if worker.rank == 0 else None)
+        ray.train.report(
+            {
+                "step": final["step"],
+                "trained": True,
+                "resumed_from": final["step"],
+                **({"kept_step": final["kept_step"]} if "kept_step" in final else {}),
+            },
+            checkpoint=ray.train.get_checkpoint() if worker.rank == 0 else None,
+        )
         return
     steps = shard_steps(worker.prepared.steps, worker.rank, worker.world, worker.prepared.data)
-    on_boundary = BoundaryReporter(worker, engine, kept, resumed, len(steps), teacher_parameters,
-                                   cfg["quick_evaluation"])
+    on_boundary = BoundaryReporter(
+        worker, engine, kept, resumed, len(steps), teacher_parameters, cfg["quick_evaluation"]
+    )
     try:
-        result = run(worker.prepared.method, steps, worker.prepared.data, DeepSpeedBackend(engine, worker.config.lr),
-                     reference, worker.config.forget_loss_bound, on_boundary, progress=worker.rank == 0,
-                     start_step=resumed.step)
+        result = run(
+            worker.prepared.method,
+            steps,
+            worker.prepared.data,
+            DeepSpeedBackend(engine, worker.config.lr),
+            reference,
+            worker.config.forget_loss_bound,
+            on_boundary,
+            progress=worker.rank == 0,
+            start_step=resumed.step,
+        )
     except DivergedError as error:
         # Deterministic: a retry would diverge again. End the run cleanly and write no model.
         ray.train.report({"diverged": str(error), "trained": True})
@@ -430,8 +502,10 @@ def write_tensors(state: dict, directory: Path, shard_bytes: int = 2 * 2**30) ->
     directory.mkdir(parents=True, exist_ok=True)
     groups = byte_groups(list(state.items()), shard_bytes)
     for number, group in enumerate(groups, 1):
-        save_file({name: tensor.contiguous() for name, tensor in group},
-                  directory / f"trained-{number:05d}-of-{len(groups):05d}.safetensors")
+        save_file(
+            {name: tensor.contiguous() for name, tensor in group},
+            directory / f"trained-{number:05d}-of-{len(groups):05d}.safetensors",
+        )
 
 
 class KeptBoundary:
@@ -485,8 +559,14 @@ class KeptBoundary:
 # logged each report: between the two, the trained parameters went to the run's storage.
 READY_AT, LOGGED_AT = "ready_at", "logged_at"
 
-WORKER_MEMORY = ("peak_rss_mb", "peak_rss_before_estimates_mb", "rss_started_mb", "rss_student_mb",
-                 "rss_teacher_mb", "peak_rss_teacher_mb")
+WORKER_MEMORY = (
+    "peak_rss_mb",
+    "peak_rss_before_estimates_mb",
+    "rss_started_mb",
+    "rss_student_mb",
+    "rss_teacher_mb",
+    "peak_rss_teacher_mb",
+)
 
 
 def metrics_log_callback(path: Path):
@@ -530,10 +610,18 @@ class TrialResult:
         return self.metrics_history[-1].get("kept_step") if self.metrics_history else None
 
 
-def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, Any], output: str | Path,
-              resources: Resources = Resources(), evaluation=None, name: str = "trial",
-              storage: str | Path | None = None, resume: bool = False,
-              teacher_cache_dir: str | Path | None = None) -> TrialResult:
+def run_trial(
+    model_dir: str | Path,
+    data_root: str | Path,
+    settings: dict[str, Any],
+    output: str | Path,
+    resources: Resources = Resources(),
+    evaluation=None,
+    name: str = "trial",
+    storage: str | Path | None = None,
+    resume: bool = False,
+    teacher_cache_dir: str | Path | None = None,
+) -> TrialResult:
     """Train one trial on Ray Train, copy its model into ``output``, and evaluate it there.
 
     ``evaluation`` is an ``EvalConfig`` (None skips the full evaluation). Ray must be
@@ -576,18 +664,27 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
     submitted = time.time()  # the workers' start-up is counted from here
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"settings": settings, "model_dir": str(Path(model_dir).resolve()),
-                           "data": str(Path(data_root).resolve()), "resources": dataclasses.asdict(resources),
-                           "teacher_cache": teacher_cache, "submitted_at": submitted,
-                           # The final evaluation's settings with the quick limits: an estimate of the result.
-                           "quick_evaluation": dataclasses.asdict(quick_config(
-                               evaluation or EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit))},
+        train_loop_config={
+            "settings": settings,
+            "model_dir": str(Path(model_dir).resolve()),
+            "data": str(Path(data_root).resolve()),
+            "resources": dataclasses.asdict(resources),
+            "teacher_cache": teacher_cache,
+            "submitted_at": submitted,
+            # The final evaluation's settings with the quick limits: an estimate of the result.
+            "quick_evaluation": dataclasses.asdict(
+                quick_config(evaluation or EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit)
+            ),
+        },
         scaling_config=scaling,
         torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=resources.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=resources.checkpoints_to_keep),
-                             callbacks=callbacks),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=resources.checkpoints_to_keep),
+            callbacks=callbacks,
+        ),
     )
     result = trainer.fit()
     fit_ended = time.time()
@@ -605,10 +702,15 @@ def run_trial(model_dir: str | Path, data_root: str | Path, settings: dict[str, 
         shutil.copytree(Path(directory) / TRAINED_DIR, trained)
     model_path = output / MODEL_DIR
     copied = time.time()
-    evaluation_results = on_cluster(resources, export_and_evaluate, trained, model_dir, settings, model_path,
-                                    data_root, evaluation, output)
-    timing = {"before_fit_seconds": submitted - started, "fit_ended_at": fit_ended, "copy_seconds": copied - fit_ended,
-              "evaluation_seconds": time.time() - copied}
+    evaluation_results = on_cluster(
+        resources, export_and_evaluate, trained, model_dir, settings, model_path, data_root, evaluation, output
+    )
+    timing = {
+        "before_fit_seconds": submitted - started,
+        "fit_ended_at": fit_ended,
+        "copy_seconds": copied - fit_ended,
+        "evaluation_seconds": time.time() - copied,
+    }
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started, timing)
 
 
@@ -624,13 +726,16 @@ def time_spent(result: TrialResult) -> dict[str, float]:
     boundaries = [r for r in history if "boundary" in r]
     first, final, timing = (boundaries or history)[0], history[-1], result.timing
     spent = {
-        "Ray Train and worker start-up": timing["before_fit_seconds"] + first["worker_start_seconds"]
+        "Ray Train and worker start-up": timing["before_fit_seconds"]
+        + first["worker_start_seconds"]
         + first["setup_seconds"],
         "models and DeepSpeed initialization": first["build_seconds"],
         "training steps": boundaries[-1]["train_seconds"] if boundaries else 0.0,
         "quick evaluations": sum(r.get("eval_seconds", 0.0) for r in boundaries),
         "checkpoints": final.get("checkpoint_seconds", 0.0),
-        "export of the trained parameters": final.get("export_seconds", 0.0) + final[LOGGED_AT] - final[READY_AT]
+        "export of the trained parameters": final.get("export_seconds", 0.0)
+        + final[LOGGED_AT]
+        - final[READY_AT]
         + timing["copy_seconds"],
         "Ray Train shutdown": timing["fit_ended_at"] - final[LOGGED_AT],
         "full evaluation (with the model's export)": timing["evaluation_seconds"],
@@ -659,8 +764,9 @@ def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path |
     prepared = prepare(Path(model_dir), paths_from_root(data_root), config)
     if not prepared.method.uses_reference():
         return None
-    return ensure_cache(Path(model_dir), prepared.data, directory,
-                        "auto" if config.teacher_top_k is None else config.teacher_top_k)
+    return ensure_cache(
+        Path(model_dir), prepared.data, directory, "auto" if config.teacher_top_k is None else config.teacher_top_k
+    )
 
 
 def on_cluster(resources: Resources, function, *args):
@@ -673,14 +779,20 @@ def on_cluster(resources: Resources, function, *args):
     gpus = 1 if resources.gpus_per_worker > 0 else 0
     # At most what one node that can run it has: spread workers may hold more CPUs than any node,
     # and a task asking for more would wait forever.
-    fitting = [node["Resources"].get("CPU", 0.0) for node in ray.nodes()
-               if node["Alive"] and node["Resources"].get("GPU", 0.0) >= gpus]
+    fitting = [
+        node["Resources"].get("CPU", 0.0)
+        for node in ray.nodes()
+        if node["Alive"] and node["Resources"].get("GPU", 0.0) >= gpus
+    ]
     cpus = resources.workers * resources.cpus_per_worker
     cpus = min(cpus, max(fitting)) if fitting and max(fitting) > 0 else cpus
     # Outside the Tune trial's placement group (which holds only the trial's own memory).
     task = ray.remote(_cluster_task).options(
-        num_cpus=cpus, num_gpus=gpus, max_retries=0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
     return ray.get(task.remote(function, *args))
 
 
@@ -692,8 +804,9 @@ def _cluster_task(function, *args):
     return function(*args)
 
 
-def export_model(trained: Path, original_dir: str | Path, settings: dict[str, Any], model_path: Path,
-                 device: str | None = None):
+def export_model(
+    trained: Path, original_dir: str | Path, settings: dict[str, Any], model_path: Path, device: str | None = None
+):
     """The trained student as a plain Hugging Face checkpoint in ``model_path``, and the model.
 
     Built from the original (loaded in the trial's dtype, straight onto ``device``) and the
@@ -716,12 +829,16 @@ def export_model(trained: Path, original_dir: str | Path, settings: dict[str, An
         tensors = load_file(file, device=device)
         unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
         if unexpected:
-            raise UnlearnSearchError(f"trained parameters {unexpected[:3]} in {file} are not in the model "
-                                     f"(expected the student's trained parameters)")
+            raise UnlearnSearchError(
+                f"trained parameters {unexpected[:3]} in {file} are not in the model "
+                f"(expected the student's trained parameters)"
+            )
         found.update(tensors)
     if found != expected:
-        raise UnlearnSearchError(f"{trained}: lacks trained parameters {sorted(expected - found)[:3]} "
-                                 f"(expected all {len(expected)} of trainable={config.trainable})")
+        raise UnlearnSearchError(
+            f"{trained}: lacks trained parameters {sorted(expected - found)[:3]} "
+            f"(expected all {len(expected)} of trainable={config.trainable})"
+        )
     model = plain_model(model)
     model.eval()
     if model_path.exists():
@@ -732,14 +849,16 @@ def export_model(trained: Path, original_dir: str | Path, settings: dict[str, An
     return model
 
 
-def evaluate_on_cluster(model_path: Path, original_dir, data_root, evaluation, output: Path,
-                        resources: Resources) -> dict:
+def evaluate_on_cluster(
+    model_path: Path, original_dir, data_root, evaluation, output: Path, resources: Resources
+) -> dict:
     """The full evaluation of a written student, on the cluster (``on_cluster``)."""
     return on_cluster(resources, evaluate_checkpoint, model_path, original_dir, data_root, evaluation, output)
 
 
-def evaluate_checkpoint(model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation,
-                        output: Path) -> dict:
+def evaluate_checkpoint(
+    model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation, output: Path
+) -> dict:
     """The full evaluation of a written student, on the original model's item subset, on this
     process's device in ``evaluation.dtype``."""
     from unlearn_search.models import load_model, load_tokenizer
@@ -758,12 +877,14 @@ def evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, outpu
 
     if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None:
         evaluation = dataclasses.replace(evaluation, original_mmlu=original_mmlu(original_dir, data_root, evaluation))
-    return evaluate(model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir),
-                    output)
+    return evaluate(
+        model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir), output
+    )
 
 
-def export_and_evaluate(trained: Path, original_dir, settings: dict[str, Any], model_path: Path, data_root,
-                        evaluation, output: Path) -> dict | None:
+def export_and_evaluate(
+    trained: Path, original_dir, settings: dict[str, Any], model_path: Path, data_root, evaluation, output: Path
+) -> dict | None:
     """``export_model``, then the full evaluation of the student (None without one), on the
     original model's item subset, on this process's device in the trial's dtype."""
     from unlearn_search.models import load_tokenizer
@@ -799,12 +920,14 @@ def original_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -
     reported = reported_mmlu(original_dir, data_root, evaluation)
     if reported is not None:
         return reported
-    return score_mmlu(original_dir, data_root, evaluation.mmlu_shots, evaluation.mmlu_limit, evaluation.batch_size,
-                      evaluation.dtype)
+    return score_mmlu(
+        original_dir, data_root, evaluation.mmlu_shots, evaluation.mmlu_limit, evaluation.batch_size, evaluation.dtype
+    )
 
 
-def score_mmlu(model_path: str | Path, data_root: str | Path, shots: int, limit: int | None, batch_size: int,
-               dtype: str = "auto") -> float:
+def score_mmlu(
+    model_path: str | Path, data_root: str | Path, shots: int, limit: int | None, batch_size: int, dtype: str = "auto"
+) -> float:
     """A checkpoint's MMLU average (``limit`` questions per subject, all if None), on this
     process's device in ``dtype``."""
     from unlearn_search.data.locate import paths_from_root

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -16,8 +16,15 @@ from unlearn_search.models import load_model, load_tokenizer, read_target_manife
 from unlearn_search.models.loading import copy_target_manifest
 from unlearn_search.models.trainable import plain_model, prepare_trainable
 from unlearn_search.training.config import TrialConfig, check_output_dir
-from unlearn_search.training.loop import (Report, TorchBackend, TrainData, TrainResult, alternative_answers,
-                                          encode_items, run)
+from unlearn_search.training.loop import (
+    Report,
+    TorchBackend,
+    TrainData,
+    TrainResult,
+    alternative_answers,
+    encode_items,
+    run,
+)
 
 
 @dataclass
@@ -44,8 +51,15 @@ def prepare(model_dir: Path, paths: DataPaths, config: TrialConfig) -> Prepared:
     refusals = None
     if method.alternative == "refusal":
         refusals = load_refusals(config.refusals or paths.refusals)
-    answers = alternative_answers(method.alternative, forget, retain, tokenizer, refusals,
-                                  method.params.get("random_source", "retain"), config.seed)
+    answers = alternative_answers(
+        method.alternative,
+        forget,
+        retain,
+        tokenizer,
+        refusals,
+        method.params.get("random_source", "retain"),
+        config.seed,
+    )
     data = TrainData(
         forget=encode_items(tokenizer, forget, config.max_length),
         retain=encode_items(tokenizer, retain, config.max_length),
@@ -61,11 +75,18 @@ def live_reference(teacher: torch.nn.Module) -> Callable:
     def reference(batch):
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return Reference.from_logits(logits, batch["labels"])
+
     return reference
 
 
-def unlearn(model_dir: str | Path, paths: DataPaths, config: TrialConfig, output: str | Path | None = None,
-            on_boundary: Callable[[Report], bool | None] | None = None, progress: bool = False):
+def unlearn(
+    model_dir: str | Path,
+    paths: DataPaths,
+    config: TrialConfig,
+    output: str | Path | None = None,
+    on_boundary: Callable[[Report], bool | None] | None = None,
+    progress: bool = False,
+):
     """Train a copy of ``model_dir`` to forget; returns ``(model, tokenizer, TrainResult)``.
 
     The input directory is only read. With ``output`` the student is saved there as a plain
@@ -76,8 +97,9 @@ def unlearn(model_dir: str | Path, paths: DataPaths, config: TrialConfig, output
         check_output_dir(output, model_dir)
     torch.manual_seed(config.seed)
     prepared = prepare(model_dir, paths, config)
-    student = prepare_trainable(load_model(model_dir), config.trainable, config.last_k, config.lora_rank,
-                                config.lora_alpha, config.lora_dropout)
+    student = prepare_trainable(
+        load_model(model_dir), config.trainable, config.last_k, config.lora_rank, config.lora_alpha, config.lora_dropout
+    )
     reference = None
     if prepared.method.uses_reference():
         teacher = load_model(model_dir)
@@ -90,8 +112,16 @@ def unlearn(model_dir: str | Path, paths: DataPaths, config: TrialConfig, output
             reference = compute_cache(teacher, cached_sequences(prepared.data), prepared.data.pad_token_id, top_k)
             del teacher
     backend = TorchBackend(student, config.lr, config.weight_decay, config.max_grad_norm)
-    result: TrainResult = run(prepared.method, prepared.steps, prepared.data, backend, reference,
-                              config.forget_loss_bound, on_boundary, progress)
+    result: TrainResult = run(
+        prepared.method,
+        prepared.steps,
+        prepared.data,
+        backend,
+        reference,
+        config.forget_loss_bound,
+        on_boundary,
+        progress,
+    )
     model = plain_model(student)
     model.eval()
     if output is not None:

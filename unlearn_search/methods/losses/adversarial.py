@@ -8,9 +8,11 @@ class Adversarial(Method):
     name = "adversarial"
     summary = "fine-tune each forget answer position towards the model's own most likely wrong token"
     reference_paper = "Yao et al. 2024, Machine Unlearning of Pre-trained LLMs (arXiv 2402.15159)"
-    knobs = (Knob("forget_weight", 1.0, "weight of the adversarial cross-entropy", low=0),
-             Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
-             Knob("retain_weight", 1.0, "weight of the retain term", low=0))
+    knobs = (
+        Knob("forget_weight", 1.0, "weight of the adversarial cross-entropy", low=0),
+        Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
+        Knob("retain_weight", 1.0, "weight of the retain term", low=0),
+    )
     needs_retain = True
 
     def uses_reference(self) -> bool:
@@ -25,5 +27,11 @@ class Adversarial(Method):
         return F.cross_entropy(logits, targets) * step.share("forget", "tokens")
 
     def loss(self, step: StepInputs) -> LossOutput:
-        return compose(step, "forget_adversarial_ce", self._adversarial, self.params["forget_weight"],
-                       self.params["retain_loss"], self.params["retain_weight"])
+        return compose(
+            step,
+            "forget_adversarial_ce",
+            self._adversarial,
+            self.params["forget_weight"],
+            self.params["retain_loss"],
+            self.params["retain_weight"],
+        )

@@ -6,9 +6,11 @@ class IDK(Method):
     name = "idk"
     summary = "cross-entropy towards a template refusal on forget prompts, with a retain term"
     reference_paper = "Maini et al. 2024, TOFU (arXiv 2401.06121), 'I don't know' tuning"
-    knobs = (Knob("forget_weight", 1.0, "weight of the refusal cross-entropy", low=0),
-             Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
-             Knob("retain_weight", 1.0, "weight of the retain term", low=0))
+    knobs = (
+        Knob("forget_weight", 1.0, "weight of the refusal cross-entropy", low=0),
+        Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
+        Knob("retain_weight", 1.0, "weight of the retain term", low=0),
+    )
     needs_retain = True
     alternative = "refusal"
 
@@ -24,5 +26,11 @@ class IDK(Method):
         return ce * step.share("alternative", "tokens")
 
     def loss(self, step: StepInputs) -> LossOutput:
-        return compose(step, "forget_refusal_ce", self._refusal, self.params["forget_weight"],
-                       self.params["retain_loss"], self.params["retain_weight"])
+        return compose(
+            step,
+            "forget_refusal_ce",
+            self._refusal,
+            self.params["forget_weight"],
+            self.params["retain_loss"],
+            self.params["retain_weight"],
+        )

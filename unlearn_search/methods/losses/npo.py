@@ -6,10 +6,12 @@ class NPO(Method):
     name = "npo"
     summary = "negative preference optimization against the original model's likelihood"
     reference_paper = "Zhang et al. 2024, Negative Preference Optimization (arXiv 2404.05868)"
-    knobs = (Knob("beta", 0.1, "inverse temperature", positive=True),
-             Knob("forget_weight", 1.0, "weight of the NPO term", low=0),
-             Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
-             Knob("retain_weight", 1.0, "weight of the retain term", low=0))
+    knobs = (
+        Knob("beta", 0.1, "inverse temperature", positive=True),
+        Knob("forget_weight", 1.0, "weight of the NPO term", low=0),
+        Knob("retain_loss", "ce", "retain term", RETAIN_KINDS),
+        Knob("retain_weight", 1.0, "weight of the retain term", low=0),
+    )
     needs_retain = True
     needs_reference = True
 
@@ -23,5 +25,11 @@ class NPO(Method):
         return loss * step.share("forget", "rows")
 
     def loss(self, step: StepInputs) -> LossOutput:
-        return compose(step, "forget_npo", self._npo, self.params["forget_weight"], self.params["retain_loss"],
-                       self.params["retain_weight"])
+        return compose(
+            step,
+            "forget_npo",
+            self._npo,
+            self.params["forget_weight"],
+            self.params["retain_loss"],
+            self.params["retain_weight"],
+        )

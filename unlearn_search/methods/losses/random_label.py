@@ -8,11 +8,12 @@ class RandomLabel(Method):
     name = "random_label"
     summary = "cross-entropy towards random answers on forget prompts, with GA and a retain KL"
     reference_paper = "Yao et al. 2023, Large Language Model Unlearning (arXiv 2310.10683)"
-    knobs = (Knob("random_weight", 1.0, "weight of the random-answer cross-entropy", low=0),
-             Knob("forget_weight", 0.5, "weight of the ascent term (0 turns it off)", low=0),
-             Knob("retain_weight", 1.0, "weight of the retain KL", low=0),
-             Knob("random_source", "retain", "random answers: other retain answers or random tokens",
-                  ("retain", "tokens")))
+    knobs = (
+        Knob("random_weight", 1.0, "weight of the random-answer cross-entropy", low=0),
+        Knob("forget_weight", 0.5, "weight of the ascent term (0 turns it off)", low=0),
+        Knob("retain_weight", 1.0, "weight of the retain KL", low=0),
+        Knob("random_source", "retain", "random answers: other retain answers or random tokens", ("retain", "tokens")),
+    )
     needs_retain = True
     needs_reference = True
     alternative = "random"
@@ -22,8 +23,9 @@ class RandomLabel(Method):
         return batches if self.params["forget_weight"] else tuple(b for b in batches if b != "forget")
 
     def _forget(self, step: StepInputs):
-        random_ce = (F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
-                     * step.share("alternative", "tokens"))
+        random_ce = F.cross_entropy(step.student(step.alternative), step.alternative["labels"]) * step.share(
+            "alternative", "tokens"
+        )
         value = self.params["random_weight"] * random_ce
         if self.params["forget_weight"]:
             value = value + self.params["forget_weight"] * ascent(step)
