@@ -131,6 +131,34 @@ def test_a_stopped_trial_is_ended_and_reopened_when_a_resumed_search_continues_i
     assert (run(cut).info.status, run(cut).data.tags["status"]) == ("FINISHED", "completed")
     assert run(done).info.status == "FINISHED"  # ended in the first run, not again
 
+    # A trial that finished just before the driver died, re-reported by the resumed search (Tune's
+    # experiment state had not caught up): its run is not reopened and nothing is logged twice.
+    again = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"})
+    again.setup()
+    history = client.get_metric_history(run(done).info.run_id, "aggregate")
+    again.on_trial_start(0, [], done)
+    again.on_trial_result(0, [], done, {"aggregate": 0.4, "trial_output": str(tmp_path), "training_iteration": 3})
+    again.on_trial_complete(0, [], done)
+    again.on_experiment_end([done, cut])
+    assert (run(done).info.status, run(done).data.tags["status"]) == ("FINISHED", "completed")
+    assert len(client.get_metric_history(run(done).info.run_id, "aggregate")) == len(history)
+
+    # The driver died after the trial's evaluation was logged but before its end: the re-report
+    # ends the run, and its evaluation stays logged once.
+    late = _trial("t3", tmp_path, lr=1e-3, method="gd")
+    final = {"aggregate": 0.3, "trial_output": str(tmp_path), "training_iteration": 2}
+    again.on_trial_start(0, [], late)
+    again.on_trial_result(0, [], late, final)
+    last = MLflowTracker(uri, "unlearn-search/unit", tmp_path, "search-unit", {"space": "unit"})
+    last.setup()
+    last.on_trial_start(0, [], late)
+    last.on_trial_result(0, [], late, {**final, "training_iteration": 1})
+    late.last_result = final
+    last.on_trial_complete(0, [], late)
+    late_run = client.get_run(last.trial_runs["t3"])
+    assert (late_run.info.status, late_run.data.tags["status"]) == ("FINISHED", "completed")
+    assert len(client.get_metric_history(late_run.info.run_id, "aggregate")) == 1
+
 
 def test_a_resumed_search_keeps_the_tracking_store_of_its_first_run(tmp_path, monkeypatch):
     """Its parent and trial runs live there: another store would start a second parent run. A

@@ -55,6 +55,8 @@ SKIPPED_METRICS = {
 # finished trials'); a run keeps them apart, so that its "aggregate" is only ever a full evaluation's
 # and a pruned or stopped trial never ranks among finished ones on an estimate.
 ESTIMATE_PREFIX = "estimate."
+# A run holds this metric only once its trial's full evaluation is logged: the evaluation is never logged twice.
+FINAL_METRIC = "aggregate"
 
 
 # The tracker's queue is the one retry layer: its calls run in Tune's controller, where MLflow's
@@ -168,6 +170,9 @@ class MLflowTracker(Callback):
         # Runs whose params are logged: a run created by a call that then failed gets them on the retry.
         self.params_logged: set[str] = set(state.get("params_logged", []))
         self.ended: set[str] = set(state.get("ended", []))  # trials whose end is logged (or queued)
+        # Of those, the ones that ended for good (not cut short): a resumed search whose driver died
+        # before Tune recorded their end re-reports them, and nothing of theirs is logged twice.
+        self.finished: set[str] = set(state.get("finished", []))
 
     # ---------------------------------------------------------------- plumbing
 
@@ -194,6 +199,7 @@ class MLflowTracker(Callback):
                     "trial_runs": self.trial_runs,
                     "params_logged": sorted(self.params_logged),
                     "ended": sorted(self.ended),
+                    "finished": sorted(self.finished),
                 },
                 indent=2,
             )
@@ -238,6 +244,8 @@ class MLflowTracker(Callback):
             run_id = self._trial_run(call["trial_id"], None)
             from mlflow.entities import Metric
 
+            if call.get("evaluated") and FINAL_METRIC in client.get_run(run_id).data.metrics:
+                return  # logged before the driver died; the resumed search re-reports the finished trial
             stamp = int(call["time"] * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, stamp, call["step"]) for k, v in call["values"].items()])
         elif what == "trial_end":
@@ -328,6 +336,8 @@ class MLflowTracker(Callback):
         self._call("parent")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if trial.trial_id in self.finished:
+            return
         if trial.trial_id not in self.trial_runs:
             # Every setting, defaults included: a run is reproducible from its params alone.
             self._call("trial_start", trial_id=trial.trial_id, params=trial_config(dict(trial.config)).flat())
@@ -337,8 +347,10 @@ class MLflowTracker(Callback):
             self._call("trial_resume", trial_id=trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        values = _numeric(result)
-        if not evaluated(result):
+        if trial.trial_id in self.finished:
+            return
+        values, final = _numeric(result), evaluated(result)
+        if not final:
             values = {ESTIMATE_PREFIX + k if k in METRIC_NAMES else k: v for k, v in values.items()}
         if values:
             self._call(
@@ -347,6 +359,7 @@ class MLflowTracker(Callback):
                 values=values,
                 step=int(result.get("training_iteration", 0)),
                 time=time.time(),
+                evaluated=final,
             )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -370,9 +383,13 @@ class MLflowTracker(Callback):
         self.flush(final=True)
 
     def _end(self, trial, failed: bool = False, reason: str = "") -> None:
+        if trial.trial_id in self.finished:
+            return
         result = trial.last_result or {}
         status = trial_status(result, failed, pruned_record(getattr(trial, "path", None)) is not None)
         self.ended.add(trial.trial_id)
+        if status != "stopped":
+            self.finished.add(trial.trial_id)
         self._save()
         self._call(
             "trial_end",
