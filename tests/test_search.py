@@ -201,7 +201,6 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert search_threshold == pytest.approx(DEFAULT_THRESHOLD_FRACTION * original(1))
     assert best_results["mmlu_questions"] == 2 * 57
     assert best_results["mmlu_threshold"] == pytest.approx(DEFAULT_THRESHOLD_FRACTION * original(2))
-    assert best_results["mmlu_threshold"] != pytest.approx(search_threshold)
     assert sorted(e["key"]["limit"] for e in json.loads((output / "original_mmlu.json").read_text())) == [1, 2]
     # Re-evaluated on the split asked for (--final-split validation), where trials used train items.
     import pandas as pd
@@ -210,6 +209,17 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     best_ids = set(pd.read_csv(best / "forget_0.csv")["id"])
     trial_ids = set(pd.read_csv(Path(completed[0]["trial_output"]) / "forget_0.csv")["id"])
     assert best_ids and best_ids <= validation and not trial_ids & validation
+    # The original, scored as the best trial was (the same items, its MMLU from the cache), and
+    # the report that sets them side by side.
+    scored = output / "original"
+    original_results = json.loads((scored / "evaluation_results.json").read_text())
+    assert set(pd.read_csv(scored / "forget_0.csv")["id"]) == best_ids
+    assert original_results["mmlu_scored_before"] and original_results["mmlu_average"] == pytest.approx(original(2))
+    assert original_results["forget-set"]["overall-knowledge-score"] >= 0.9  # the target memorized them
+    report = (output / "report.html").read_text()
+    assert f"Best trial {json.loads((best / 'trial.json').read_text())['trial_id']}" in report
+    assert "plots/best_per_task.png" in report and (output / "plots" / "best_per_task.png").is_file()
+    assert f"report: {output / 'report.html'}" in log
     assert "best trial" in log and "aggregate" in log
     assert "meets_constraints" in (output / "summary.txt").read_text().splitlines()[0]
     assert "meets retain_utility >= 0.0: True" in log and "meets mmlu <= 1.0: True" in log
@@ -245,9 +255,9 @@ def test_search_end_to_end_with_mlflow_server_and_dashboard(tmp_path, tiny_targe
     assert parent.data.metrics["best_full.aggregate"] == pytest.approx(best_results["aggregate-score"])
     assert parent.data.metrics["best_full.meets_constraints"] == 1.0
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.txt", "plots", "best"} <= parent_artifacts
+    assert {"summary.txt", "plots", "best", "report.html"} <= parent_artifacts
     plots = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"optimization_history.png", "lr_range.png"} <= plots
+    assert {"optimization_history.png", "lr_range.png", "best_per_task.png"} <= plots
     assert "lr_range.json" in parent_artifacts
     assert float(parent.data.params["lr_range.low"]) == pytest.approx(fitted["low"])
     assert float(parent.data.params["lr_range.high"]) == pytest.approx(fitted["high"])

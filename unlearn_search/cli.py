@@ -341,6 +341,7 @@ def cmd_search(args) -> None:
         resumed_tracking,
         study_plots,
     )
+    from unlearn_search.tracking.report import write_report
     from unlearn_search.training.config import parse_assignments
 
     overrides = {"resources": parse_assignments(args.resources, "--resources")} if args.resources else None
@@ -395,9 +396,20 @@ def cmd_search(args) -> None:
     outcome = run_search(space, dataclasses.replace(options, output=output), [tracker], on_start)
     names = [o.metric for o in space.objectives] if space.multi_objective else [space.objectives[0].metric]
     plots = study_plots(outcome.storage, outcome.study_name, output / "plots", names)
-    tracker.log_outcome(outcome, plots)
+    report = write_report(
+        output,
+        title=f"Search {space.name} on {Path(args.model).name}",
+        rows=outcome.rows,
+        params=[p.name for p in space.params],
+        best=outcome.best,
+        best_evaluation=outcome.best_evaluation,
+        original_evaluation=outcome.original_evaluation,
+        plots=plots,
+    )
+    tracker.log_outcome(outcome, sorted((output / "plots").glob("*.png")), report)
     print(outcome.table)
     print(f"search {space.name}: {len(outcome.rows)} trials in {outcome.seconds:.0f} s -> {output}")
+    print(f"report: {report}")
     if outcome.best is None:
         bounds = " and ".join(["the MMLU threshold", *map(str, space.constraints)])
         print(f"no finished trial met {bounds}: no best trial")

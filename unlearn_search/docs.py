@@ -692,6 +692,8 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
     from unlearn_search.models.loading import TARGET_MANIFEST
     from unlearn_search.search.driver import (
         BEST_DIR,
+        ORIGINAL_DIR,
+        ORIGINAL_KEY_FILE,
         ORIGINAL_MMLU_FILE,
         RESULT_FILE,
         STATE_FILE,
@@ -701,6 +703,7 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
     from unlearn_search.search.lr_range import RANGE_FILE
     from unlearn_search.search.schedulers import BUDGET_FILE, PRUNED_FILE
     from unlearn_search.tracking.mlflow_tracking import PARENT_FILE, PENDING_FILE
+    from unlearn_search.tracking.report import PER_TASK_PLOT, REPORT_FILE
     from unlearn_search.training.trial import MODEL_DIR, TRAINED_DIR
 
     driver, tracking, trial, plots, cli = (
@@ -757,6 +760,9 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
         (f"{best}{MODEL_DIR}/", "its model", None),
         (f"{best}trial.json", "its row of trials.json", (driver, "trial.json")),
         (f"{best}...", "the evaluation files, as in a trial's folder", None),
+        (f"{ORIGINAL_DIR}/", "the original model scored as the best trial was (its MMLU from the cache)", None),
+        (f"{ORIGINAL_DIR}/{ORIGINAL_KEY_FILE}", "the settings it was scored on", None),
+        (f"{ORIGINAL_DIR}/...", "the evaluation files, as in a trial's folder", None),
         ("trials.json", "every trial's row: status, parameters, scores", (driver, "trials.json")),
         ("summary.txt", "the table the search prints", (driver, "summary.txt")),
         ("plots/", "Optuna's plots of the study, as PNG", (cli, "plots")),
@@ -773,6 +779,8 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
             (plots, "pareto_front"),
         ),
         ("plots/lr_range.png", "with `lr_range_test`: its curve", (driver, "lr_range.png")),
+        (f"plots/{PER_TASK_PLOT}.png", "the best trial's per-task forget and retain scores against the original", None),
+        (REPORT_FILE, "the page to open: trials table, these plots, the best trial against the original", None),
     ]
     return entries
 

@@ -14,7 +14,7 @@ from unlearn_search.data import Benchmark, DataPaths, load_benchmark, load_docum
 from unlearn_search.data.benchmark import Item
 from unlearn_search.evaluation import metrics
 from unlearn_search.evaluation.inference import document_nll, encode_answers, generate, max_length, sequence_nll
-from unlearn_search.evaluation.mmlu import evaluate_mmlu
+from unlearn_search.evaluation.mmlu import PROMPT_FORMAT, evaluate_mmlu
 
 DEFAULT_THRESHOLD_FRACTION = 0.75  # of the original model's MMLU; SemEval fixed 0.371 for its 7B (--mmlu-threshold)
 
@@ -137,17 +137,25 @@ def evaluate(
     config: EvalConfig,
     manifest: dict | None = None,
     output: str | Path | None = None,
+    known_mmlu: float | None = None,
 ) -> dict:
-    """Score ``model``; write ``evaluation_results.json`` and the prediction CSVs into ``output``."""
-    results, frames = score(model, tokenizer, load_eval_data(paths, config, manifest), paths.mmlu, config)
+    """Score ``model``; write ``evaluation_results.json`` and the prediction CSVs into ``output``.
+
+    ``known_mmlu``: this model's MMLU average on ``config``'s questions, scored before (the
+    original's, which the search caches): used as it is instead of scoring MMLU again."""
+    data = load_eval_data(paths, config, manifest)
+    results, frames = score(model, tokenizer, data, paths.mmlu, config, known_mmlu)
     if output is not None:
         write_results(results, frames, Path(output))
     return results
 
 
-def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig) -> tuple[dict, dict]:
+def score(
+    model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig, known_mmlu: float | None = None
+) -> tuple[dict, dict]:
     """The evaluation results (``evaluation_results.json``'s layout) and the frames behind them: per
-    set (forget, retain) one row per item, per MIA kind (member, nonmember) one row per document."""
+    set (forget, retain) one row per item, per MIA kind (member, nonmember) one row per document.
+    With ``known_mmlu`` MMLU is not scored: that average stands, with no per-subject figures."""
     frames = score_benchmark(model, tokenizer, data.benchmark, config)
     results: dict = {f"{s}-set": summarize_set(frames[s]) for s in frames}
     per_task = {s: {t: results[f"{s}-set"][t] for t in frames[s].task.unique()} for s in frames}
@@ -168,9 +176,13 @@ def score(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalCo
     results["mia_member_mean_nll"] = metrics.mean(member_nll)
     results["mia_nonmember_mean_nll"] = metrics.mean(nonmember_nll)
 
-    mmlu = evaluate_mmlu(
-        model, tokenizer, mmlu_dir, config.mmlu_shots, config.mmlu_limit, config.batch_size, config.progress
-    )
+    if known_mmlu is None:
+        mmlu = evaluate_mmlu(
+            model, tokenizer, mmlu_dir, config.mmlu_shots, config.mmlu_limit, config.batch_size, config.progress
+        )
+    else:
+        mmlu = {"average": known_mmlu, "questions": None, "subjects": {}, "prompt_format": PROMPT_FORMAT}
+        results["mmlu_scored_before"] = True
     results["mmlu_average"] = mmlu["average"]
     results["mmlu_questions"] = mmlu["questions"]
     results["mmlu_subjects"] = mmlu["subjects"]

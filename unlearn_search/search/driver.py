@@ -43,6 +43,8 @@ TRIALS_DIR = "trials"
 BEST_DIR = "best"
 STATE_FILE = "search.json"
 ORIGINAL_MMLU_FILE = "original_mmlu.json"
+ORIGINAL_DIR = "original"  # the original model's evaluation, the best trial's reference
+ORIGINAL_KEY_FILE = "settings.json"  # what the original's evaluation in ORIGINAL_DIR was scored on
 RESULT_FILE = "result.json"  # a finished trial's final metrics, in its own directory
 TRIAL_DRIVER_MEMORY = 512 * 2**20
 
@@ -83,6 +85,7 @@ class SearchOutcome:
     storage: str
     table: str = ""
     constraints: tuple[Constraint, ...] = ()
+    original_evaluation: dict | None = None  # the original scored as the best trial was
 
     @property
     def best_final(self) -> dict[str, float] | None:
@@ -558,6 +561,12 @@ def run_search(
                 f"in {output / 'trials.json'} and {output / 'summary.txt'}, and --resume "
                 f"retries the export"
             ) from error
+    original = None
+    if best is not None:
+        try:
+            original = evaluate_original(best, model_dir, paths.root, space, options, output)
+        except Exception as error:  # the report loses its reference, the search nothing
+            logger.warning("could not score the original model for the report (%s)", error)
     return SearchOutcome(
         output,
         rows,
@@ -570,6 +579,7 @@ def run_search(
         storage_url,
         table,
         space.constraints,
+        original,
     )
 
 
@@ -611,22 +621,14 @@ def trial_rows(grid, space: SearchSpace) -> list[dict[str, Any]]:
     return rows
 
 
-def export_best(
+def final_config(
     best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path
-) -> tuple[Path, dict]:
-    """Re-evaluate the best trial with the full evaluation and export it as a checkpoint."""
+):
+    """The best trial's re-evaluation: the final split and MMLU questions, in the trial's dtype."""
     from unlearn_search.evaluation import EvalConfig
-    from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
 
-    # Built aside and moved in at the end: a failed export leaves an earlier export in place.
-    best_dir, partial = output / BEST_DIR, output / f"{BEST_DIR}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    source = Path(best[TRIAL_OUTPUT]) / MODEL_DIR
-    shutil.copytree(source, partial / MODEL_DIR)
     ev = space.evaluation
-    config = EvalConfig(
+    return EvalConfig(
         split=options.final_split,
         max_new_tokens=options.final_max_new_tokens,
         batch_size=ev.batch_size,
@@ -636,6 +638,22 @@ def export_best(
         progress=options.verbose > 0,
         dtype={**space.settings, **best.get("settings", {})}.get("dtype", "auto"),
     )
+
+
+def export_best(
+    best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path
+) -> tuple[Path, dict]:
+    """Re-evaluate the best trial with the full evaluation and export it as a checkpoint."""
+    from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
+
+    # Built aside and moved in at the end: a failed export leaves an earlier export in place.
+    best_dir, partial = output / BEST_DIR, output / f"{BEST_DIR}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    source = Path(best[TRIAL_OUTPUT]) / MODEL_DIR
+    shutil.copytree(source, partial / MODEL_DIR)
+    config = final_config(best, model_dir, data_root, space, options, output)
     # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
     evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, space.resources)
     (partial / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))
@@ -643,3 +661,31 @@ def export_best(
         shutil.rmtree(best_dir)
     partial.rename(best_dir)
     return best_dir, evaluation
+
+
+def evaluate_original(
+    best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path
+) -> dict:
+    """The original model scored as the best trial was (its MMLU from ``original_mmlu``'s cache,
+    so this costs one pass over the items and documents): the report's reference. Kept in
+    ``original/``; a resumed search reads it back when it was scored on the same settings."""
+    from unlearn_search.evaluation.evaluate import RESULTS_FILE
+    from unlearn_search.training.trial import evaluate_original as score_original
+    from unlearn_search.training.trial import on_cluster
+
+    config = final_config(best, model_dir, data_root, space, options, output)
+    key = {"split": config.split, "max_new_tokens": config.max_new_tokens, "dtype": config.dtype}
+    key["mmlu_limit"] = config.mmlu_limit
+    directory, partial = output / ORIGINAL_DIR, output / f"{ORIGINAL_DIR}.partial"
+    saved = directory / ORIGINAL_KEY_FILE
+    if saved.is_file() and json.loads(saved.read_text()) == key:
+        return json.loads((directory / RESULTS_FILE).read_text())
+    mmlu = original_mmlu(model_dir, data_root, space, output, options.final_mmlu_limit)
+    if partial.exists():
+        shutil.rmtree(partial)
+    results = on_cluster(space.resources, score_original, model_dir, data_root, config, partial, mmlu)
+    (partial / ORIGINAL_KEY_FILE).write_text(json.dumps(key))
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
+    return results

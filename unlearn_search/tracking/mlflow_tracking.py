@@ -401,14 +401,15 @@ class MLflowTracker(Callback):
 
     # ---------------------------------------------------------------- the search's own results
 
-    def log_outcome(self, outcome, plots: list[Path]) -> None:
-        """Best trial (params, metrics, model, evaluation), summary table and plots on the parent.
+    def log_outcome(self, outcome, plots: list[Path], report: Path | None = None) -> None:
+        """Best trial (params, metrics, model, evaluation), summary table, plots and the report
+        (at the artifacts' root, beside ``plots/``, whose images it shows) on the parent.
 
         A failure here is reported, not raised: everything logged is also in the search's output.
         """
         try:
             with fail_fast():  # a dead server: one refused call, not MLflow's minutes of retries per call
-                self._log_outcome(outcome, plots)
+                self._log_outcome(outcome, plots, report)
         except Exception as error:  # any client failure: the results on disk stand
             reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             print(
@@ -416,7 +417,7 @@ class MLflowTracker(Callback):
                 f"it is in {outcome.output}"
             )
 
-    def _log_outcome(self, outcome, plots: list[Path]) -> None:
+    def _log_outcome(self, outcome, plots: list[Path], report: Path | None) -> None:
         self.flush(final=True)
         parent, client = self._parent(), self.client
         for row in outcome.rows:
@@ -427,6 +428,8 @@ class MLflowTracker(Callback):
         client.log_artifact(parent, str(outcome.output / "trials.json"))
         for plot in plots:
             client.log_artifact(parent, str(plot), "plots")
+        if report is not None:
+            client.log_artifact(parent, str(report))
         self._log_range(parent, outcome.output)
         client.log_metric(parent, "trials_completed", sum(r["status"] == "completed" for r in outcome.rows))
         client.log_metric(parent, "search_seconds", outcome.seconds)

@@ -38,10 +38,10 @@ def study_plots(storage: str, study_name: str, directory: Path, objective_names:
                 study, target=lambda t: t.values[i], target_name=name
             )
     else:
-        name = objective_names[0]
-        plots["optimization_history"] = lambda: ovm.plot_optimization_history(study, target_name=name)
-        plots["param_importances"] = lambda: ovm.plot_param_importances(study, target_name=name)
-        plots["parallel_coordinate"] = lambda: ovm.plot_parallel_coordinate(study, target_name=name)
+        objective = objective_names[0]
+        plots["optimization_history"] = lambda: ovm.plot_optimization_history(study, target_name=objective)
+        plots["param_importances"] = lambda: ovm.plot_param_importances(study, target_name=objective)
+        plots["parallel_coordinate"] = lambda: ovm.plot_parallel_coordinate(study, target_name=objective)
     written = []
     for name, make in plots.items():
         try:

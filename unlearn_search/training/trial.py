@@ -856,6 +856,19 @@ def evaluate_on_cluster(
     return on_cluster(resources, evaluate_checkpoint, model_path, original_dir, data_root, evaluation, output)
 
 
+def evaluate_original(original_dir: str | Path, data_root: str | Path, evaluation, output: Path, mmlu: float) -> dict:
+    """The original model's full evaluation on its own item subset, with its MMLU (``mmlu``, on
+    ``evaluation``'s questions) scored before: what the best trial is compared against."""
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.evaluation import evaluate
+    from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
+    from unlearn_search.models.loading import default_device
+
+    model = load_model(original_dir, evaluation.dtype, device=default_device())
+    paths, manifest = paths_from_root(data_root), read_target_manifest(original_dir)
+    return evaluate(model, load_tokenizer(original_dir), paths, evaluation, manifest, output, known_mmlu=mmlu)
+
+
 def evaluate_checkpoint(
     model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation, output: Path
 ) -> dict:
