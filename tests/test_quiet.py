@@ -64,3 +64,62 @@ def test_other_warnings_still_show():
     )
     assert messages == ["our own warning", "`torch.load` is deprecated"]
     assert all(known.source and known.why for known in KNOWN_WARNINGS)
+
+
+def _read_back(path, trainable) -> list[str]:
+    """Ray Tune's own read-back of an experiment (``Tuner.restore(...).get_results()``), with what
+    its ResultGrid logs."""
+    import logging
+
+    from ray import tune
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    logger.addHandler(handler)
+    try:
+        tune.Tuner.restore(str(path), trainable=trainable).get_results()
+    finally:
+        logger.removeHandler(handler)
+    # A logger's filters decide before its handlers see a record.
+    return [r.getMessage() for r in records]
+
+
+def test_tunes_missing_result_files_line_is_silenced_and_other_failures_still_show(tmp_path):
+    """A real Tune experiment of two trials, read back after one trial's result files are gone
+    (what a trial cut before Tune wrote them leaves), then after the other's are damaged."""
+    import logging
+
+    import ray
+    from ray import tune
+
+    from unlearn_search.quiet import KNOWN_LOG_LINES, _DropKnownLine
+    from unlearn_search.training.cluster import init_ray
+
+    def reports(trial_config):  # defined here: Ray's workers cannot import a test module
+        tune.report({"aggregate": trial_config["x"]})
+
+    logger = logging.getLogger(KNOWN_LOG_LINES[0].logger)
+    init_ray(num_cpus=1)
+    try:
+        tune.Tuner(
+            reports,
+            param_space={"x": tune.grid_search([1, 2])},
+            run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0),
+        ).fit()
+        first, second = sorted(p for p in (tmp_path / "tune").iterdir() if p.is_dir())
+        for name in ("result.json", "progress.csv"):
+            (first / name).unlink()
+        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
+            logger.removeFilter(f)
+        unfiltered = _read_back(tmp_path / "tune", reports)  # the source still logs the text the entry matches
+        assert len(unfiltered) == 1 and "FileNotFoundError('Could not fetch metrics for" in unfiltered[0]
+        silence_known_warnings()
+        assert _read_back(tmp_path / "tune", reports) == []
+        (second / "result.json").write_text("{not json\n")  # a failure of another kind is not hidden
+        shown = _read_back(tmp_path / "tune", reports)
+        assert len(shown) == 1 and "Failed to fetch metrics for 2 trial(s)" in shown[0]
+    finally:
+        ray.shutdown()
+    assert all(line.source and line.why for line in KNOWN_LOG_LINES)

@@ -1,5 +1,5 @@
-"""Known third-party warnings that tell our users nothing, silenced by name; every other warning,
-ours included, still shows.
+"""Known third-party warnings and log lines that tell our users nothing, silenced by name; every
+other warning and log line, ours included, still shows.
 
 Each entry names where the warning comes from and why it is safe to hide. The filters are set in
 the driver (``cli.main``) and in every Ray worker and task (``training.trial._worker_environment``),
@@ -9,6 +9,8 @@ entry whose text changes upstream fails there.
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -38,7 +40,42 @@ KNOWN_WARNINGS = (
 )
 
 
+@dataclass(frozen=True)
+class KnownLogLine:
+    source: str  # who logs it, and when
+    why: str  # why a user need not see it
+    logger: str  # the logger's name
+    message: str  # a regular expression the whole record's text must match
+
+
+KNOWN_LOG_LINES = (
+    KnownLogLine(
+        "Ray Tune's ResultGrid, reading back a trial that left neither result.json nor progress.csv",
+        "a trial cut before Tune wrote them (the time budget ended the search as it started, or an "
+        "interrupt): the search's own table lists it as stopped, and the per-report dataframe that "
+        "the warning says is missing is not read by the search. Any other failure still shows",
+        "ray.tune.analysis.experiment_analysis",
+        r"Failed to fetch metrics for \d+ trial\(s\):"
+        r"(\n- [^\n]*: FileNotFoundError\('Could not fetch metrics for [^\n]*)+",
+    ),
+)
+
+
+class _DropKnownLine(logging.Filter):
+    def __init__(self, known: KnownLogLine):
+        super().__init__()
+        self.pattern = re.compile(known.message)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.pattern.fullmatch(record.getMessage()) is None
+
+
 def silence_known_warnings() -> None:
-    """Ignore each of ``KNOWN_WARNINGS`` in this process (idempotent: filters are not duplicated)."""
+    """Ignore each of ``KNOWN_WARNINGS`` and ``KNOWN_LOG_LINES`` in this process (idempotent:
+    filters are not duplicated)."""
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.message, category=known.category)
+    for line in KNOWN_LOG_LINES:
+        logger = logging.getLogger(line.logger)
+        if not any(isinstance(f, _DropKnownLine) and f.pattern.pattern == line.message for f in logger.filters):
+            logger.addFilter(_DropKnownLine(line))

@@ -378,7 +378,10 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
         with cache_lock(shared, "the original's MMLU"):  # a search started beside this one scores it once
             entry = find(shared)
             if entry is None:
-                evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
+                evaluation = EvalConfig(
+                    mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size, progress=True
+                )
+                print(f"scoring the original on MMLU ({limit or 'all'} questions per subject), once per model")
                 entry = {
                     "key": key,
                     "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root, evaluation),

@@ -933,16 +933,21 @@ def original_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -
     reported = reported_mmlu(original_dir, data_root, evaluation)
     if reported is not None:
         return reported
-    return score_mmlu(
-        original_dir, data_root, evaluation.mmlu_shots, evaluation.mmlu_limit, evaluation.batch_size, evaluation.dtype
-    )
+    e = evaluation
+    return score_mmlu(original_dir, data_root, e.mmlu_shots, e.mmlu_limit, e.batch_size, e.dtype, e.progress)
 
 
 def score_mmlu(
-    model_path: str | Path, data_root: str | Path, shots: int, limit: int | None, batch_size: int, dtype: str = "auto"
+    model_path: str | Path,
+    data_root: str | Path,
+    shots: int,
+    limit: int | None,
+    batch_size: int,
+    dtype: str = "auto",
+    progress: bool = False,
 ) -> float:
     """A checkpoint's MMLU average (``limit`` questions per subject, all if None), on this
-    process's device in ``dtype``."""
+    process's device in ``dtype``; ``progress`` shows a bar (all of MMLU takes minutes)."""
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.evaluation.mmlu import evaluate_mmlu
     from unlearn_search.models import load_model, load_tokenizer
@@ -950,4 +955,5 @@ def score_mmlu(
 
     model = load_model(model_path, dtype, device=default_device())
     tokenizer = load_tokenizer(model_path)
-    return evaluate_mmlu(model, tokenizer, paths_from_root(data_root).mmlu, shots, limit, batch_size)["average"]
+    mmlu = paths_from_root(data_root).mmlu
+    return evaluate_mmlu(model, tokenizer, mmlu, shots, limit, batch_size, progress)["average"]
