@@ -369,6 +369,8 @@ def test_driver_killed_then_resume_keeps_finished_trials_and_repeats_none(tmp_pa
         t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     ]
     assert len(finished) == 2, [(t.number, t.state) for t in study.trials]
+    # None left RUNNING: one Optuna began as the driver died, before Tune saved it, is FAIL.
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     for number, params in done_before.items():  # kept, with the same parameters, and not run again
         assert study.trials[number].state == optuna.trial.TrialState.COMPLETE and study.trials[number].params == params
     rows = json.loads((output / "trials.json").read_text())
@@ -416,7 +418,14 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from unlearn_search.search.driver import TUNE_TRIAL_ATTR, _scheduler, end_stopped_trials, make_searcher, trial_rows
+    from unlearn_search.search.driver import (
+        TUNE_TRIAL_ATTR,
+        _scheduler,
+        end_orphaned_trials,
+        end_stopped_trials,
+        make_searcher,
+        trial_rows,
+    )
     from unlearn_search.search.results import OBJECTIVE, TRIAL_OUTPUT, summary_table
     from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
     from unlearn_search.search.space import parse_space
@@ -513,3 +522,14 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     assert end_stopped_trials(storage, "budget", rows) == 1
     assert states()[ids[0.95]] == ("FAIL", None)
     assert end_stopped_trials(storage, "budget", rows) == 0
+
+    # Trials Optuna began as the driver died, before Tune saved its state (one named, one not
+    # yet): --resume ends them, and only them; a trial the experiment holds is left to Tune.
+    study = optuna.load_study(study_name="budget", storage=storage)
+    study.ask().set_user_attr(TUNE_TRIAL_ATTR, "never-saved")
+    study.ask()
+    held = study.ask()
+    held.set_user_attr(TUNE_TRIAL_ATTR, ids[0.95])  # as if the cut trial were still RUNNING
+    assert end_orphaned_trials(storage, "budget", tmp_path / "tune") == 2
+    study = optuna.load_study(study_name="budget", storage=storage)
+    assert [t.state.name for t in study.trials[-3:]] == ["FAIL", "FAIL", "RUNNING"]

@@ -247,6 +247,23 @@ def end_stopped_trials(storage, study_name: str, rows: list[dict[str, Any]]) -> 
     return ended
 
 
+def end_orphaned_trials(storage, study_name: str, experiment: Path) -> int:
+    """Mark FAIL the study's RUNNING trials that the restored Tune experiment does not hold: the
+    driver died after Optuna began them and before Tune saved its state, so no resumed trial will
+    ever end them (Tune asks the searcher for their places again). Returns how many."""
+    import optuna
+    from ray.tune import ExperimentAnalysis
+
+    restored = {trial.trial_id for trial in ExperimentAnalysis(str(experiment)).trials}
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    ended = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(TUNE_TRIAL_ATTR) not in restored:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            ended += 1
+    return ended
+
+
 def _scheduler(space: SearchSpace):
     from ray.tune.schedulers import FIFOScheduler
 
@@ -515,6 +532,11 @@ def run_search(
         ray.tune.with_parameters(search_trial, context=trial_context), {"memory": TRIAL_DRIVER_MEMORY}
     )
     if options.resume:
+        orphans = end_orphaned_trials(storage_url, study_name, output / TUNE_DIR)
+        if orphans:
+            logger.warning(
+                "%d trial(s) of the study began as the search was interrupted and were never run: FAIL", orphans
+            )
         tuner = Tuner.restore(
             str(output / TUNE_DIR),
             trainable=trainable,
