@@ -82,7 +82,7 @@ def test_the_fitted_range_replaces_the_lr_bounds_and_moves_starts_into_it():
     space = parse_space(yaml.safe_load((REPO / "search_spaces" / "sugd.yaml").read_text()))
     fitted = FittedRange(onset=1e-3, low=3e-5, high=3e-3)
     lr = fitted_param(next(p for p in space.params if p.name == "lr"), fitted)
-    assert (lr.low, lr.high, lr.distribution) == (3e-5, 3e-3, "loguniform")
+    assert (lr.low, lr.high, lr.distribution, lr.log) == (3e-5, 3e-3, "float", True)
     starts, notes = moved_starts([{"lr": 1e-6, "last_k": 2}, {"lr": 1e-4}, {"lr": 0.5}], fitted)
     assert [s["lr"] for s in starts] == pytest.approx([3e-4, 1e-4, 3e-4]) and starts[0]["last_k"] == 2
     assert notes == [
@@ -132,13 +132,13 @@ def test_a_bad_range_test_block_gets_one_clear_line(change, message):
     assert str(error.value).startswith(message), str(error.value)
 
 
-def test_the_range_test_needs_a_loguniform_lr():
+def test_the_range_test_needs_a_log_float_lr():
     raw = _space()
-    raw["params"]["lr"] = {"distribution": "uniform", "low": 1e-5, "high": 1e-3}
+    raw["params"]["lr"] = {"distribution": "float", "low": 1e-5, "high": 1e-3}
     with pytest.raises(
         UnlearnSearchError,
         match=r"^lr_range_test: fits the searched learning rate \(expected params.lr "
-        r"with distribution loguniform\)$",
+        r"with distribution float, log true\)$",
     ):
         parse_space(raw)
 

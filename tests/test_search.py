@@ -449,7 +449,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
         {
             "name": "budget",
             "settings": {"method": "gd", "schedule": "joint"},
-            "params": {"lr": {"distribution": "uniform", "low": 0.01, "high": 1.0}},
+            "params": {"lr": {"distribution": "float", "low": 0.01, "high": 1.0}},
             "starts": [{"lr": 0.9}, {"lr": 0.1}, {"lr": 0.95}],
             "search": {"pruner": "asha", "grace_period": 50, "reduction_factor": 2},
         }

@@ -33,7 +33,7 @@ BASE = {
     "name": "t",
     "settings": {"method": "gd", "schedule": "joint"},
     "params": {
-        "lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
+        "lr": {"distribution": "float", "log": True, "low": 1e-5, "high": 1e-3},
         "epochs": {"distribution": "int", "low": 1, "high": 3},
         "trainable": {"distribution": "categorical", "choices": ["full", "lora"]},
         "lora_rank": {"distribution": "categorical", "choices": [8, 16], "when": {"trainable": "lora"}},
@@ -83,7 +83,22 @@ def _broken(edit):
 
 BAD = [
     (lambda r: r.update(sampler="tpe"), "sampler: unknown key"),
-    (lambda r: r["params"]["lr"].update(low=0), "params.lr.low: expected a value > 0 for a log range"),
+    # Optuna's own checks of its distributions, under the key path.
+    (lambda r: r["params"]["lr"].update(low=0), "params.lr: `low > 0` must hold for `log=True`"),
+    (lambda r: r["params"]["lr"].update(step=1e-4), "params.lr: The parameter `step` is not supported when `log`"),
+    (
+        lambda r: r["params"].update(epochs={"distribution": "int", "low": 0, "high": 4, "log": True}),
+        "params.epochs: `low >= 1` must hold for `log=True`",
+    ),
+    # The names Optuna deprecated: the replacement is said.
+    (
+        lambda r: r["params"]["lr"].update(distribution="loguniform"),
+        "params.lr.distribution: 'loguniform' is a name Optuna deprecated (expected distribution: float, log: true)",
+    ),
+    (
+        lambda r: r["params"].update(x={"distribution": "uniform", "low": 0.0, "high": 1.0}),
+        "params.x.distribution: 'uniform' is a name Optuna deprecated (expected distribution: float)",
+    ),
     (lambda r: r["params"]["epochs"].update(low=3, high=1), "params.epochs: expected low < high"),
     (lambda r: r["params"]["epochs"].update(low=2, high=2), "params.epochs: expected low < high"),
     (lambda r: r["params"]["epochs"].update(low="one"), "params.epochs.low: expected an integer (got 'one')"),
@@ -126,7 +141,7 @@ BAD = [
     (lambda r: r.update(resources={"wokers": 2}), "did you mean 'workers'?)"),
     (lambda r: r.update(serach={}), "serach: unknown key (expected one of constraints, "),
     (lambda r: r.update(serach={}), "did you mean 'search'?)"),
-    (lambda r: r["params"]["lr"].update(distrbution="uniform"), "did you mean 'distribution'?)"),
+    (lambda r: r["params"]["lr"].update(distrbution="float"), "did you mean 'distribution'?)"),
     (lambda r: r.update(resources={"offload": "yes"}), "resources.offload: expected true or false"),
     (
         lambda r: r.update(resources={"placement": "scatter"}),
@@ -135,8 +150,8 @@ BAD = [
     (lambda r: r.update(evaluation={"split": "test"}), "evaluation.split: expected one of train"),
     # Each of these used to pass validation and fail later, inside a trial, as a traceback.
     (
-        lambda r: r["params"].update(epochs={"distribution": "uniform", "low": 1, "high": 4}),
-        "params.epochs.distribution: expected int (epochs is an integer setting) (got 'uniform')",
+        lambda r: r["params"].update(epochs={"distribution": "float", "low": 1, "high": 4}),
+        "params.epochs.distribution: expected int (epochs is an integer setting) (got 'float')",
     ),
     (
         lambda r: r["params"]["lora_rank"].update(when={"trainable": "lroa"}),
@@ -446,7 +461,21 @@ SCALARS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8),
     st.sampled_from(
-        ["gd", "sugd", "lora", "loguniform", "int", "categorical", "tpe", "asha", "aggregate", "max", "lr", "epochs"]
+        [
+            "gd",
+            "sugd",
+            "lora",
+            "float",
+            "loguniform",
+            "int",
+            "categorical",
+            "tpe",
+            "asha",
+            "aggregate",
+            "max",
+            "lr",
+            "epochs",
+        ]
     ),
 )
 VALUES = st.recursive(
@@ -742,14 +771,18 @@ def test_a_knob_of_a_searched_schedule_is_valid_under_its_condition():
         parse_space(raw)
 
 
-def test_grid_values_stay_in_range_when_the_step_does_not_divide_it():
+def test_a_grid_steps_over_the_whole_range_and_a_step_must_divide_it():
     raw = copy.deepcopy(BASE)
     raw["settings"]["schedule"] = "agad"
-    raw["params"] = {"interleaving": {"distribution": "uniform", "low": 0.0, "high": 1.0, "step": 0.35}}
+    raw["params"] = {"interleaving": {"distribution": "float", "low": 0.0, "high": 1.0, "step": 0.25}}
     raw["starts"] = []
     raw["search"] = {"sampler": "grid"}
     (param,) = parse_space(raw).params
-    assert param.grid() == pytest.approx([0.0, 0.35, 0.7])
+    assert param.grid() == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    # Optuna would sample [0.0, 0.7] and warn at every trial: the space says so up front instead.
+    raw["params"]["interleaving"]["step"] = 0.35
+    with pytest.raises(UnlearnSearchError, match=r"^params.interleaving.step: expected a step that divides high - low"):
+        parse_space(raw)
 
 
 def test_a_resumed_search_finds_its_relative_storage_from_another_directory(tmp_path, monkeypatch):

@@ -336,7 +336,7 @@ def test_the_lr_range_test_finds_where_the_forget_nll_rises_and_fits_the_space_t
     from unlearn_search.search.space import parse_space
 
     raw = yaml.safe_load(SPACE.read_text())
-    raw["params"]["lr"] = {"distribution": "loguniform", "low": 1e-5, "high": 1.0}
+    raw["params"]["lr"] = {"distribution": "float", "log": True, "low": 1e-5, "high": 1.0}
     raw["starts"] = [{"lr": 1e-5, "epochs": 1, "forget_weight": 1.0, "trainable": "full"}]
     raw["lr_range_test"] = {"steps": 12, "probe_every": 3, "probe_items": 4}
     space = parse_space(raw)

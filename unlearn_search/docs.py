@@ -93,10 +93,10 @@ TOP_HELP: dict[str, tuple[str, str, str]] = {
 # Keys of one ``params`` entry (``space.PARAM_KEYS``, the fields of ``space.Param`` but its name).
 PARAM_HELP = {
     "distribution": "one of [[DISTRIBUTIONS]]",
-    "low": "the range's lower end (uniform, loguniform, int: required; > 0 for a log range)",
+    "low": "the range's lower end (float, int: required; > 0 for a log range)",
     "high": "its upper end (> low)",
-    "step": "a grid step (uniform, int; at most high - low; not with a log range)",
-    "log": "int only: sample on a log scale (floats: use loguniform)",
+    "step": "a grid step (float, int; at most high - low; not with a log range)",
+    "log": "float, int: sample on a log scale (Optuna's `log=True`)",
     "choices": "categorical only (required there): a non-empty list of distinct strings, numbers, booleans or null",
     "when": "`{setting: value or [values]}`: sampled only where each named setting or parameter takes one of "
     "those values (a fixed setting's value must be among them)",
@@ -275,7 +275,7 @@ def _minimal_space(**extra):
     return parse_space(
         {
             "settings": {"method": "ga"},
-            "params": {"lr": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3}},
+            "params": {"lr": {"distribution": "float", "log": True, "low": 1e-5, "high": 1e-3}},
             **extra,
         }
     )
@@ -309,7 +309,7 @@ EXAMPLE = """\
 name: sugd
 settings: {method: gd, schedule: sugd, batch_size: 8}          # fixed trial settings
 params:                                                        # searched, in order
-  lr: {distribution: loguniform, low: 1.0e-6, high: 1.0e-1}   # narrowed by lr_range_test
+  lr: {distribution: float, log: true, low: 1.0e-6, high: 1.0e-1}   # narrowed by lr_range_test
   positive_ratio: {distribution: int, low: 1, high: 7}
   trainable: {distribution: categorical, choices: [last_k, lora]}
   lora_rank: {distribution: categorical, choices: [8, 16, 32], when: {trainable: lora}}
@@ -410,7 +410,7 @@ def space_markdown() -> str:
         "",
         "## lr_range_test",
         "",
-        "Needs `params.lr` with distribution `loguniform` and at least one start. `low` and `high` are",
+        "Needs `params.lr` with distribution `float` and `log: true`, and at least one start. `low` and `high` are",
         "not keys here: the test ramps over `params.lr`'s range.",
         "",
     ]
@@ -445,7 +445,7 @@ that was unlearning because an untouched one scored one quick MMLU question high
 **Samplers.** `tpe` (the default) samples at random until `n_startup_trials` trials have finished,
 by default a third of the trials, 2 to 10, where Optuna's own default of 10 would leave a 6-trial
 search random; `nsga2` is the default with several objectives; `random`; `grid` (categorical, int
-or stepped uniform parameters, no `when`). `time_budget_s` (or `--time-budget`) is the search's
+or stepped float parameters, no `when`). `time_budget_s` (or `--time-budget`) is the search's
 wall-clock budget: once spent, no trial starts and the running ones are cut (`stopped`).
 
 **Signal.** An objective's `signal` (weight `signal_weight`, default {weight:g} with a signal) is added to

@@ -191,9 +191,9 @@ def fit_range(probes: Sequence[Probe], test: RangeTest, diverged_at: int | None 
 
 def fitted_param(param, fitted: FittedRange):
     """The space's ``lr`` parameter with the fitted bounds."""
-    if param.distribution != "loguniform":
+    if param.distribution != "float" or not param.log:
         raise UnlearnSearchError(
-            f"params.{param.name}: the lr range test fits a loguniform lr (got {param.distribution})"
+            f"params.{param.name}: the lr range test fits a float lr with log: true (got {param.distribution})"
         )
     return dataclasses.replace(param, low=fitted.low, high=fitted.high)
 

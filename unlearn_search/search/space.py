@@ -19,7 +19,9 @@ from unlearn_search.search.lr_range import RangeTest
 from unlearn_search.training.config import setting_type
 from unlearn_search.training.trial import PLACEMENTS, Resources
 
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "categorical")
+# Optuna's vocabulary (FloatDistribution, IntDistribution, CategoricalDistribution), with log and step.
+DISTRIBUTIONS = ("float", "int", "categorical")
+RENAMED_DISTRIBUTIONS = {"uniform": "float", "loguniform": "float, log: true"}  # names Optuna deprecated
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 PRUNERS = ("asha", "median", "none")
 EVAL_SPLITS = ("train", "validation", "all")
@@ -52,26 +54,34 @@ class Param:
     choices: tuple = ()
     when: dict[str, tuple] = field(default_factory=dict)
 
+    def optuna_distribution(self):
+        """Optuna's own distribution object for this parameter (which checks its arguments)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.distribution == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        if self.distribution == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
     def suggest(self, trial) -> Any:
         if self.distribution == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.distribution == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(
-            self.name, self.low, self.high, step=self.step, log=self.distribution == "loguniform"
-        )
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
     def grid(self) -> list:
         if self.distribution == "categorical":
             return list(self.choices)
         if self.distribution == "int" and not self.log:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        if self.distribution == "uniform" and self.step:
+        if self.distribution == "float" and self.step:
             # Down: a step that does not divide the range never steps past high.
             count = math.floor((self.high - self.low) / self.step + 1e-9)
             return [self.low + i * self.step for i in range(count + 1)]
         raise UnlearnSearchError(
-            f"params.{self.name}: the grid sampler needs categorical, int or stepped uniform "
+            f"params.{self.name}: the grid sampler needs categorical, int or stepped float "
             f"parameters (got {self.distribution})"
         )
 
@@ -290,6 +300,11 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
         if key not in PARAM_KEYS:
             raise UnlearnSearchError(f"{path}.{key}: unknown key (expected {one_of(key, sorted(PARAM_KEYS))})")
     distribution = raw.get("distribution")
+    if distribution in RENAMED_DISTRIBUTIONS:
+        raise UnlearnSearchError(
+            f"{path}.distribution: {distribution!r} is a name Optuna deprecated "
+            f"(expected distribution: {RENAMED_DISTRIBUTIONS[distribution]})"
+        )
     if distribution not in DISTRIBUTIONS:
         raise _fail(f"{path}.distribution", f"one of {', '.join(DISTRIBUTIONS)}", distribution)
     when = {}
@@ -329,18 +344,15 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
     log = raw.get("log", False)
     if not isinstance(log, bool):
         raise _fail(f"{path}.log", "true or false", log)
-    if log and distribution != "int":
-        raise UnlearnSearchError(f"{path}.log: only int parameters take log (use distribution: loguniform)")
-    if (distribution == "loguniform" or log) and low <= 0:
-        raise _fail(f"{path}.low", "a value > 0 for a log range", low)
     step = raw.get("step")
     if step is not None:
         step = _number(step, f"{path}.step", integer)
         if step <= 0 or step > high - low:
             raise _fail(f"{path}.step", f"a value in (0, {high - low}]", step)
-        if distribution == "loguniform" or log:
-            raise UnlearnSearchError(f"{path}.step: a log range takes no step")
-    return Param(
+        steps = (high - low) / step
+        if not log and abs(steps - round(steps)) > 1e-9 * max(1.0, steps):  # Optuna would move high down
+            raise _fail(f"{path}.step", f"a step that divides high - low = {high - low}", step)
+    param = Param(
         name,
         distribution,
         float(low) if not integer else int(low),
@@ -349,6 +361,11 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
         log,
         when=when,
     )
+    try:  # Optuna's own checks (a log range's low > 0, no step with log), under the key path
+        param.optuna_distribution()
+    except ValueError as error:
+        raise UnlearnSearchError(f"{path}: {error}") from None
+    return param
 
 
 def _objectives(raw: dict) -> tuple[Objective, ...]:
@@ -483,7 +500,7 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         for choice in param.choices or (param.low, param.high):
             _check_settings({**context, param.name: choice}, f"params.{param.name}")
         if (
-            param.distribution in ("uniform", "loguniform")
+            param.distribution == "float"
             and setting_type(param.name, context.get("method"), context.get("schedule", "joint")) is int
         ):
             raise _fail(
@@ -581,9 +598,9 @@ def _range_test(raw: Any, lr: Param | None, starts: list[dict]) -> RangeTest | N
     for key in ("low", "high"):
         if key in _mapping(raw, "lr_range_test"):
             raise UnlearnSearchError(f"lr_range_test.{key}: the test ramps over params.lr's range (set {key} there)")
-    if lr is None or lr.distribution != "loguniform":
+    if lr is None or lr.distribution != "float" or not lr.log:
         raise UnlearnSearchError(
-            "lr_range_test: fits the searched learning rate (expected params.lr with distribution loguniform)"
+            "lr_range_test: fits the searched learning rate (expected params.lr with distribution float, log true)"
         )
     if not starts:
         raise UnlearnSearchError("lr_range_test: runs the first start point (expected at least one in starts)")
