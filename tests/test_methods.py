@@ -209,7 +209,7 @@ def _bounded_ascent_on_rank(rank: int, init_file: str, label_logits: list, bound
     step = StepInputs(
         forget=batch, retain=None, student=lambda b: logits, forget_loss_bound=bound, mean_over_ranks=mean_over_ranks
     )
-    loss = ascent(step)
+    loss = ascent(step).value
     Path(out, f"{rank}.json").write_text(json.dumps({"ce": -float(loss.detach()), "ascends": loss.requires_grad}))
     dist.destroy_process_group()
 
@@ -279,13 +279,78 @@ def test_the_steps_one_reduction_carries_a_diverged_loss_to_every_rank(tmp_path)
         assert loss == math.inf and parts == [1.0, 2.0]
 
 
-def _gradient(model, method, step, data, reference) -> torch.Tensor:
+def _gradient(model, method, step, data, reference, mean_over_ranks=lambda value: value) -> torch.Tensor:
     from unlearn_search.training.loop import step_inputs
 
     model.zero_grad(set_to_none=True)
     forward = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # noqa: E731
-    method.loss(step_inputs(method, step, data, forward, reference)).loss.backward()
+    inputs = step_inputs(method, step, data, forward, reference, mean_over_ranks=mean_over_ranks)
+    method.loss(inputs).loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _uneven_step(prepared, world: int):
+    """The first step whose parts over ``world`` ranks hold different numbers of rows, where plain
+    per-rank means would give another gradient."""
+    from unlearn_search.training.distributed import shard_steps
+
+    def sizes(step):
+        parts = [shard_steps([step], rank, world, prepared.data)[0] for rank in range(world)]
+        return {len(p.forget) for p in parts} | {len(p.retain) for p in parts}
+
+    return next(s for s in prepared.steps if len(sizes(s)) > 1)
+
+
+def _moved_student_and_teacher(target):
+    """The target as teacher, and a student moved off it by a seeded perturbation (NPO's and the
+    KL's terms are not at 0 there)."""
+    teacher, model = load_model(target), load_model(target)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return model, teacher
+
+
+def _method_gradients_on_rank(rank: int, init_file: str, target: str, data_root: str, out: str) -> None:
+    """Every registered method's gradient on its uneven step, this rank's part, averaged over the
+    gloo ranks as ZeRO's data parallelism averages it."""
+    import torch.distributed as dist
+
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.training.distributed import mean_over_ranks, shard_steps
+    from unlearn_search.training.unlearn import live_reference, prepare
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    for name in sorted(METHODS):
+        prepared = prepare(Path(target), paths_from_root(data_root), trial_config({"method": name}))
+        model, teacher = _moved_student_and_teacher(target)
+        part = shard_steps([_uneven_step(prepared, 2)], rank, 2, prepared.data)[0]
+        gradient = _gradient(model, prepared.method, part, prepared.data, live_reference(teacher), mean_over_ranks)
+        dist.all_reduce(gradient)
+        if rank == 0:
+            torch.save(gradient / 2, Path(out, f"{name}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_method_takes_the_same_gradient_on_one_process_and_on_two_gloo_workers(tmp_path, tiny_target, data_paths):
+    """The same step on one process and split over two real gloo workers holding unequal parts:
+    the workers' averaged gradient equals the one process's, for every registered method. A loss
+    that left out its share would be off (the plain-mean case below)."""
+    import torch.multiprocessing as mp
+
+    from unlearn_search.training.unlearn import live_reference, prepare
+
+    args = (str(tmp_path / "init"), str(tiny_target), str(data_paths.root), str(tmp_path))
+    mp.spawn(_method_gradients_on_rank, args=args, nprocs=2)
+    for name in sorted(METHODS):
+        prepared = prepare(tiny_target, data_paths, trial_config({"method": name}))
+        model, teacher = _moved_student_and_teacher(tiny_target)
+        alone = _gradient(model, prepared.method, _uneven_step(prepared, 2), prepared.data, live_reference(teacher))
+        workers = torch.load(tmp_path / f"{name}.pt")
+        assert (workers - alone).abs().max() <= 1e-5 * alone.abs().max(), name
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -627,3 +692,20 @@ def test_docs_methods_table_is_the_registry():
     assert text == methods_markdown(), "docs/methods.md is stale: unlearn-search methods --markdown > docs/methods.md"
     for name in list(METHODS) + list(SCHEDULES):
         assert f"| `{name}` |" in text
+
+
+def test_a_loss_term_names_the_batch_and_unit_its_mean_is_over():
+    """The base weights each term by the rank's share: a bare tensor, which would skip it, is refused."""
+    from unlearn_search.methods.base import StepInputs, Term, compose
+
+    step = StepInputs(forget={}, retain=None, student=lambda batch: None, shares={("forget", "rows"): 0.5})
+    with pytest.raises(TypeError, match=r"a loss term must be a methods.base.Term"):
+        compose(step, "forget_x", lambda s: torch.tensor(2.0), 1.0, "none", 0.0)
+    shared = compose(step, "forget_x", lambda s: Term(torch.tensor(2.0), "forget", "rows"), 3.0, "none", 0.0)
+    assert float(shared.loss) == 3.0 and shared.parts == {"forget_x": 1.0}  # 3 x 2 x its share 0.5
+    weighted = ((2.0, Term(torch.tensor(1.0), "forget", "rows")), (1.0, Term(torch.tensor(4.0), "forget", "tokens")))
+    assert float(compose(step, "forget_x", lambda s: weighted, 1.0, "none", 0.0).loss) == 2.0 * 0.5 + 4.0
+    with pytest.raises(ValueError, match=r"Term.unit: expected one of rows, tokens \(got 'items'\)"):
+        Term(torch.tensor(1.0), "forget", "items")
+    with pytest.raises(ValueError, match=r"Term.batch: expected one of forget, retain, alternative"):
+        Term(torch.tensor(1.0), "refusal", "rows")

@@ -95,6 +95,47 @@ class StepInputs:
         return self.shares.get((batch, unit), 1.0)
 
 
+UNITS = ("rows", "tokens")  # what a term's mean averages over
+BATCHES = ("forget", "retain", "alternative")  # StepInputs' batches
+
+
+@dataclass(frozen=True)
+class Term:
+    """One mean in a loss: ``value`` averages over ``batch``'s ``unit`` (``rows`` or ``tokens``)
+    on this rank. ``compose`` weights it by the rank's share of that batch (``StepInputs.share``),
+    so that a loss file holds only its formula and cannot leave the share out."""
+
+    value: torch.Tensor
+    batch: str
+    unit: str
+
+    def __post_init__(self):
+        if self.unit not in UNITS:
+            raise ValueError(f"Term.unit: expected one of {', '.join(UNITS)} (got {self.unit!r})")
+        if self.batch not in BATCHES:
+            raise ValueError(f"Term.batch: expected one of {', '.join(BATCHES)} (got {self.batch!r})")
+
+
+# What a method's forget function returns: one term, or a weighted sum of terms.
+Terms = Term | tuple[tuple[float, Term], ...]
+
+
+def shared_value(step: StepInputs, terms: Terms) -> torch.Tensor:
+    """The weighted sum of ``terms``, each times this rank's share of what it averages over: the
+    mean over the ranks of this value is the whole step's, as on one process."""
+    weighted = ((1.0, terms),) if isinstance(terms, Term) else terms
+    if not isinstance(weighted, tuple):
+        weighted = ((1.0, weighted),)  # refused below
+    total = torch.zeros(())
+    for weight, term in weighted:
+        if not isinstance(term, Term):
+            raise TypeError(
+                f"a loss term must be a methods.base.Term naming the batch and unit of its mean (got {type(term)})"
+            )
+        total = total + weight * term.value * step.share(term.batch, term.unit)
+    return total
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor
@@ -203,12 +244,12 @@ class Method:
         raise NotImplementedError
 
 
-def forget_ce(step: StepInputs) -> torch.Tensor:
-    return F.cross_entropy(step.student(step.forget), step.forget["labels"]) * step.share("forget", "tokens")
+def forget_ce(step: StepInputs) -> Term:
+    return Term(F.cross_entropy(step.student(step.forget), step.forget["labels"]), "forget", "tokens")
 
 
 def retain_term(step: StepInputs, kind: str) -> tuple[torch.Tensor, float]:
-    """The retain loss of ``kind`` (``ce``, ``kl`` or ``none``) on the step's retain batch."""
+    """The retain loss of ``kind`` (``ce``, ``kl`` or ``none``) on the step's retain batch, shared."""
     if kind == "none" or step.retain is None:
         return torch.zeros(()), 0.0
     logits = step.student(step.retain)
@@ -216,7 +257,7 @@ def retain_term(step: StepInputs, kind: str) -> tuple[torch.Tensor, float]:
         value = F.cross_entropy(logits, step.retain["labels"])
     else:
         value = step.reference("retain").kl(logits, step.retain["labels"])
-    value = value * step.share("retain", "tokens")  # both are means over the scored tokens
+    value = shared_value(step, Term(value, "retain", "tokens"))  # both are means over the scored tokens
     return value, float(value.detach())
 
 
@@ -226,20 +267,20 @@ RETAIN_KINDS = ("ce", "kl", "none")
 def compose(
     step: StepInputs,
     forget_name: str,
-    forget_fn: Callable[[StepInputs], torch.Tensor] | None,
+    forget_fn: Callable[[StepInputs], Terms] | None,
     forget_weight: float,
     retain_kind: str,
     retain_weight: float,
 ) -> LossOutput:
     """``forget_weight * forget_fn(step) + retain_weight * retain term``, each scaled by the schedule.
 
-    ``forget_fn`` returns the value to minimize (negated cross-entropy for ascent), each mean in it
-    times this rank's ``step.share`` of what it averages over; it is skipped
-    when the step has no forget batch.
+    ``forget_fn`` returns the terms to minimize (``Term``: negated cross-entropy for ascent), each
+    weighted here by this rank's share of what it averages over; it is skipped when the step has
+    no forget batch. The parts reported are the shared values, whose mean over ranks is the step's.
     """
     total, parts = torch.zeros(()), {}
     if forget_fn is not None and step.forget is not None:
-        value = forget_fn(step)
+        value = shared_value(step, forget_fn(step))
         total = total + forget_weight * step.forget_scale * value
         parts[forget_name] = float(value.detach())
     if step.retain is not None and retain_kind != "none":
@@ -248,13 +289,14 @@ def compose(
     return LossOutput(total, parts)
 
 
-def ascent(step: StepInputs) -> torch.Tensor:
+def ascent(step: StepInputs) -> Term:
     """Negated forget cross-entropy; zero (no gradient) while the CE is above the bound.
 
     Unbounded ascent runs away: the CE grows without limit and drags the retain set along. With
     several ranks the bound applies to the whole step's CE (the mean of their shared CEs).
     """
     ce = forget_ce(step)
-    if step.forget_loss_bound is not None and step.mean_over_ranks(float(ce.detach())) > step.forget_loss_bound:
-        return -ce.detach()
-    return -ce
+    bound = step.forget_loss_bound  # checked first: the mean over ranks is a collective
+    if bound is not None and step.mean_over_ranks(float(shared_value(step, ce).detach())) > bound:
+        return Term(-ce.value.detach(), ce.batch, ce.unit)
+    return Term(-ce.value, ce.batch, ce.unit)

@@ -1,7 +1,7 @@
 import torch
 
 from unlearn_search.methods import functional as F
-from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, compose
+from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, Term, compose
 
 
 class Adversarial(Method):
@@ -24,7 +24,7 @@ class Adversarial(Method):
         with torch.no_grad():
             targets = F.adversarial_targets(logits.detach(), step.forget["labels"])
         # The targets are scored where the labels are: the forget batch's tokens.
-        return F.cross_entropy(logits, targets) * step.share("forget", "tokens")
+        return Term(F.cross_entropy(logits, targets), "forget", "tokens")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(

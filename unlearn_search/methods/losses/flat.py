@@ -1,5 +1,5 @@
 from unlearn_search.methods import functional as F
-from unlearn_search.methods.base import Knob, LossOutput, Method, StepInputs, compose
+from unlearn_search.methods.base import Knob, LossOutput, Method, StepInputs, Term, compose
 
 DIVERGENCES = ("kl", "js", "tv", "pearson")
 
@@ -16,7 +16,7 @@ class FLAT(Method):
     def _flat(self, step: StepInputs):
         template = F.mean_token_prob(step.student(step.alternative), step.alternative["labels"])
         forget = F.mean_token_prob(step.student(step.forget), step.forget["labels"])
-        return F.flat_loss(template, forget, self.params["divergence"]) * step.share("forget", "rows")
+        return Term(F.flat_loss(template, forget, self.params["divergence"]), "forget", "rows")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(step, "forget_flat", self._flat, 1.0, "none", 0.0)

@@ -1,5 +1,5 @@
 from unlearn_search.methods import functional as F
-from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, compose
+from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, Term, compose
 
 
 class IDK(Method):
@@ -22,8 +22,9 @@ class IDK(Method):
 
     @staticmethod
     def _refusal(step: StepInputs):
-        ce = F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
-        return ce * step.share("alternative", "tokens")
+        return Term(
+            F.cross_entropy(step.student(step.alternative), step.alternative["labels"]), "alternative", "tokens"
+        )
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(

@@ -1,5 +1,5 @@
 from unlearn_search.methods import functional as F
-from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, compose
+from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, Term, compose
 
 
 class NPO(Method):
@@ -22,7 +22,7 @@ class NPO(Method):
         labels = step.forget["labels"]
         student = F.sequence_logprob(step.student(step.forget), labels)
         loss = F.npo_loss(student, step.reference("forget").sequence_logprob(labels), self.params["beta"])
-        return loss * step.share("forget", "rows")
+        return Term(loss, "forget", "rows")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(

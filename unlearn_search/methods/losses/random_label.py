@@ -1,5 +1,5 @@
 from unlearn_search.methods import functional as F
-from unlearn_search.methods.base import Knob, LossOutput, Method, StepInputs, ascent, compose
+from unlearn_search.methods.base import Knob, LossOutput, Method, StepInputs, Term, Terms, ascent, compose
 
 
 class RandomLabel(Method):
@@ -22,14 +22,12 @@ class RandomLabel(Method):
         batches = super().student_batches()
         return batches if self.params["forget_weight"] else tuple(b for b in batches if b != "forget")
 
-    def _forget(self, step: StepInputs):
-        random_ce = F.cross_entropy(step.student(step.alternative), step.alternative["labels"]) * step.share(
-            "alternative", "tokens"
-        )
-        value = self.params["random_weight"] * random_ce
+    def _forget(self, step: StepInputs) -> Terms:
+        random_ce = F.cross_entropy(step.student(step.alternative), step.alternative["labels"])
+        terms = ((self.params["random_weight"], Term(random_ce, "alternative", "tokens")),)
         if self.params["forget_weight"]:
-            value = value + self.params["forget_weight"] * ascent(step)
-        return value
+            terms += ((self.params["forget_weight"], ascent(step)),)
+        return terms
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(step, "forget_random", self._forget, 1.0, "kl", self.params["retain_weight"])

@@ -1,5 +1,5 @@
 from unlearn_search.methods import functional as F
-from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, compose
+from unlearn_search.methods.base import RETAIN_KINDS, Knob, LossOutput, Method, StepInputs, Term, compose
 
 
 class SimNPO(Method):
@@ -20,7 +20,7 @@ class SimNPO(Method):
 
     def _simnpo(self, step: StepInputs):
         mean_logprob = F.sequence_logprob(step.student(step.forget), step.forget["labels"], normalize=True)
-        return F.simnpo_loss(mean_logprob, self.params["beta"], self.params["gamma"]) * step.share("forget", "rows")
+        return Term(F.simnpo_loss(mean_logprob, self.params["beta"], self.params["gamma"]), "forget", "rows")
 
     def loss(self, step: StepInputs) -> LossOutput:
         return compose(
