@@ -709,3 +709,20 @@ def test_a_loss_term_names_the_batch_and_unit_its_mean_is_over():
         Term(torch.tensor(1.0), "forget", "items")
     with pytest.raises(ValueError, match=r"Term.batch: expected one of forget, retain, alternative"):
         Term(torch.tensor(1.0), "refusal", "rows")
+
+
+def test_no_setting_name_means_two_things():
+    """A setting name is a trial field, a method knob or a schedule knob, never two of them, and a
+    knob that several methods share has one type: a name in --set, a space or MLflow has one meaning."""
+    from unlearn_search.training.config import TRIAL_FIELDS
+
+    owners: dict[str, set[str]] = {}
+    types: dict[str, set[type]] = {}
+    for kind, registry in (("method", METHODS), ("schedule", SCHEDULES)):
+        for cls in registry.values():
+            for knob in cls.knobs:
+                owners.setdefault(knob.name, set()).add(kind)
+                types.setdefault(knob.name, set()).add(type(knob.default))
+    assert not set(owners) & set(TRIAL_FIELDS), sorted(set(owners) & set(TRIAL_FIELDS))
+    assert not [name for name, kinds in owners.items() if len(kinds) > 1]
+    assert not [name for name, found in types.items() if len(found - {int} if float in found else found) > 1]

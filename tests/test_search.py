@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -533,3 +534,33 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     assert end_orphaned_trials(storage, "budget", tmp_path / "tune") == 2
     study = optuna.load_study(study_name="budget", storage=storage)
     assert [t.state.name for t in study.trials[-3:]] == ["FAIL", "FAIL", "RUNNING"]
+
+
+@pytest.mark.slow
+def test_two_searches_started_together_score_the_shared_original_once(tmp_path, tiny_target, data_paths):
+    """Two searches of one model started together on one machine, each with its own Ray cluster,
+    share the user cache. The original's MMLU is scored once, under a lock: one search waits and
+    reads what the other wrote, and both finish."""
+    model = tmp_path / "model"  # a checkpoint no search has scored yet (the key holds its path)
+    shutil.copytree(tiny_target, model)
+    (model / "target_evaluation.json").unlink(missing_ok=True)  # no report to read the figure from
+    env = {**os.environ, "UNLEARN_SEARCH_CACHE": str(tmp_path / "cache")}
+    runs = []
+    for name in ("a", "b"):
+        command = [sys.executable, str(REPO / "run_search.py"), "--space", str(SPACE), "--model", str(model)]
+        command += ["--data", str(data_paths.root), "--output", str(tmp_path / name), "--num-cpus", "2"]
+        command += ["--num-samples", "1", "--final-mmlu-limit", "1", "--final-split", "validation"]
+        command += ["--final-max-new-tokens", "16", "--verbose", "0", "--dashboard-port", str(_free_port())]
+        log = open(tmp_path / f"{name}.log", "w")
+        runs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env))
+    codes = [run.wait(timeout=1200) for run in runs]
+    logs = [(tmp_path / f"{name}.log").read_text() for name in ("a", "b")]
+    assert codes == [0, 0], [log[-3000:] for log in logs]
+    waited = [log for log in logs if "waiting for another process building the original's MMLU" in log]
+    assert len(waited) == 1, [log[-3000:] for log in logs]
+    shared = json.loads((tmp_path / "cache" / "original_mmlu.json").read_text())
+    assert [entry["key"]["limit"] for entry in shared] == [1]  # one entry, written once
+    kept = [json.loads((tmp_path / name / "original_mmlu.json").read_text()) for name in ("a", "b")]
+    assert kept[0] == kept[1] == shared
+    for name in ("a", "b"):
+        assert (tmp_path / name / "best" / "evaluation_results.json").is_file()

@@ -329,24 +329,49 @@ def cmd_trial(args) -> None:
     print(_headline(result.evaluation))
 
 
-def cmd_search(args) -> None:
-    import dataclasses
+def _search_settings(space, options, args) -> dict:
+    """The search's MLflow params: the space's settings and how it is searched."""
+    settings = {
+        **space.settings,
+        "space": space.name,
+        "sampler": space.search.sampler,
+        "pruner": space.search.pruner,
+        "num_samples": options.num_samples or space.search.num_samples,
+        "model": args.model,
+        "search_seed": args.seed,  # "seed" is a trial setting
+        "objectives": ",".join(
+            f"{o.metric}:{o.mode}" + (f"+{o.signal_weight}*{o.signal}" if o.signal else "") for o in space.objectives
+        ),
+    }
+    if space.search.pruner != "none":  # what decided which trials were pruned, under the space's key names
+        settings.update({key: getattr(space.search, key) for key in ("grace_period", "reduction_factor", "min_delta")})
+    return settings
 
-    from unlearn_search.search import SearchOptions, load_space, run_search
-    from unlearn_search.search.driver import prepare_output
-    from unlearn_search.tracking import (
-        MLflowTracker,
-        check_reachable,
-        default_tracking_uri,
-        resumed_tracking,
-        study_plots,
+
+def _print_outcome(outcome, space, report: Path) -> None:
+    """The end of a search: the trials table, where everything is, and the best trial's scores."""
+    print(outcome.table)
+    print(f"search {space.name}: {len(outcome.rows)} trials in {outcome.seconds:.0f} s -> {outcome.output}")
+    print(f"report: {report}")
+    if outcome.best is None:
+        bounds = " and ".join(["the MMLU threshold", *map(str, space.constraints)])
+        print(f"no finished trial met {bounds}: no best trial")
+        return
+    print(
+        f"best trial {outcome.best['trial_id']}: aggregate {outcome.best['aggregate']:.4f} (search evaluation); "
+        f"exported to {outcome.best_dir}"
     )
-    from unlearn_search.tracking.report import write_report
-    from unlearn_search.training.config import parse_assignments
+    print("full evaluation of the best trial:")
+    print(_headline(outcome.best_evaluation))
+    final = outcome.best_final
+    for constraint in space.constraints:
+        print(f"  meets {constraint}: {constraint.met(final)}")
 
-    overrides = {"resources": parse_assignments(args.resources, "--resources")} if args.resources else None
-    space = load_space(args.space, overrides)
-    options = SearchOptions(
+
+def _search_options(args):
+    from unlearn_search.search import SearchOptions
+
+    return SearchOptions(
         model=args.model,
         data=args.data,
         output=Path(args.output) if args.output else None,
@@ -365,26 +390,33 @@ def cmd_search(args) -> None:
         final_max_new_tokens=args.final_max_new_tokens,
         verbose=args.verbose,
     )
+
+
+def cmd_search(args) -> None:
+    import dataclasses
+
+    from unlearn_search.search import load_space, run_search
+    from unlearn_search.search.driver import prepare_output
+    from unlearn_search.tracking import (
+        MLflowTracker,
+        check_reachable,
+        default_tracking_uri,
+        resumed_tracking,
+        study_plots,
+    )
+    from unlearn_search.tracking.report import write_report
+    from unlearn_search.training.config import parse_assignments
+
+    overrides = {"resources": parse_assignments(args.resources, "--resources")} if args.resources else None
+    space = load_space(args.space, overrides)
+    options = _search_options(args)
     output = prepare_output(space, options)  # refuses to overwrite an earlier search before anything starts
     tracking_uri, experiment = args.tracking_uri, args.experiment
     if options.resume:
         tracking_uri, experiment = resumed_tracking(output, tracking_uri, experiment)
     tracking_uri = tracking_uri or default_tracking_uri(output)
     check_reachable(tracking_uri)
-    settings = {
-        **space.settings,
-        "space": space.name,
-        "sampler": space.search.sampler,
-        "pruner": space.search.pruner,
-        "num_samples": options.num_samples or space.search.num_samples,
-        "model": args.model,
-        "search_seed": args.seed,  # "seed" is a trial setting
-        "objectives": ",".join(
-            f"{o.metric}:{o.mode}" + (f"+{o.signal_weight}*{o.signal}" if o.signal else "") for o in space.objectives
-        ),
-    }
-    if space.search.pruner != "none":  # what decided which trials were pruned, under the space's key names
-        settings.update({key: getattr(space.search, key) for key in ("grace_period", "reduction_factor", "min_delta")})
+    settings = _search_settings(space, options, args)
     tracker = MLflowTracker(
         tracking_uri, experiment or f"unlearn-search/{space.name}", output, f"search-{space.name}", settings
     )
@@ -407,22 +439,7 @@ def cmd_search(args) -> None:
         plots=plots,
     )
     tracker.log_outcome(outcome, sorted((output / "plots").glob("*.png")), report)
-    print(outcome.table)
-    print(f"search {space.name}: {len(outcome.rows)} trials in {outcome.seconds:.0f} s -> {output}")
-    print(f"report: {report}")
-    if outcome.best is None:
-        bounds = " and ".join(["the MMLU threshold", *map(str, space.constraints)])
-        print(f"no finished trial met {bounds}: no best trial")
-        return
-    print(
-        f"best trial {outcome.best['trial_id']}: aggregate {outcome.best['aggregate']:.4f} (search evaluation); "
-        f"exported to {outcome.best_dir}"
-    )
-    print("full evaluation of the best trial:")
-    print(_headline(outcome.best_evaluation))
-    final = outcome.best_final
-    for constraint in space.constraints:
-        print(f"  meets {constraint}: {constraint.met(final)}")
+    _print_outcome(outcome, space, report)
 
 
 def cmd_lr_range(args) -> None:

@@ -467,24 +467,71 @@ def run_search(
     ``callbacks`` are Ray Tune callbacks (tracking); ``on_start(dashboard_url)`` is called once
     the Ray cluster is up.
     """
-    import optuna
-    import ray.tune
-    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
-
     from unlearn_search.data import resolve_data
     from unlearn_search.models import resolve_model
-    from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
-    from unlearn_search.training.cluster import init_ray
+    from unlearn_search.search.schedulers import BUDGET_FILE
 
     started = time.time()
     output = prepare_output(space, options)
     paths = resolve_data(options.data)
     model_dir = resolve_model(options.model, paths)
-    study_name = space.name
     storage_url = study_storage(output, options)
     kept = output / "space.yaml"
     if space.source and Path(space.source).resolve() != kept.resolve():  # --resume may name the kept copy
         shutil.copyfile(space.source, kept)
+
+    dashboard_url = _start_cluster(options)
+    if on_start:
+        on_start(dashboard_url)
+    threshold = mmlu_threshold(model_dir, paths.root, space, output, space.evaluation.mmlu_limit)
+    if space.lr_range_test is not None and not options.resume:  # a restored searcher keeps its fitted space
+        space = fitted_space(space, model_dir, paths.root, output)
+    state = {"space": space.name, "source": str(space.source or ""), "model": str(model_dir)}
+    state.update(storage=storage_url, study=space.name, mmlu_threshold=threshold)
+    (output / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    context = {
+        "model_dir": str(model_dir),
+        "data_root": str(paths.root),
+        "output": str(output),
+        "resources": dataclasses.asdict(space.resources),
+        "evaluation": _trial_evaluation(space, threshold),
+        "objectives": list(space.objectives),
+        "constraints": list(space.constraints),
+    }
+    grid = _tuner(space, options, context, output, storage_url, callbacks).fit()
+
+    rows = trial_rows(grid, space)
+    if (output / BUDGET_FILE).exists():  # the trials it cut will never finish
+        end_stopped_trials(storage_url, space.name, rows)
+    best = best_trial(rows, space.objectives)
+    table = summary_table(rows, [p.name for p in space.params], best["trial_id"] if best else None)
+    # Written before the best trial's long re-evaluation, so a failure there loses no trial.
+    (output / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    (output / "summary.txt").write_text(table + "\n")
+    best_dir, best_evaluation, original = None, None, None
+    if best is not None:
+        best_dir, best_evaluation = _export(best, model_dir, paths.root, space, options, output)
+        original = _original_or_none(best, model_dir, paths.root, space, options, output)
+    return SearchOutcome(
+        output,
+        rows,
+        best,
+        best_dir,
+        best_evaluation,
+        time.time() - started,
+        dashboard_url,
+        space.name,
+        storage_url,
+        table,
+        space.constraints,
+        original,
+    )
+
+
+def _start_cluster(options: SearchOptions) -> str | None:
+    """Ray, started or joined, with its dashboard; returns the dashboard's URL."""
+    from unlearn_search.training.cluster import init_ray
 
     # Intermediate reports carry the quick metrics, the final one the full evaluation: they differ.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -495,117 +542,76 @@ def run_search(
         dashboard_host=options.dashboard_host,
         dashboard_port=options.dashboard_port,
     )
-    dashboard_url = getattr(context, "dashboard_url", None)
-    if dashboard_url and not dashboard_url.startswith("http"):
-        dashboard_url = f"http://{dashboard_url}"
-    if on_start:
-        on_start(dashboard_url)
-    threshold = mmlu_threshold(model_dir, paths.root, space, output, space.evaluation.mmlu_limit)
-    if space.lr_range_test is not None and not options.resume:  # a restored searcher keeps its fitted space
-        space = fitted_space(space, model_dir, paths.root, output)
-    (output / STATE_FILE).write_text(
-        json.dumps(
-            {
-                "space": space.name,
-                "source": str(space.source or ""),
-                "model": str(model_dir),
-                "storage": storage_url,
-                "study": study_name,
-                "mmlu_threshold": threshold,
-            },
-            indent=2,
-        )
-    )
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and not url.startswith("http") else url
 
-    trial_context = {
-        "model_dir": str(model_dir),
-        "data_root": str(paths.root),
-        "output": str(output),
-        "resources": dataclasses.asdict(space.resources),
-        "evaluation": _trial_evaluation(space, threshold),
-        "objectives": list(space.objectives),
-        "constraints": list(space.constraints),
-    }
+
+def _tuner(space: SearchSpace, options: SearchOptions, context: dict, output: Path, storage_url: str, callbacks):
+    """Tune's ``Tuner`` over the trial driver: restored from the output with ``--resume``, else new."""
+    import optuna
+    import ray.tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+
+    from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
+
     # The trial itself waits on its Ray Train run, whose workers hold the CPUs and GPUs, then
     # evaluates; it reserves only memory so that it never blocks its own workers' placement.
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(search_trial, context=trial_context), {"memory": TRIAL_DRIVER_MEMORY}
+        ray.tune.with_parameters(search_trial, context=context), {"memory": TRIAL_DRIVER_MEMORY}
     )
     if options.resume:
-        orphans = end_orphaned_trials(storage_url, study_name, output / TUNE_DIR)
+        orphans = end_orphaned_trials(storage_url, space.name, output / TUNE_DIR)
         if orphans:
             logger.warning(
                 "%d trial(s) of the study began as the search was interrupted and were never run: FAIL", orphans
             )
-        tuner = Tuner.restore(
+        return Tuner.restore(
             str(output / TUNE_DIR),
             trainable=trainable,
             resume_unfinished=True,
             resume_errored=False,
             restart_errored=False,
         )
-    else:
-        storage = optuna.storages.RDBStorage(storage_url) if "://" in storage_url else storage_url
-        num_samples = options.num_samples or space.search.num_samples
-        search = make_searcher(space, storage, study_name, options.seed, num_samples)
-        tune_config = TuneConfig(
-            search_alg=search,
-            scheduler=_scheduler(space),
-            num_samples=num_samples,
-            max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,
-        )
-        budget = options.time_budget_s or space.search.time_budget_s
-        run_config = RunConfig(
-            name=TUNE_DIR,
-            storage_path=str(output),
-            callbacks=callbacks or [],
-            stop=TimeBudget(budget, output / BUDGET_FILE) if budget else None,
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            verbose=options.verbose,
-        )
-        tuner = Tuner(trainable, tune_config=tune_config, run_config=run_config)
-    grid = tuner.fit()
-
-    rows = trial_rows(grid, space)
-    if (output / BUDGET_FILE).exists():  # the trials it cut will never finish
-        end_stopped_trials(storage_url, study_name, rows)
-    best = best_trial(rows, space.objectives)
-    table = summary_table(rows, [p.name for p in space.params], best["trial_id"] if best else None)
-    # Written before the best trial's long re-evaluation, so a failure there loses no trial.
-    (output / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
-    (output / "summary.txt").write_text(table + "\n")
-    best_dir, best_evaluation = None, None
-    if best is not None:
-        try:
-            best_dir, best_evaluation = export_best(best, model_dir, paths.root, space, options, output)
-        except Exception as error:
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            raise UnlearnSearchError(
-                f"exporting the best trial {best['trial_id']} failed ({reason}); the trials are "
-                f"in {output / 'trials.json'} and {output / 'summary.txt'}, and --resume "
-                f"retries the export"
-            ) from error
-    original = None
-    if best is not None:
-        try:
-            original = evaluate_original(best, model_dir, paths.root, space, options, output)
-        except Exception as error:  # the report loses its reference, the search nothing
-            logger.warning("could not score the original model for the report (%s)", error)
-    return SearchOutcome(
-        output,
-        rows,
-        best,
-        best_dir,
-        best_evaluation,
-        time.time() - started,
-        dashboard_url,
-        study_name,
-        storage_url,
-        table,
-        space.constraints,
-        original,
+    storage = optuna.storages.RDBStorage(storage_url) if "://" in storage_url else storage_url
+    num_samples = options.num_samples or space.search.num_samples
+    tune_config = TuneConfig(
+        search_alg=make_searcher(space, storage, space.name, options.seed, num_samples),
+        scheduler=_scheduler(space),
+        num_samples=num_samples,
+        max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,
     )
+    budget = options.time_budget_s or space.search.time_budget_s
+    run_config = RunConfig(
+        name=TUNE_DIR,
+        storage_path=str(output),
+        callbacks=callbacks or [],
+        stop=TimeBudget(budget, output / BUDGET_FILE) if budget else None,
+        failure_config=FailureConfig(max_failures=0),
+        checkpoint_config=CheckpointConfig(num_to_keep=1),
+        verbose=options.verbose,
+    )
+    return Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _export(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path):
+    """``export_best``, its failure one line saying that the trials are kept and how to retry."""
+    try:
+        return export_best(best, model_dir, data_root, space, options, output)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise UnlearnSearchError(
+            f"exporting the best trial {best['trial_id']} failed ({reason}); the trials are "
+            f"in {output / 'trials.json'} and {output / 'summary.txt'}, and --resume "
+            f"retries the export"
+        ) from error
+
+
+def _original_or_none(best: dict, model_dir, data_root, space: SearchSpace, options: SearchOptions, output: Path):
+    try:
+        return evaluate_original(best, model_dir, data_root, space, options, output)
+    except Exception as error:  # the report loses its reference, the search nothing
+        logger.warning("could not score the original model for the report (%s)", error)
+        return None
 
 
 def started_with(trial_path: str) -> dict[str, Any]:

@@ -452,61 +452,110 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
     for key in raw:
         if key not in TOP_KEYS:
             raise UnlearnSearchError(f"{key}: unknown key (expected {one_of(key, sorted(TOP_KEYS))})")
+    name, description = _name(raw, source), _description(raw)
+    settings = _settings(raw)
+    params = _params(raw, settings)
+    by_name = {p.name: p for p in params}
+    starts = _starts(raw, settings, by_name)
+    objectives = _objectives(raw)
+    _check_keep_best(settings, by_name, objectives)
+    search = _search(raw, objectives)
+    space = SearchSpace(
+        name,
+        settings,
+        tuple(params),
+        tuple(starts),
+        objectives,
+        search,
+        _resources(raw),
+        _evaluation(raw),
+        description,
+        source,
+        _constraints(raw.get("constraints")),
+        _range_test(raw.get("lr_range_test"), by_name.get("lr"), starts),
+    )
+    if search.sampler == "grid":
+        space.grid()
+    return space
+
+
+def _name(raw: dict, source: Path | None) -> str:
     name = raw.get("name", source.stem if source else "search")
     if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
         raise _fail("name", "a name of letters, digits, - and _", name)
+    return name
+
+
+def _description(raw: dict) -> str:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise _fail("description", "a string", description)
+    return description
+
+
+def _settings(raw: dict) -> dict[str, Any]:
     settings = dict(_mapping(raw.get("settings"), "settings"))
     if "method" not in settings:
         raise UnlearnSearchError("settings.method: missing (expected a loss from 'unlearn-search methods')")
     _check_settings(settings, "settings")
+    return settings
 
+
+def _params(raw: dict, settings: dict[str, Any]) -> list[Param]:
+    """The searched parameters, in dependency order, each a setting the method and schedule know."""
     params_raw = _mapping(raw.get("params"), "params")
     if not params_raw:
         raise UnlearnSearchError("params: expected at least one searched parameter")
     known = set(settings) | set(params_raw)
     params = []
-    for name_, spec in params_raw.items():
-        if name_ in settings:
-            raise UnlearnSearchError(f"params.{name_}: also fixed in settings (expected one or the other)")
-        param = _param(name_, spec, known)
-        if name_ in param.when:
-            raise UnlearnSearchError(f"params.{name_}.when: a parameter cannot depend on itself")
+    for name, spec in params_raw.items():
+        if name in settings:
+            raise UnlearnSearchError(f"params.{name}: also fixed in settings (expected one or the other)")
+        param = _param(name, spec, known)
+        if name in param.when:
+            raise UnlearnSearchError(f"params.{name}.when: a parameter cannot depend on itself")
         params.append(param)
     params = _in_dependency_order(params)
     by_name = {p.name: p for p in params}
-    for param in params:  # a value its condition can never take is a typo that silently stops sampling
-        for key, allowed in param.when.items():
-            if key in settings and settings[key] not in allowed:
-                raise _fail(
-                    f"params.{param.name}.when.{key}",
-                    f"values that include {key}'s fixed value {settings[key]!r} (the parameter would never be sampled)",
-                    list(allowed),
-                )
-            choices = by_name[key].choices if key in by_name else None
-            wrong = [value for value in allowed if choices is not None and value not in choices]
-            if wrong:
-                raise _fail(
-                    f"params.{param.name}.when.{key}",
-                    f"values among {key}'s choices ({', '.join(map(str, choices))})",
-                    wrong[0],
-                )
-    # Every parameter must be a setting the method and schedule know: check each at a value it can take.
     for param in params:
-        # Under its own conditions: a knob of a searched schedule exists only where that schedule runs.
-        context = {**settings, **{key: allowed[0] for key, allowed in param.when.items()}}
-        for choice in param.choices or (param.low, param.high):
-            _check_settings({**context, param.name: choice}, f"params.{param.name}")
-        if (
-            param.distribution == "float"
-            and setting_type(param.name, context.get("method"), context.get("schedule", "joint")) is int
-        ):
+        _check_conditions(param, settings, by_name)
+        _check_param_setting(param, settings)
+    return params
+
+
+def _check_conditions(param: Param, settings: dict[str, Any], by_name: dict[str, Param]) -> None:
+    """A value a condition can never take is a typo that silently stops sampling."""
+    for key, allowed in param.when.items():
+        if key in settings and settings[key] not in allowed:
             raise _fail(
-                f"params.{param.name}.distribution", f"int ({param.name} is an integer setting)", param.distribution
+                f"params.{param.name}.when.{key}",
+                f"values that include {key}'s fixed value {settings[key]!r} (the parameter would never be sampled)",
+                list(allowed),
+            )
+        choices = by_name[key].choices if key in by_name else None
+        wrong = [value for value in allowed if choices is not None and value not in choices]
+        if wrong:
+            raise _fail(
+                f"params.{param.name}.when.{key}",
+                f"values among {key}'s choices ({', '.join(map(str, choices))})",
+                wrong[0],
             )
 
+
+def _check_param_setting(param: Param, settings: dict[str, Any]) -> None:
+    """The parameter is a setting the method and schedule know, checked at each value it can take
+    under its own conditions (a knob of a searched schedule exists only where that schedule runs)."""
+    context = {**settings, **{key: allowed[0] for key, allowed in param.when.items()}}
+    for choice in param.choices or (param.low, param.high):
+        _check_settings({**context, param.name: choice}, f"params.{param.name}")
+    kind = setting_type(param.name, context.get("method"), context.get("schedule", "joint"))
+    if param.distribution == "float" and kind is int:
+        raise _fail(
+            f"params.{param.name}.distribution", f"int ({param.name} is an integer setting)", param.distribution
+        )
+
+
+def _starts(raw: dict, settings: dict[str, Any], by_name: dict[str, Param]) -> list[dict]:
     starts = []
     starts_raw = raw.get("starts") or []
     if not isinstance(starts_raw, list):
@@ -521,8 +570,10 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
             _check_start_value(by_name[key], value, f"starts[{i}].{key}")
         _check_settings({**settings, **start}, f"starts[{i}]")
         starts.append(dict(start))
+    return starts
 
-    objectives = _objectives(raw)
+
+def _check_keep_best(settings: dict[str, Any], by_name: dict[str, Param], objectives) -> None:
     searched = by_name.get("keep_best")
     keeps_best = settings.get("keep_best") is True or (searched is not None and True in (searched.choices or ()))
     if keeps_best and [(o.metric, o.mode) for o in objectives] != [("aggregate", "max")]:
@@ -531,6 +582,9 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
             f"settings.keep_best: a trial keeps its boundary with the highest quick aggregate, "
             f"so the objective must be aggregate, max (got {got})"
         )
+
+
+def _search(raw: dict, objectives) -> SearchSettings:
     search = _dataclass_from(SearchSettings, raw.get("search"), "search")
     if search.sampler not in SAMPLERS:
         raise _fail("search.sampler", f"one of {', '.join(SAMPLERS)}", search.sampler)
@@ -550,6 +604,10 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         search = SearchSettings(**{**search.__dict__, "sampler": "nsga2"})
     if len(objectives) == 1 and search.sampler == "nsga2":
         raise UnlearnSearchError("search.sampler: nsga2 is for several objectives (expected tpe, random or grid)")
+    return search
+
+
+def _resources(raw: dict) -> Resources:
     resources = _dataclass_from(Resources, raw.get("resources"), "resources")
     if resources.workers < 1 or resources.cpus_per_worker <= 0:
         raise UnlearnSearchError("resources.workers, resources.cpus_per_worker: expected values >= 1 and > 0")
@@ -562,33 +620,18 @@ def parse_space(raw: Any, source: Path | None = None) -> SearchSpace:
         raise _fail("resources.eval_every", "a percent of training in [0, 100]", resources.eval_every)
     if resources.placement not in PLACEMENTS:
         raise _fail("resources.placement", " or ".join(PLACEMENTS), resources.placement)
+    return resources
+
+
+def _evaluation(raw: dict) -> SearchEvaluation:
     evaluation = _dataclass_from(SearchEvaluation, raw.get("evaluation"), "evaluation")
     if evaluation.split not in EVAL_SPLITS:
         raise _fail("evaluation.split", f"one of {', '.join(EVAL_SPLITS)}", evaluation.split)
     for key in ("max_new_tokens", "batch_size", "mmlu_limit"):
-        if getattr(evaluation, key) is not None and getattr(evaluation, key) < 1:
-            raise _fail(
-                f"evaluation.{key}",
-                "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""),
-                getattr(evaluation, key),
-            )
-    space = SearchSpace(
-        name,
-        settings,
-        tuple(params),
-        tuple(starts),
-        objectives,
-        search,
-        resources,
-        evaluation,
-        description,
-        source,
-        _constraints(raw.get("constraints")),
-        _range_test(raw.get("lr_range_test"), by_name.get("lr"), starts),
-    )
-    if search.sampler == "grid":
-        space.grid()
-    return space
+        value = getattr(evaluation, key)
+        if value is not None and value < 1:
+            raise _fail(f"evaluation.{key}", "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""), value)
+    return evaluation
 
 
 def _range_test(raw: Any, lr: Param | None, starts: list[dict]) -> RangeTest | None:
