@@ -377,6 +377,33 @@ def test_simnpo_gradient_lowers_likelihood():
     assert (mean_logp.grad > 0).all()
 
 
+# ---- WGA ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 2.5])
+def test_wga_loss_matches_hand_formula(beta):
+    logits = make_logits(31)
+    # -(1/N) sum_t p_t^beta * NLL_t = (1/N) sum_t p_t^beta * log p_t over the scored tokens
+    logps = [hand_logp(logits, b, t, v) for b, t, v in SCORED]
+    expected = sum(math.exp(lp) ** beta * lp for lp in logps) / len(SCORED)
+    assert F.wga_loss(logits, LABELS, beta).item() == pytest.approx(expected, abs=1e-12)
+    if beta == 0.0:  # no weighting: plain gradient ascent
+        assert F.wga_loss(logits, LABELS, 0.0).item() == pytest.approx(-F.cross_entropy(logits, LABELS).item())
+
+
+def test_wga_weights_carry_no_gradient_and_ascent_lowers_likelihood():
+    logits = make_logits(32).requires_grad_(True)
+    F.wga_loss(logits, LABELS, 1.0).backward()
+    # d/dz of sg[p] * log p: sg[p] * (onehot - softmax), the weight detached; descent lowers log p.
+    for b, t, v in SCORED:
+        probs = torch.softmax(logits[b, t].detach(), -1)
+        onehot = torch.zeros_like(probs)
+        onehot[v] = 1.0
+        expected = probs[v] * (onehot - probs) / len(SCORED)
+        assert torch.allclose(logits.grad[b, t], expected, atol=1e-12)
+        assert logits.grad[b, t, v] > 0  # a step against the gradient lowers the label's logit
+
+
 # ---- mean_token_prob / FLAT ---------------------------------------------------------------------
 
 
@@ -500,11 +527,13 @@ def _all_losses(student: torch.Tensor) -> dict[str, torch.Tensor]:
         "simnpo": F.simnpo_loss(mean, 2.5, 0.0),
         "flat": F.flat_loss(prob, prob.flip(0), "kl"),
         "adversarial_ce": F.cross_entropy(student, F.adversarial_targets(student, LABELS)),
+        "wga": F.wga_loss(student, LABELS, 1.0),
     }
 
 
 @pytest.mark.parametrize(
-    "name", ["cross_entropy", "cross_entropy_weighted", "kl_full", "kl_topk", "npo", "simnpo", "flat", "adversarial_ce"]
+    "name",
+    ["cross_entropy", "cross_entropy_weighted", "kl_full", "kl_topk", "npo", "simnpo", "flat", "adversarial_ce", "wga"],
 )
 def test_losses_backpropagate_to_student_logits_only_at_scored_positions(name):
     student = make_logits(41).requires_grad_(True)

@@ -622,6 +622,7 @@ RUNS = {
     "idk": {"lr": 1e-3, "epochs": 5},
     "flat": {"lr": 2.2e-4, "epochs": 4},
     "adversarial": {"lr": 3e-4, "epochs": 5},
+    "wga": {"lr": 3e-4, "epochs": 5},
     "sugd": {"method": "gd", "schedule": "sugd", "lr": 5e-4, "chunk_size": 8, "epochs_per_chunk": 3},
     "agad": {"method": "gd", "schedule": "agad", "lr": 1e-3, "chunk_size": 8, "epochs": 3},
 }

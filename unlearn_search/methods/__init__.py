@@ -13,11 +13,23 @@ from unlearn_search.methods.losses.idk import IDK
 from unlearn_search.methods.losses.npo import NPO
 from unlearn_search.methods.losses.random_label import RandomLabel
 from unlearn_search.methods.losses.simnpo import SimNPO
+from unlearn_search.methods.losses.wga import WGA
 from unlearn_search.methods.schedules import AGAD, SUGD, Joint, Schedule, Step
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (GradientAscent, GradientDifference, GradientAscentKL, NPO, SimNPO, RandomLabel, IDK, FLAT, Adversarial)
+    for cls in (
+        GradientAscent,
+        GradientDifference,
+        GradientAscentKL,
+        NPO,
+        SimNPO,
+        RandomLabel,
+        IDK,
+        FLAT,
+        Adversarial,
+        WGA,
+    )
 }
 SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (Joint, AGAD, SUGD)}
 

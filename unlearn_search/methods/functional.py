@@ -216,6 +216,20 @@ def simnpo_loss(student_mean_logprob: torch.Tensor, beta: float, gamma: float) -
     return (-(2.0 / beta) * TF.logsigmoid(-beta * student_mean_logprob - gamma)).mean()
 
 
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """Weighted gradient ascent (WGA; Wang et al. 2025, arXiv 2502.19301), a scalar.
+
+    ``-(1/N) sum_t sg[p(y_t)^beta] * NLL_t`` over the batch's N scored tokens, where ``sg`` stops
+    the gradient: ascent on each token's NLL, weighted by how likely the token still is, so
+    tokens already forgotten stop pulling and the ascent does not run away. As the authors'
+    code (open-unlearning ``compute_wga_loss``: the weight ``exp(-NLL)^beta``, detached, and a
+    mean over scored tokens); beta 0 is plain gradient ascent.
+    """
+    logp, mask = token_logprobs(logits, labels)
+    weights = logp.detach().exp() ** beta
+    return (weights * logp * mask).sum() / mask.sum().clamp(min=1)
+
+
 def mean_token_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row average probability of the label tokens, ``[B]``: ``mean_t p(y_t)`` over the
     scored tokens (probabilities, not log-probs, as FLAT uses); 0 for a row with none."""

@@ -398,7 +398,8 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
                 evaluation = EvalConfig(
                     mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size, progress=True
                 )
-                print(f"scoring the original on MMLU ({limit or 'all'} questions per subject), once per model")
+                questions = f"{limit} per subject" if limit else "all questions"
+                print(f"scoring the original on MMLU ({questions}), once per model and set of questions")
                 entry = {
                     "key": key,
                     "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root, evaluation),
