@@ -368,17 +368,8 @@ def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(nam
     def parts_of(step):
         return [shard_steps([step], rank, world, prepared.data)[0] for rank in range(world)]
 
-    # The first step whose parts hold different numbers of rows, where plain means would go wrong.
-    step = next(
-        s
-        for s in prepared.steps
-        if len({len(p.forget) for p in parts_of(s)} | {len(p.retain) for p in parts_of(s)}) > 1
-    )
-    teacher, model = load_model(tiny_target), load_model(tiny_target)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a student that has moved off the teacher: NPO's and the KL's terms are not at 0
-        for parameter in model.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
+    step = _uneven_step(prepared, world)
+    model, teacher = _moved_student_and_teacher(tiny_target)
     reference = live_reference(teacher)
     whole = _gradient(model, prepared.method, step, prepared.data, reference)
     parts = parts_of(step)

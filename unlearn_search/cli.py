@@ -404,7 +404,7 @@ def cmd_search(args) -> None:
         resumed_tracking,
         study_plots,
     )
-    from unlearn_search.tracking.report import write_report
+    from unlearn_search.tracking.report import PER_TASK_PLOT, write_report
     from unlearn_search.training.config import parse_assignments
 
     overrides = {"resources": parse_assignments(args.resources, "--resources")} if args.resources else None
@@ -438,7 +438,8 @@ def cmd_search(args) -> None:
         original_evaluation=outcome.original_evaluation,
         plots=plots,
     )
-    tracker.log_outcome(outcome, sorted((output / "plots").glob("*.png")), report)
+    chart = output / "plots" / f"{PER_TASK_PLOT}.png"  # written with the report when there is a best trial
+    tracker.log_outcome(outcome, plots + [chart] * chart.exists(), report)
     _print_outcome(outcome, space, report)
 
 

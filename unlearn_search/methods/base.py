@@ -123,9 +123,7 @@ Terms = Term | tuple[tuple[float, Term], ...]
 def shared_value(step: StepInputs, terms: Terms) -> torch.Tensor:
     """The weighted sum of ``terms``, each times this rank's share of what it averages over: the
     mean over the ranks of this value is the whole step's, as on one process."""
-    weighted = ((1.0, terms),) if isinstance(terms, Term) else terms
-    if not isinstance(weighted, tuple):
-        weighted = ((1.0, weighted),)  # refused below
+    weighted = terms if isinstance(terms, tuple) else ((1.0, terms),)  # anything but a Term is refused below
     total = torch.zeros(())
     for weight, term in weighted:
         if not isinstance(term, Term):

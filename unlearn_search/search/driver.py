@@ -14,6 +14,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,15 +235,19 @@ def end_stopped_trials(storage, study_name: str, rows: list[dict[str, Any]]) -> 
     Only after a search that ran out of time: an interrupted search's stopped trials continue
     with ``--resume`` and must stay RUNNING.
     """
+    stopped = {row["trial_id"] for row in rows if row["status"] == "stopped"}
+    return _fail_running(storage, study_name, lambda tune_trial: tune_trial in stopped) if stopped else 0
+
+
+def _fail_running(storage, study_name: str, ends) -> int:
+    """Mark FAIL the study's RUNNING trials whose Tune trial id (None if never named) ``ends``
+    says; returns how many."""
     import optuna
 
-    stopped = {row["trial_id"] for row in rows if row["status"] == "stopped"}
-    if not stopped:
-        return 0
     study = optuna.load_study(study_name=study_name, storage=storage)
     ended = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get(TUNE_TRIAL_ATTR) in stopped:
+        if ends(trial.user_attrs.get(TUNE_TRIAL_ATTR)):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
             ended += 1
     return ended
@@ -251,17 +257,10 @@ def end_orphaned_trials(storage, study_name: str, experiment: Path) -> int:
     """Mark FAIL the study's RUNNING trials that the restored Tune experiment does not hold: the
     driver died after Optuna began them and before Tune saved its state, so no resumed trial will
     ever end them (Tune asks the searcher for their places again). Returns how many."""
-    import optuna
     from ray.tune import ExperimentAnalysis
 
     restored = {trial.trial_id for trial in ExperimentAnalysis(str(experiment)).trials}
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    ended = 0
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get(TUNE_TRIAL_ATTR) not in restored:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            ended += 1
-    return ended
+    return _fail_running(storage, study_name, lambda tune_trial: tune_trial not in restored)
 
 
 def _scheduler(space: SearchSpace):
@@ -512,8 +511,8 @@ def run_search(
     (output / "summary.txt").write_text(table + "\n")
     best_dir, best_evaluation, original = None, None, None
     if best is not None:
-        best_dir, best_evaluation = _export(best, model_dir, paths.root, space, options, output)
-        original = _original_or_none(best, model_dir, paths.root, space, options, output)
+        config, best_dir, best_evaluation = _export(best, model_dir, paths.root, space, options, output)
+        original = _original_or_none(config, model_dir, paths.root, space, output)
     return SearchOutcome(
         output,
         rows,
@@ -595,9 +594,11 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: dict, output: Pa
 
 
 def _export(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path):
-    """``export_best``, its failure one line saying that the trials are kept and how to retry."""
+    """The final evaluation's settings and ``export_best``'s folder and scores; a failure is one
+    line saying that the trials are kept and how to retry."""
     try:
-        return export_best(best, model_dir, data_root, space, options, output)
+        config = final_config(best, model_dir, data_root, space, options, output)
+        return (config, *export_best(best, config, model_dir, data_root, space.resources, output))
     except Exception as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise UnlearnSearchError(
@@ -607,9 +608,9 @@ def _export(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, op
         ) from error
 
 
-def _original_or_none(best: dict, model_dir, data_root, space: SearchSpace, options: SearchOptions, output: Path):
+def _original_or_none(config, model_dir: Path, data_root: Path, space: SearchSpace, output: Path):
     try:
-        return evaluate_original(best, model_dir, data_root, space, options, output)
+        return evaluate_original(config, model_dir, data_root, space, output)
     except Exception as error:  # the report loses its reference, the search nothing
         logger.warning("could not score the original model for the report (%s)", error)
         return None
@@ -672,52 +673,46 @@ def final_config(
     )
 
 
-def export_best(
-    best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path
-) -> tuple[Path, dict]:
-    """Re-evaluate the best trial with the full evaluation and export it as a checkpoint."""
-    from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
-
-    # Built aside and moved in at the end: a failed export leaves an earlier export in place.
-    best_dir, partial = output / BEST_DIR, output / f"{BEST_DIR}.partial"
+@contextmanager
+def built_aside(directory: Path) -> Iterator[Path]:
+    """A folder built in ``<directory>.partial`` and moved in whole at the end: a failure
+    leaves the earlier folder in place."""
+    partial = directory.with_name(f"{directory.name}.partial")
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    source = Path(best[TRIAL_OUTPUT]) / MODEL_DIR
-    shutil.copytree(source, partial / MODEL_DIR)
-    config = final_config(best, model_dir, data_root, space, options, output)
-    # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
-    evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, space.resources)
-    (partial / "trial.json").write_text(json.dumps({k: v for k, v in best.items()}, indent=2, default=str))
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
-    partial.rename(best_dir)
-    return best_dir, evaluation
+    yield partial
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
 
 
-def evaluate_original(
-    best: dict, model_dir: Path, data_root: Path, space: SearchSpace, options: SearchOptions, output: Path
-) -> dict:
+def export_best(best: dict, config, model_dir: Path, data_root: Path, resources, output: Path) -> tuple[Path, dict]:
+    """Re-evaluate the best trial with the full evaluation (``config``) and export it as a checkpoint."""
+    from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
+
+    with built_aside(output / BEST_DIR) as partial:
+        shutil.copytree(Path(best[TRIAL_OUTPUT]) / MODEL_DIR, partial / MODEL_DIR)
+        # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
+        evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, resources)
+        (partial / "trial.json").write_text(json.dumps(best, indent=2, default=str))
+    return output / BEST_DIR, evaluation
+
+
+def evaluate_original(config, model_dir: Path, data_root: Path, space: SearchSpace, output: Path) -> dict:
     """The original model scored as the best trial was (its MMLU from ``original_mmlu``'s cache,
     so this costs one pass over the items and documents): the report's reference. Kept in
     ``original/``; a resumed search reads it back when it was scored on the same settings."""
     from unlearn_search.evaluation.evaluate import RESULTS_FILE
-    from unlearn_search.training.trial import evaluate_original as score_original
-    from unlearn_search.training.trial import on_cluster
+    from unlearn_search.training.trial import evaluate_on_cluster
 
-    config = final_config(best, model_dir, data_root, space, options, output)
     key = {"split": config.split, "max_new_tokens": config.max_new_tokens, "dtype": config.dtype}
     key["mmlu_limit"] = config.mmlu_limit
-    directory, partial = output / ORIGINAL_DIR, output / f"{ORIGINAL_DIR}.partial"
-    saved = directory / ORIGINAL_KEY_FILE
+    saved = output / ORIGINAL_DIR / ORIGINAL_KEY_FILE
     if saved.is_file() and json.loads(saved.read_text()) == key:
-        return json.loads((directory / RESULTS_FILE).read_text())
-    mmlu = original_mmlu(model_dir, data_root, space, output, options.final_mmlu_limit)
-    if partial.exists():
-        shutil.rmtree(partial)
-    results = on_cluster(space.resources, score_original, model_dir, data_root, config, partial, mmlu)
-    (partial / ORIGINAL_KEY_FILE).write_text(json.dumps(key))
-    if directory.exists():
-        shutil.rmtree(directory)
-    partial.rename(directory)
+        return json.loads((saved.parent / RESULTS_FILE).read_text())
+    mmlu = original_mmlu(model_dir, data_root, space, output, config.mmlu_limit)
+    with built_aside(output / ORIGINAL_DIR) as partial:
+        results = evaluate_on_cluster(model_dir, model_dir, data_root, config, partial, space.resources, mmlu)
+        (partial / ORIGINAL_KEY_FILE).write_text(json.dumps(key))
     return results

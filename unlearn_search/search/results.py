@@ -133,9 +133,9 @@ def summary_table(rows: list[dict[str, Any]], params: Sequence[str], best_id: st
     for row in rows:
         estimate = "" if row.get("status") == "completed" else "~"
         cells = [row["trial_id"] + (" *" if row["trial_id"] == best_id else ""), row.get("status", "?")]
-        cells += [_cell(row.get(name)) for name in params]
-        cells += [estimate + _cell(row[name]) if row.get(name) is not None else "-" for name in metrics]
-        cells.append(_cell(row.get("seconds")))
+        cells += [cell_text(row.get(name)) for name in params]
+        cells += [estimate + cell_text(row[name]) if row.get(name) is not None else "-" for name in metrics]
+        cells.append(cell_text(row.get("seconds")))
         lines.append(cells)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
@@ -143,7 +143,8 @@ def summary_table(rows: list[dict[str, Any]], params: Sequence[str], best_id: st
     return "\n".join(text)
 
 
-def _cell(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A table cell: 4 significant digits, ``-`` for nothing."""
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.evaluation import metrics
+from unlearn_search.search.results import cell_text
 
 REPORT_FILE = "report.html"
 PER_TASK_PLOT = "best_per_task"  # plots/<name>.png
@@ -79,9 +80,7 @@ def per_task_plot(best: dict, original: dict | None, path: Path) -> Path:
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.4g}"
-    return html.escape("-" if value is None else str(value))
+    return html.escape(cell_text(value))
 
 
 def trials_table(rows: Sequence[dict], params: Sequence[str], best_id: str | None) -> str:

@@ -850,38 +850,39 @@ def export_model(
 
 
 def evaluate_on_cluster(
-    model_path: Path, original_dir, data_root, evaluation, output: Path, resources: Resources
+    model_path: Path,
+    original_dir,
+    data_root,
+    evaluation,
+    output: Path,
+    resources: Resources,
+    known_mmlu: float | None = None,
 ) -> dict:
-    """The full evaluation of a written student, on the cluster (``on_cluster``)."""
-    return on_cluster(resources, evaluate_checkpoint, model_path, original_dir, data_root, evaluation, output)
-
-
-def evaluate_original(original_dir: str | Path, data_root: str | Path, evaluation, output: Path, mmlu: float) -> dict:
-    """The original model's full evaluation on its own item subset, with its MMLU (``mmlu``, on
-    ``evaluation``'s questions) scored before: what the best trial is compared against."""
-    from unlearn_search.data.locate import paths_from_root
-    from unlearn_search.evaluation import evaluate
-    from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
-    from unlearn_search.models.loading import default_device
-
-    model = load_model(original_dir, evaluation.dtype, device=default_device())
-    paths, manifest = paths_from_root(data_root), read_target_manifest(original_dir)
-    return evaluate(model, load_tokenizer(original_dir), paths, evaluation, manifest, output, known_mmlu=mmlu)
+    """The full evaluation of a written model, on the cluster (``on_cluster``)."""
+    args = (model_path, original_dir, data_root, evaluation, output, known_mmlu)
+    return on_cluster(resources, evaluate_checkpoint, *args)
 
 
 def evaluate_checkpoint(
-    model_path: Path, original_dir: str | Path, data_root: str | Path, evaluation, output: Path
+    model_path: Path,
+    original_dir: str | Path,
+    data_root: str | Path,
+    evaluation,
+    output: Path,
+    known_mmlu: float | None = None,
 ) -> dict:
-    """The full evaluation of a written student, on the original model's item subset, on this
-    process's device in ``evaluation.dtype``."""
+    """The full evaluation of a written model (a student, or the original itself), on the original
+    model's item subset, on this process's device in ``evaluation.dtype``; ``known_mmlu``: its
+    MMLU on those questions, scored before (``evaluate``)."""
     from unlearn_search.models import load_model, load_tokenizer
     from unlearn_search.models.loading import default_device
 
     model = load_model(model_path, evaluation.dtype, device=default_device())
-    return evaluate_loaded(model, load_tokenizer(model_path), original_dir, data_root, evaluation, output)
+    tokenizer = load_tokenizer(model_path)
+    return evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, output, known_mmlu)
 
 
-def evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, output: Path) -> dict:
+def evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, output: Path, known_mmlu=None) -> dict:
     import dataclasses
 
     from unlearn_search.data.locate import paths_from_root
@@ -890,9 +891,8 @@ def evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, outpu
 
     if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None:
         evaluation = dataclasses.replace(evaluation, original_mmlu=original_mmlu(original_dir, data_root, evaluation))
-    return evaluate(
-        model, tokenizer, paths_from_root(data_root), evaluation, read_target_manifest(original_dir), output
-    )
+    paths, manifest = paths_from_root(data_root), read_target_manifest(original_dir)
+    return evaluate(model, tokenizer, paths, evaluation, manifest, output, known_mmlu)
 
 
 def export_and_evaluate(
