@@ -508,6 +508,93 @@ def test_adversarial_targets_carry_no_gradient():
     assert not out.requires_grad
 
 
+# ---- SatImp -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("beta1", "beta2"), [(5.0, 1.0), (1.0, 0.0), (0.0, 2.0)])
+def test_satimp_loss_matches_hand_formula(beta1, beta2):
+    logits = make_logits(33)
+    # (1/N) sum_t p_t^beta1 (1 - p_t)^beta2 * log p_t over the scored tokens
+    logps = [hand_logp(logits, b, t, v) for b, t, v in SCORED]
+    weight = [math.exp(lp) ** beta1 * (1 - math.exp(lp)) ** beta2 for lp in logps]
+    expected = sum(w * lp for w, lp in zip(weight, logps)) / len(SCORED)
+    assert F.satimp_loss(logits, LABELS, beta1, beta2).item() == pytest.approx(expected, abs=1e-12)
+    if beta2 == 0.0:  # no importance weight: WGA
+        assert F.satimp_loss(logits, LABELS, beta1, 0.0).item() == pytest.approx(
+            F.wga_loss(logits, LABELS, beta1).item()
+        )
+
+
+def test_satimp_weights_carry_no_gradient():
+    logits = make_logits(34).requires_grad_(True)
+    F.satimp_loss(logits, LABELS, 2.0, 1.0).backward()
+    for b, t, v in SCORED:
+        probs = torch.softmax(logits[b, t].detach(), -1)
+        p = probs[v].item()
+        onehot = torch.zeros_like(probs)
+        onehot[v] = 1.0
+        expected = p**2 * (1 - p) * (onehot - probs) / len(SCORED)
+        torch.testing.assert_close(logits.grad[b, t], expected, atol=1e-12, rtol=0)
+
+
+# ---- UNDIAL -------------------------------------------------------------------------------------
+
+
+def hand_undial(ref_row: list[float], student_row: list[float], label: int, beta: float) -> float:
+    """CE(softmax(ref - beta * onehot(label)), softmax(student)) at one position."""
+    lowered = [x - beta * (i == label) for i, x in enumerate(ref_row)]
+    target = [math.exp(v) for v in log_softmax_list(lowered)]
+    return -sum(q * s for q, s in zip(target, log_softmax_list(student_row)))
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 10.0])
+def test_undial_loss_matches_hand_formula(beta):
+    student, ref = make_logits(35), make_logits(36)
+    expected = sum(hand_undial(ref[b, t].tolist(), student[b, t].tolist(), v, beta) for b, t, v in SCORED)
+    ref_logprobs = torch.log_softmax(ref, -1)
+    assert F.undial_loss(student, ref_logprobs, LABELS, beta).item() == pytest.approx(expected / 3, abs=1e-12)
+    if beta == 0.0:  # plain distillation: the cross-entropy is the KL plus the reference's entropy
+        entropy = sum(-sum(math.exp(a) * a for a in log_softmax_list(ref[b, t].tolist())) for b, t, _ in SCORED) / 3
+        kl = F.kl_full(student, ref_logprobs, LABELS).item()
+        assert F.undial_loss(student, ref_logprobs, LABELS, 0.0).item() == pytest.approx(kl + entropy, abs=1e-12)
+
+
+def hand_undial_buckets(ref_row, student_row, label, beta, kept):
+    """The top-k form by hand: buckets are each kept id but the label, the label, and the rest."""
+    ref_p = [math.exp(v) for v in log_softmax_list(ref_row)]
+    student_p = [math.exp(v) for v in log_softmax_list(student_row)]
+    others = [i for i in kept if i != label]
+    rest = [i for i in range(len(ref_row)) if i not in others and i != label]
+    q = [ref_p[i] for i in others] + [ref_p[label] * math.exp(-beta)] + [sum(ref_p[i] for i in rest)] * bool(rest)
+    s = [student_p[i] for i in others] + [student_p[label]] + [sum(student_p[i] for i in rest)] * bool(rest)
+    return -sum(qi * math.log(si) for qi, si in zip(q, s)) / sum(q)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, V])
+def test_undial_topk_is_the_bucketed_cross_entropy_and_exact_at_full_vocabulary(k):
+    student, ref = make_logits(37), make_logits(38)
+    ids, top = F.topk_reference(ref, k)
+    label_logprobs, _ = F.token_logprobs(ref, LABELS)
+    value = F.undial_loss_topk(student, ids, top, label_logprobs, LABELS, 2.0).item()
+    expected = sum(
+        hand_undial_buckets(ref[b, t].tolist(), student[b, t].tolist(), v, 2.0, ids[b, t].tolist())
+        for b, t, v in SCORED
+    )
+    assert value == pytest.approx(expected / 3, abs=1e-10)
+    if k == V:
+        assert value == pytest.approx(F.undial_loss(student, torch.log_softmax(ref, -1), LABELS, 2.0).item(), abs=1e-10)
+
+
+def test_undial_lowers_the_forget_token_and_keeps_the_rest_of_the_distribution():
+    # Starting from the reference itself, one descent step moves mass off the label and onto the others.
+    ref = make_logits(39)
+    student = ref.clone().requires_grad_(True)
+    F.undial_loss(student, torch.log_softmax(ref, -1), LABELS, 5.0).backward()
+    for b, t, v in SCORED:
+        assert student.grad[b, t, v] > 0  # descent lowers the label's logit
+        assert (student.grad[b, t, [i for i in range(V) if i != v]] <= 0).all()
+
+
 # ---- gradients reach the student logits ----------------------------------------------------------
 
 
@@ -528,12 +615,28 @@ def _all_losses(student: torch.Tensor) -> dict[str, torch.Tensor]:
         "flat": F.flat_loss(prob, prob.flip(0), "kl"),
         "adversarial_ce": F.cross_entropy(student, F.adversarial_targets(student, LABELS)),
         "wga": F.wga_loss(student, LABELS, 1.0),
+        "satimp": F.satimp_loss(student, LABELS, 2.0, 1.0),
+        "undial": F.undial_loss(student, ref_logprobs, LABELS, 3.0),
+        "undial_topk": F.undial_loss_topk(student, ids, top, F.token_logprobs(ref_logits, LABELS)[0], LABELS, 3.0),
     }
 
 
 @pytest.mark.parametrize(
     "name",
-    ["cross_entropy", "cross_entropy_weighted", "kl_full", "kl_topk", "npo", "simnpo", "flat", "adversarial_ce", "wga"],
+    [
+        "cross_entropy",
+        "cross_entropy_weighted",
+        "kl_full",
+        "kl_topk",
+        "npo",
+        "simnpo",
+        "flat",
+        "adversarial_ce",
+        "wga",
+        "satimp",
+        "undial",
+        "undial_topk",
+    ],
 )
 def test_losses_backpropagate_to_student_logits_only_at_scored_positions(name):
     student = make_logits(41).requires_grad_(True)

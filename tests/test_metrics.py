@@ -1,5 +1,7 @@
 import math
+import zlib
 
+import numpy as np
 import pytest
 
 from unlearn_search.evaluation import metrics
@@ -71,6 +73,62 @@ def test_mia_auc_and_score_by_hand():
     assert metrics.mia_score(auc) == pytest.approx(1 - 2 * (5 / 6 - 0.5))
     assert metrics.mia_score(0.5) == 1.0
     assert metrics.mia_score(0.0) == metrics.mia_score(1.0) == 0.0
+
+
+def test_membership_auc_ranks_higher_scores_as_members():
+    # The loss attack's pairs above with scores -NLL: the same 5 of 6.
+    assert metrics.membership_auc([-0.1, -0.5, -2.0], [-1.0, -3.0]) == pytest.approx(5 / 6)
+    assert metrics.membership_auc([1.0, 1.0], [1.0]) == 0.5  # ties: no information
+
+
+def test_min_k_keeps_the_lowest_fraction_of_token_logprobs():
+    logprob = np.array([-0.1, -2.0, -0.5, -3.0, -0.2])
+    assert metrics.min_k_score(logprob, 0.4) == pytest.approx((-3.0 - 2.0) / 2)  # int(5 * 0.4) = 2 tokens
+    assert metrics.min_k_score(logprob, 0.1) == pytest.approx(-3.0)  # at least one token
+    assert metrics.min_k_score(logprob, 1.0) == pytest.approx(-5.8 / 5)
+
+
+def test_min_k_plus_plus_standardizes_each_token_by_its_vocabulary_before_keeping_the_lowest():
+    logprob = np.array([-1.0, -4.0, -2.0])
+    vocab_mean = np.array([-0.5, -3.0, -2.5])
+    vocab_std = np.array([0.5, 2.0, 1.0])
+    # z = (-1 + 0.5) / 0.5 = -1, (-4 + 3) / 2 = -0.5, (-2 + 2.5) / 1 = 0.5; int(3 * 0.67) = 2 lowest: -1, -0.5.
+    assert metrics.min_k_plus_plus_score(logprob, vocab_mean, vocab_std, 0.67) == pytest.approx(-0.75)
+    # The second token is the least likely, but the likeliest relative to its position's spread.
+    assert metrics.min_k_score(logprob, 0.34) == -4.0
+    assert metrics.min_k_plus_plus_score(logprob, vocab_mean, vocab_std, 0.34) == pytest.approx(-1.0)
+
+
+def test_zlib_score_divides_the_nll_by_the_compressed_length():
+    repetitive, varied = "the cat " * 40, " ".join(f"w{i * 7919 % 1000}" for i in range(80))
+    assert metrics.zlib_score(2.0, repetitive) == -2.0 / len(zlib.compress(repetitive.encode()))
+    # At the same NLL, text that compresses well is the less surprising one: less of a member.
+    assert metrics.zlib_score(2.0, repetitive) < metrics.zlib_score(2.0, varied)
+
+
+def test_reference_score_is_how_far_the_nll_fell_below_the_originals():
+    assert metrics.reference_score(1.0, 3.0) == 2.0
+    assert metrics.reference_score(3.0, 3.0) == 0.0
+
+
+def test_vocabulary_moments_are_the_mean_and_spread_of_log_p_under_p():
+    import torch
+
+    from unlearn_search.evaluation.inference import _vocab_moments
+
+    logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0)) * 3
+    logprobs = torch.log_softmax(logits, -1)
+    mean, std = _vocab_moments(logprobs)
+    for b in range(2):
+        for t in range(3):
+            lp = logprobs[b, t].tolist()
+            p = [math.exp(v) for v in lp]
+            mu = sum(pi * v for pi, v in zip(p, lp))
+            variance = sum(pi * (v - mu) ** 2 for pi, v in zip(p, lp))
+            assert mean[b, t].item() == pytest.approx(mu, rel=1e-5)
+            assert std[b, t].item() == pytest.approx(math.sqrt(variance), rel=1e-4)
+    one_hot = torch.log_softmax(torch.tensor([[[0.0, -1e4, -1e4]]]), -1)
+    assert _vocab_moments(one_hot)[1].item() == pytest.approx(1e-3)  # the variance's floor, 1e-6
 
 
 def test_aggregate_is_the_plain_mean():

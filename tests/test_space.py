@@ -336,6 +336,23 @@ def test_the_sampler_sees_the_weighted_signal_and_the_best_trial_is_still_the_be
     assert best_trial(rows, [objective])["trial_id"] == "good"
 
 
+def test_every_attacks_auc_and_score_is_an_objective_or_a_constraint():
+    raw = copy.deepcopy(BASE)
+    raw["objective"] = {"metric": "mia_minkpp_score"}
+    raw["constraints"] = [{"metric": "mia_reference_auc", "max": 0.6}, {"metric": "mia_zlib_score", "min": 0.2}]
+    space = parse_space(raw)
+    attacks = {
+        "min_k": {"auc": 0.9, "score": 0.2},
+        "min_k_plus_plus": {"auc": 0.3, "score": 0.6},
+        "zlib": {"auc": 0.95, "score": 0.1},
+        "reference": {"auc": 0.55, "score": 0.9},
+    }
+    metrics = final_metrics({**EVALUATION, "mia_attacks": attacks})
+    assert objective_value(metrics, space.objectives[0]) == 0.6
+    assert [c.met(metrics) for c in space.constraints] == [True, False]
+    assert metrics["mia_mink_auc"] == 0.9 and metrics["mia_reference_score"] == 0.9
+
+
 def test_the_spaces_constraints_exclude_a_trial_like_the_mmlu_threshold():
     """An erased model (retain scores 0) can top the aggregate on a target whose MMLU is at
     chance; a constraint on retain_utility keeps it from being the best trial."""

@@ -1,7 +1,9 @@
 """The tiny reference target end to end: build, memorization, and ``unlearn-search evaluate``."""
 
 import collections
+import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +106,13 @@ def test_evaluate_writes_what_the_official_scorer_recomputes_exactly(tiny_target
             "1",
             "--data",
             str(data_paths.root),
+            "--reference",
+            str(tiny_target),
         ]
     )
     assert code == 0
     printed = capsys.readouterr().out
+    assert "MIA AUC by attack: loss" in printed
     manifest = read_target_manifest(tiny_target)
     assert f"{len(manifest['mia_member_ids'])} MIA members" in printed and "those the target memorized" in printed
     results = json.loads((out / "evaluation_results.json").read_text())
@@ -130,6 +135,8 @@ def test_evaluate_writes_what_the_official_scorer_recomputes_exactly(tiny_target
     assert results["mia_final_score"] == pytest.approx(official["mia_final"], abs=1e-9)
     assert results["mmlu_average"] == pytest.approx(official["mmlu"], abs=1e-9)
     assert results["aggregate-score"] == pytest.approx(official["aggregate"], abs=1e-9)
+    # The target scored against itself as the reference: every document's score ties at 0.
+    assert results["mia_attacks"]["reference"] == {"auc": 0.5, "score": 1.0}
     for set_name, scores in official["sets"].items():
         assert results[f"{set_name}-set"]["overall-regurgitation-score"] == pytest.approx(
             scores["regurgitation"], abs=1e-9
@@ -262,18 +269,44 @@ def test_quick_scores_are_the_full_evaluation_on_a_subset(tiny_target, data_path
     limits, the quick scores equal the full evaluation's metrics, and on a subset they combine
     their own terms the way the final aggregate does."""
     from unlearn_search.evaluation.evaluate import METRIC_NAMES, EvalConfig, evaluate, load_eval_data, metric_values
-    from unlearn_search.evaluation.inference import document_nll
+    from unlearn_search.evaluation.inference import document_nll, document_statistics
     from unlearn_search.evaluation.quick import quick_config, quick_data, quick_scores
+    from unlearn_search.evaluation.reference import original_nll
     from unlearn_search.models import load_model, load_tokenizer
 
     model, tokenizer = load_model(tiny_target), load_tokenizer(tiny_target)
     manifest = read_target_manifest(tiny_target)
     final = EvalConfig(split="train", max_new_tokens=24, mmlu_limit=2, mmlu_threshold=0.2)
-    data = load_eval_data(data_paths, final, manifest)
+    # The target as its own reference, scored as the evaluation scores: every reference score ties.
+    reference = original_nll(tiny_target, data_paths, final)
+    data = dataclasses.replace(load_eval_data(data_paths, final, manifest), reference_nll=reference)
 
     whole = quick_scores(model, tokenizer, quick_data(data, 10**6, 10**6), data_paths.mmlu, quick_config(final, 24, 2))
-    assert whole == pytest.approx(metric_values(evaluate(model, tokenizer, data_paths, final, manifest)))
+    full = metric_values(evaluate(model, tokenizer, data_paths, final, manifest, reference_nll=reference))
+    assert whole == pytest.approx(full)
     assert set(whole) == set(METRIC_NAMES)  # the names MLflow keeps apart as estimates
+    assert whole["mia_reference_auc"] == 0.5 and whole["mia_reference_score"] == 1.0
+    # The other attacks by hand from the documents' token log-probs.
+    members = document_statistics(model, tokenizer, [d.text for d in data.members])
+    nonmembers = document_statistics(model, tokenizer, [d.text for d in data.nonmembers])
+
+    def hand_min_k(stats, k=0.4):
+        values = sorted(stats.logprob.tolist())
+        return sum(values[: max(1, int(len(values) * k))]) / max(1, int(len(values) * k))
+
+    def hand_zlib(stats, document):
+        return -float(-stats.logprob.mean()) / len(zlib.compress(document.text.encode("utf-8")))
+
+    min_k = metrics.membership_auc([hand_min_k(m) for m in members], [hand_min_k(n) for n in nonmembers])
+    assert whole["mia_mink_auc"] == pytest.approx(min_k)
+    zlib_auc = metrics.membership_auc(
+        [hand_zlib(m, d) for m, d in zip(members, data.members)],
+        [hand_zlib(n, d) for n, d in zip(nonmembers, data.nonmembers)],
+    )
+    assert whole["mia_zlib_auc"] == pytest.approx(zlib_auc)
+    # The memorized target gives its members away to every attack but the reference.
+    for name in ("mia_auc", "mia_mink_auc", "mia_minkpp_auc", "mia_zlib_auc"):
+        assert whole[name] >= 0.8, name
 
     subset = quick_data(data, items=16, documents=6)
     assert [

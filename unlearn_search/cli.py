@@ -90,6 +90,10 @@ def _headline(results: dict) -> str:
         for name, scores in (("forget", forget), ("retain", retain))
     ]
     lines += [f"  {k}: {results[k]:.4f}" for k in keys]
+    attacks = results.get("mia_attacks", {})
+    if attacks:
+        aucs = {"loss": results["mia_loss_acc"], **{name: a["auc"] for name, a in attacks.items()}}
+        lines.append("  MIA AUC by attack: " + "  ".join(f"{name} {auc:.4f}" for name, auc in aucs.items()))
     if results.get("passes_utility_threshold") is not None:
         lines.append(f"  passes MMLU threshold {results['mmlu_threshold']:.3f}: {results['passes_utility_threshold']}")
     return "\n".join(lines)
@@ -165,7 +169,12 @@ def cmd_evaluate(args) -> None:
     started = time.time()
     config = _eval_config(args, original_mmlu=original)
     print(scored_items(load_eval_data(paths, config, manifest), config, manifest is not None, args.all_items))
-    results = evaluate(model, tokenizer, paths, config, manifest, args.output)
+    reference = None
+    if args.reference is not None:
+        from unlearn_search.evaluation.reference import original_nll
+
+        reference = original_nll(resolve_model(args.reference, paths), paths, config)
+    results = evaluate(model, tokenizer, paths, config, manifest, args.output, reference_nll=reference)
     print(f"evaluated {directory} in {time.time() - started:.1f} s -> {Path(args.output) / 'evaluation_results.json'}")
     print(_headline(results))
 
@@ -554,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--trust-remote-code", action="store_true", help="let transformers run the checkpoint's own modeling code"
+    )
+    evaluate.add_argument(
+        "--reference",
+        default=None,
+        help="the model before unlearning (path or preset), for the reference MIA attack (without it: NaN)",
     )
     _add_eval(evaluate)
     _add_data(evaluate)

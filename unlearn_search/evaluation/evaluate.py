@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pandas as pd
 from unlearn_search.data import Benchmark, DataPaths, load_benchmark, load_documents
 from unlearn_search.data.benchmark import Item
 from unlearn_search.evaluation import metrics
-from unlearn_search.evaluation.inference import document_nll, encode_answers, generate, max_length, sequence_nll
+from unlearn_search.evaluation.inference import document_statistics, encode_answers, generate, max_length, sequence_nll
 from unlearn_search.evaluation.mmlu import PROMPT_FORMAT, evaluate_mmlu
 
 DEFAULT_THRESHOLD_FRACTION = 0.75  # of the original model's MMLU; SemEval fixed 0.371 for its 7B (--mmlu-threshold)
@@ -33,6 +35,7 @@ class EvalConfig:
     mia_split: str = "train"
     progress: bool = False
     dtype: str = "auto"  # models.loading.DTYPES: what a checkpoint is loaded in to be scored
+    mia_k: float = 0.4  # the fraction of tokens min-k % and min-k %++ keep (open-unlearning's setting)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class EvalData:
     benchmark: Benchmark
     members: list
     nonmembers: list
+    # The original model's mean NLL of each MIA document by id, for the reference attack; without
+    # it that attack is not scored (its metrics NaN).
+    reference_nll: Mapping[str, float] | None = None
 
 
 def load_eval_data(paths: DataPaths, config: EvalConfig, manifest: dict | None = None) -> EvalData:
@@ -138,12 +144,14 @@ def evaluate(
     manifest: dict | None = None,
     output: str | Path | None = None,
     known_mmlu: float | None = None,
+    reference_nll: Mapping[str, float] | None = None,
 ) -> dict:
     """Score ``model``; write ``evaluation_results.json`` and the prediction CSVs into ``output``.
 
     ``known_mmlu``: this model's MMLU average on ``config``'s questions, scored before (the
-    original's, which the search caches): used as it is instead of scoring MMLU again."""
-    data = load_eval_data(paths, config, manifest)
+    original's, which the search caches): used as it is instead of scoring MMLU again.
+    ``reference_nll``: the original's NLL of each MIA document by id, for the reference attack."""
+    data = dataclasses.replace(load_eval_data(paths, config, manifest), reference_nll=reference_nll)
     results, frames = score(model, tokenizer, data, paths.mmlu, config, known_mmlu)
     if output is not None:
         write_results(results, frames, Path(output))
@@ -166,15 +174,16 @@ def score(
     results["missing-terms"] = metrics.missing_terms(terms)
     results["harmonic-mean-task-aggregate"] = metrics.task_aggregate(per_task)
 
-    member_nll = document_nll(model, tokenizer, [d.text for d in data.members], config.batch_size)
-    nonmember_nll = document_nll(model, tokenizer, [d.text for d in data.nonmembers], config.batch_size)
-    for kind, documents, nll in zip(MIA_KINDS, (data.members, data.nonmembers), (member_nll, nonmember_nll)):
-        frames[kind] = pd.DataFrame({"id": [d.id for d in documents], "nll": nll})
+    for kind, documents in zip(MIA_KINDS, (data.members, data.nonmembers)):
+        frames[kind] = score_documents(model, tokenizer, documents, data.reference_nll, config)
+    member_nll, nonmember_nll = frames["member"].nll, frames["nonmember"].nll
     auc = metrics.mia_auc(member_nll, nonmember_nll)
     results["mia_loss_acc"] = auc
     results["mia_final_score"] = metrics.mia_score(auc)
     results["mia_member_mean_nll"] = metrics.mean(member_nll)
     results["mia_nonmember_mean_nll"] = metrics.mean(nonmember_nll)
+    results["mia_attacks"] = attack_results(frames["member"], frames["nonmember"])
+    results["mia_k"] = config.mia_k
 
     if known_mmlu is None:
         mmlu = evaluate_mmlu(
@@ -199,6 +208,48 @@ def score(
     return results, frames
 
 
+# The membership-inference attacks beside the official loss attack (whose AUC and score are
+# mia_auc and mia_score): each is reported as an AUC and as the SemEval-style 1 - 2|AUC - 0.5|,
+# under ``{prefix}_auc`` and ``{prefix}_score``. A member scores higher under each.
+MIA_ATTACKS = {"min_k": "mia_mink", "min_k_plus_plus": "mia_minkpp", "zlib": "mia_zlib", "reference": "mia_reference"}
+MIA_ATTACK_METRICS = tuple(f"{prefix}_{kind}" for prefix in MIA_ATTACKS.values() for kind in ("auc", "score"))
+
+
+def score_documents(model, tokenizer, documents: list, reference_nll: Mapping[str, float] | None, config: EvalConfig):
+    """One row per MIA document: its mean token NLL (the official ``nll`` column) and its score
+    under each attack of ``MIA_ATTACKS`` (``reference`` NaN without the original's NLLs)."""
+    stats = document_statistics(model, tokenizer, [d.text for d in documents], config.batch_size)
+    nll = [s.nll for s in stats]
+    reference = [math.nan] * len(documents)
+    if reference_nll is not None:
+        reference = [metrics.reference_score(n, reference_nll[d.id]) for d, n in zip(documents, nll)]
+    return pd.DataFrame(
+        {
+            "id": [d.id for d in documents],
+            "nll": nll,
+            "min_k": [metrics.min_k_score(s.logprob, config.mia_k) for s in stats],
+            "min_k_plus_plus": [
+                metrics.min_k_plus_plus_score(s.logprob, s.vocab_mean, s.vocab_std, config.mia_k) for s in stats
+            ],
+            "zlib": [metrics.zlib_score(n, d.text) for d, n in zip(documents, nll)],
+            "reference": reference,
+        }
+    )
+
+
+def attack_results(members: pd.DataFrame, nonmembers: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per attack of ``MIA_ATTACKS``, its AUC and score over the two documents' frames (NaN for an
+    attack with no scores)."""
+    results = {}
+    for attack in MIA_ATTACKS:
+        if members[attack].isna().any() or nonmembers[attack].isna().any():
+            results[attack] = {"auc": math.nan, "score": math.nan}
+            continue
+        auc = metrics.membership_auc(members[attack].tolist(), nonmembers[attack].tolist())
+        results[attack] = {"auc": auc, "score": metrics.mia_score(auc)}
+    return results
+
+
 # metric_values' names (the two NLLs only where the evaluation computed them): what a finished
 # trial reports and what the quick evaluation estimates at each boundary.
 METRIC_NAMES = (
@@ -216,6 +267,7 @@ METRIC_NAMES = (
     "forget_nll",
     "retain_nll",
     "forget_signal",
+    *MIA_ATTACK_METRICS,
 )
 
 
@@ -234,6 +286,10 @@ def metric_values(results: dict) -> dict[str, float]:
         "retain_regurgitation": retain["overall-regurgitation-score"],
         "retain_knowledge": retain["overall-knowledge-score"],
     }
+    for attack, prefix in MIA_ATTACKS.items():
+        if attack in results.get("mia_attacks", {}):
+            values[f"{prefix}_auc"] = results["mia_attacks"][attack]["auc"]
+            values[f"{prefix}_score"] = results["mia_attacks"][attack]["score"]
     values["forget_efficacy"] = 1 - _mean_present(values["forget_regurgitation"], values["forget_knowledge"])
     values["retain_utility"] = _mean_present(values["retain_regurgitation"], values["retain_knowledge"])
     for set_name, summary in (("forget", forget), ("retain", retain)):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -120,7 +122,70 @@ def generate(
     return [outputs[i] for i in range(len(prompts))]
 
 
+@dataclass(frozen=True)
+class TokenStatistics:
+    """One sequence's scored tokens under a model: each token's log-probability and, at its
+    position, the mean and standard deviation of log p over the vocabulary under the model's own
+    distribution (what min-k %++ normalizes by; None where not asked for)."""
+
+    logprob: np.ndarray
+    vocab_mean: np.ndarray | None = None
+    vocab_std: np.ndarray | None = None
+
+    @property
+    def nll(self) -> float:
+        return float(-self.logprob.mean()) if self.logprob.size else float("nan")
+
+
 @torch.no_grad()
+def token_statistics(
+    model,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    pad_token_id: int,
+    batch_size: int = 32,
+    progress: bool = False,
+    vocab_moments: bool = False,
+) -> list[TokenStatistics]:
+    """``TokenStatistics`` of ``sequences[i][starts[i]:]`` given what precedes it, batched.
+
+    ``starts[i]`` is the first scored token (at least 1: the first token has no context).
+    ``vocab_moments``: also the vocabulary mean and spread (two more vocabulary-wide tensors).
+    """
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    result: dict[int, TokenStatistics] = {}
+    for rows, kept in tqdm(dealt(_batches(order, batch_size)), desc="scoring", disable=not progress):
+        width = max(len(sequences[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
+            attention_mask[r, : len(sequences[i])] = 1
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        token = logprobs.gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0].cpu().numpy()
+        mean = std = None
+        if vocab_moments:
+            mean, std = (t.cpu().numpy() for t in _vocab_moments(logprobs))
+        if kept:
+            for r, i in enumerate(rows):
+                scored = slice(max(1, starts[i]) - 1, len(sequences[i]) - 1)
+                moments = (None, None) if mean is None else (mean[r, scored], std[r, scored])
+                result[i] = TokenStatistics(token[r, scored], *moments)
+    result = merged(result)
+    return [result[i] for i in range(len(sequences))]
+
+
+def _vocab_moments(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``E_p[log p]`` and the standard deviation of ``log p`` under ``p`` at each position (Zhang
+    et al. 2024, eq. 3), the variance clamped at 1e-6 as open-unlearning's min-k %++ does: a
+    one-hot distribution has no spread."""
+    probs = logprobs.exp()
+    mean = (probs * logprobs).sum(-1)
+    variance = (probs * logprobs.square()).sum(-1) - mean.square()
+    return mean, variance.clamp(min=1e-6).sqrt()
+
+
 def sequence_nll(
     model,
     sequences: Sequence[Sequence[int]],
@@ -129,31 +194,9 @@ def sequence_nll(
     batch_size: int = 32,
     progress: bool = False,
 ) -> list[float]:
-    """Mean token NLL of ``sequences[i][starts[i]:]`` given what precedes it, batched.
-
-    ``starts[i]`` is the first scored token (at least 1: the first token has no context).
-    """
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    result: dict[int, float] = {}
-    for rows, kept in tqdm(dealt(_batches(order, batch_size)), desc="scoring", disable=not progress):
-        width = max(len(sequences[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        scored = torch.zeros((len(rows), width), dtype=torch.bool)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids = sequences[i]
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention_mask[r, : len(ids)] = 1
-            scored[r, max(1, starts[i]) : len(ids)] = True
-        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        token_nll = -logprobs.gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0].cpu()
-        mask = scored[:, 1:]
-        per_row = (token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)
-        if kept:
-            result.update((i, per_row[r].item() if mask[r].any() else float("nan")) for r, i in enumerate(rows))
-    result = merged(result)
-    return [result[i] for i in range(len(sequences))]
+    """Mean token NLL of ``sequences[i][starts[i]:]`` given what precedes it, batched (NaN for a
+    sequence with no scored token)."""
+    return [s.nll for s in token_statistics(model, sequences, starts, pad_token_id, batch_size, progress)]
 
 
 def max_length(model, tokenizer) -> int:
@@ -176,6 +219,14 @@ def answer_nll(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
     """Mean NLL of each answer given its prompt, over the official ``input + output`` concatenation."""
     prompt_ids, sequences = encode_answers(tokenizer, prompts, answers, max_length(model, tokenizer))
     return sequence_nll(model, sequences, [len(ids) for ids in prompt_ids], tokenizer.pad_token_id, batch_size)
+
+
+def document_statistics(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[TokenStatistics]:
+    """``TokenStatistics`` of whole documents (truncated to the model's length limit), for MIA."""
+    limit = max_length(model, tokenizer)
+    sequences = [ids[:limit] for ids in tokenizer(list(documents))["input_ids"]]
+    starts = [1] * len(sequences)
+    return token_statistics(model, sequences, starts, tokenizer.pad_token_id, batch_size, vocab_moments=True)
 
 
 def document_nll(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[float]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import statistics
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 
+import numpy as np
 from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
 
@@ -76,6 +78,49 @@ def mia_auc(member_nll: Sequence[float], nonmember_nll: Sequence[float]) -> floa
     labels = [1] * len(member_nll) + [0] * len(nonmember_nll)
     scores = [-x for x in member_nll] + [-x for x in nonmember_nll]
     return float(roc_auc_score(labels, scores))
+
+
+def membership_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
+    """ROC AUC of an attack whose score is higher for what it takes to be a member (label 1)."""
+    labels = [1] * len(member_scores) + [0] * len(nonmember_scores)
+    return float(roc_auc_score(labels, [*member_scores, *nonmember_scores]))
+
+
+# Membership scores of one document, higher meaning "member", from its token log-probs under the
+# model (``logprob``; ``vocab_mean``/``vocab_std``: log p's mean and spread over the vocabulary at
+# each position). ``k``: the fraction of tokens min-k % keeps.
+
+
+def _lowest_mean(values: np.ndarray, k: float) -> float:
+    # At least one token, as Shi et al.'s code and open-unlearning's keep: int(len * k) or 1.
+    return float(np.sort(values)[: max(1, int(len(values) * k))].mean())
+
+
+def min_k_score(logprob: np.ndarray, k: float) -> float:
+    """Min-k % prob (Shi et al. 2023, eq. 1): the mean of the lowest ``k`` fraction of token
+    log-probs. A member has few surprising tokens."""
+    return _lowest_mean(np.asarray(logprob, dtype=np.float64), k)
+
+
+def min_k_plus_plus_score(logprob: np.ndarray, vocab_mean: np.ndarray, vocab_std: np.ndarray, k: float) -> float:
+    """Min-k %++ (Zhang et al. 2024, arXiv 2404.02936, eqs. 2-3): each token's log-prob
+    standardized by the mean and spread of log p over the vocabulary at its position (members sit
+    at local maxima of the likelihood), then the mean of the lowest ``k`` fraction."""
+    z = (np.asarray(logprob, np.float64) - np.asarray(vocab_mean, np.float64)) / np.asarray(vocab_std, np.float64)
+    return _lowest_mean(z, k)
+
+
+def zlib_score(nll: float, text: str) -> float:
+    """The zlib ratio (Carlini et al. 2021, section 6.1) negated: the mean token NLL over the
+    text's zlib-compressed length in bytes, so that text that is simply easy to predict (a
+    repetitive one) is not taken for a member."""
+    return -nll / len(zlib.compress(text.encode("utf-8")))
+
+
+def reference_score(nll: float, reference_nll: float) -> float:
+    """The reference attack (Carlini et al. 2021; open-unlearning's ``mia_reference``): how much
+    lower the model's NLL is than a reference model's, here the original before unlearning."""
+    return reference_nll - nll
 
 
 def mia_score(auc: float) -> float:

@@ -55,7 +55,8 @@ def quick_data(data: EvalData, items: int, documents: int) -> EvalData:
     evaluation's data."""
     half_items, half_documents = max(1, items // 2), max(1, documents // 2)
     benchmark = Benchmark(stratified(data.benchmark.forget, half_items), stratified(data.benchmark.retain, half_items))
-    return EvalData(benchmark, spread(data.members, half_documents), spread(data.nonmembers, half_documents))
+    members, nonmembers = spread(data.members, half_documents), spread(data.nonmembers, half_documents)
+    return EvalData(benchmark, members, nonmembers, data.reference_nll)
 
 
 def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit: int) -> EvalConfig:

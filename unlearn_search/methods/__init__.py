@@ -12,7 +12,9 @@ from unlearn_search.methods.losses.gd import GradientDifference
 from unlearn_search.methods.losses.idk import IDK
 from unlearn_search.methods.losses.npo import NPO
 from unlearn_search.methods.losses.random_label import RandomLabel
+from unlearn_search.methods.losses.satimp import SatImp
 from unlearn_search.methods.losses.simnpo import SimNPO
+from unlearn_search.methods.losses.undial import UNDIAL
 from unlearn_search.methods.losses.wga import WGA
 from unlearn_search.methods.schedules import AGAD, SUGD, Joint, Schedule, Step
 
@@ -29,6 +31,8 @@ METHODS: dict[str, type[Method]] = {
         FLAT,
         Adversarial,
         WGA,
+        UNDIAL,
+        SatImp,
     )
 }
 SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (Joint, AGAD, SUGD)}

@@ -57,6 +57,14 @@ class Reference:
             labels,
         )
 
+    def undial(self, student_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+        """UNDIAL's distillation loss towards this distribution with each label lowered by ``beta``."""
+        device = student_logits.device
+        if self.logprobs is not None:
+            return F.undial_loss(student_logits, self.logprobs.to(device), labels, beta)
+        ids, logprobs, label = (t.to(device) for t in (self.topk_ids, self.topk_logprobs, self.label_logprobs))
+        return F.undial_loss_topk(student_logits, ids, logprobs, label, labels, beta)
+
     def sequence_logprob(self, labels: torch.Tensor) -> torch.Tensor:
         mask = labels[:, 1:] != IGNORE_INDEX
         return (self.label_logprobs.to(labels.device) * mask).sum(-1)

@@ -230,6 +230,88 @@ def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.T
     return (weights * logp * mask).sum() / mask.sum().clamp(min=1)
 
 
+def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM
+    Unlearning", arXiv 2505.11953), a scalar.
+
+    ``-(1/N) sum_t sg[p_t^beta1 (1 - p_t)^beta2] * NLL_t`` over the batch's N scored tokens,
+    ``p_t = p(y_t)`` and ``sg`` stopping the gradient: WGA's saturation weight ``p^beta1`` (tokens
+    already forgotten stop pulling) times an importance weight ``(1 - p)^beta2`` that also damps
+    the tokens the model is sure of. As the authors' code (open-unlearning ``SatImp``:
+    ``weight_sat = exp(-NLL)^beta1``, ``weight_imp = (1 - exp(-NLL))^beta2``, both detached, a
+    mean over scored tokens); beta2 0 is WGA with beta = beta1.
+    """
+    logp, mask = token_logprobs(logits, labels)
+    p = logp.detach().exp()
+    weights = p**beta1 * (1 - p) ** beta2
+    return (weights * logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def undial_loss(
+    student_logits: torch.Tensor, reference_logprobs: torch.Tensor, labels: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """UNDIAL (Dong et al. 2024, "Unlearning via Self-Distillation with Adjusted Logits",
+    arXiv 2402.10052, eq. 3), a scalar.
+
+    ``mean_t CE(softmax(z_t - beta * onehot(y_t)), p_student(. | x_<t))`` over the scored
+    positions, ``z_t`` the frozen model's logits (here its log-softmax, which differs by a
+    constant per position and gives the same softmax): the student is distilled towards the
+    original's distribution with the memorized token made ``e^beta`` times less likely, so it
+    forgets that token while keeping the rest of the distribution, rather than ascending without
+    bound. As the authors' code (open-unlearning ``compute_undial_loss``: the teacher's shifted
+    logits, the label's logit lowered by beta, soft-label cross-entropy, mean over scored tokens).
+    """
+    student, labels_s = shift(student_logits, labels)
+    mask = labels_s != IGNORE_INDEX
+    safe = labels_s.masked_fill(~mask, 0)
+    reference = _upcast(reference_logprobs[:, :-1]).to(student.device)
+    lowered = reference - beta * TF.one_hot(safe, reference.shape[-1]).to(reference.dtype)
+    target = torch.softmax(lowered, dim=-1)
+    ce = -(target * torch.log_softmax(_upcast(student), dim=-1)).sum(-1)
+    return _masked_position_mean(ce, mask)
+
+
+def undial_loss_topk(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    label_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """``undial_loss`` when the frozen model kept only its top-k log-probs (``topk_reference``)
+    and each label's exact log-prob (``label_logprobs``, ``[B, T-1]`` shifted), a scalar.
+
+    On three kinds of bucket: each kept id but the label, the label, and everything else (the
+    reference mass ``1 - sum kept - p(y)``, the student's summed over the ids in it). The label's
+    mass is lowered by ``e^-beta``, the buckets renormalized, and the student's cross-entropy to
+    them taken. Exact for the bucketed distributions; equal to ``undial_loss`` when K = V.
+    """
+    student, labels_s = shift(student_logits, labels)
+    mask = labels_s != IGNORE_INDEX
+    safe = labels_s.masked_fill(~mask, 0)
+    ids = topk_ids[:, :-1].to(student.device)
+    is_label = ids == safe.unsqueeze(-1)
+    student_logp = torch.log_softmax(_upcast(student), dim=-1)
+    p_kept = torch.where(is_label, 0.0, _upcast(topk_logprobs[:, :-1]).to(student.device).exp())
+    p_label = _upcast(label_logprobs).to(student.device).exp()
+    q_label = p_label * math.exp(-beta)
+    # The rest: ids neither kept nor the label. The most negative finite value, not -inf, marks
+    # the removed ids, so no row is all -inf (logsumexp's backward would give nan).
+    floor = torch.finfo(student_logp.dtype).min
+    removed = student_logp.scatter(-1, ids, floor).scatter(-1, safe.unsqueeze(-1), floor)
+    rest_ids = student.shape[-1] - ids.shape[-1] - (~is_label.any(-1)).long()
+    has_rest = rest_ids > 0
+    p_rest = torch.where(has_rest, (1 - p_kept.sum(-1) - p_label).clamp(min=0.0), 0.0)
+    # Double where: the unselected branch must be finite too, or its nan leaks into the gradient.
+    s_rest = torch.where(has_rest, torch.logsumexp(removed, dim=-1), 0.0)
+    s_kept = torch.where(is_label, 0.0, student_logp.gather(-1, ids))
+    s_label = student_logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    total = p_kept.sum(-1) + q_label + p_rest
+    ce = -((p_kept * s_kept).sum(-1) + q_label * s_label + p_rest * s_rest) / total
+    return _masked_position_mean(ce, mask)
+
+
 def mean_token_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row average probability of the label tokens, ``[B]``: ``mean_t p(y_t)`` over the
     scored tokens (probabilities, not log-probs, as FLAT uses); 0 for a row with none."""

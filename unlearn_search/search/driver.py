@@ -420,6 +420,18 @@ def mmlu_threshold(model_dir: Path, data_root: Path, space: SearchSpace, output:
     return utility_threshold(EvalConfig(original_mmlu=original_mmlu(model_dir, data_root, space, output, limit)))
 
 
+def score_original_documents(model_dir: Path, paths, space: SearchSpace) -> None:
+    """The original's NLL of each MIA document in the trials' dtype, scored on the cluster (once
+    per checkpoint: ``evaluation.reference`` keeps it), so that the trials' quick evaluations
+    score the reference attack too."""
+    from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.evaluation.reference import original_nll
+    from unlearn_search.training.trial import on_cluster
+
+    config = EvalConfig(batch_size=space.evaluation.batch_size, dtype=space.settings.get("dtype", "auto"))
+    on_cluster(space.resources, original_nll, model_dir, paths, config)
+
+
 def fitted_space(space: SearchSpace, model_dir: Path, data_root: Path, output: Path) -> SearchSpace:
     """The space with ``params.lr`` fitted by the lr range test on this model (``lr_range.py``),
     its first start's settings run on the trial's resources; the curve, onset and range are kept
@@ -484,6 +496,7 @@ def run_search(
     if on_start:
         on_start(dashboard_url)
     threshold = mmlu_threshold(model_dir, paths.root, space, output, space.evaluation.mmlu_limit)
+    score_original_documents(model_dir, paths, space)
     if space.lr_range_test is not None and not options.resume:  # a restored searcher keeps its fitted space
         space = fitted_space(space, model_dir, paths.root, output)
     state = {"space": space.name, "source": str(space.source or ""), "model": str(model_dir)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError, one_of
+from unlearn_search.evaluation.evaluate import MIA_ATTACK_METRICS
 from unlearn_search.search.lr_range import RangeTest
 from unlearn_search.training.config import setting_type
 from unlearn_search.training.trial import PLACEMENTS, Resources
@@ -38,6 +39,8 @@ OBJECTIVE_METRICS = (
     "forget_knowledge",
     "retain_regurgitation",
     "retain_knowledge",
+    "mia_auc",
+    *MIA_ATTACK_METRICS,
 )
 SIGNAL_METRICS = ("forget_signal", "forget_efficacy", "retain_utility")  # higher is better, smooth in the model
 PROGRESS = "progress"  # percent of the trial's training steps done: comparable across schedules

@@ -8,6 +8,7 @@ and a DeepSpeed checkpoint; a worker that dies resumes from the last one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -320,6 +321,7 @@ class BoundaryReporter:
     ):
         from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
         from unlearn_search.evaluation.quick import quick_data
+        from unlearn_search.evaluation.reference import cached_original_nll
         from unlearn_search.models import read_target_manifest
 
         self.worker, self.engine, self.kept, self.resumed = worker, engine, kept, resumed
@@ -329,11 +331,11 @@ class BoundaryReporter:
         self.steps_total, self.teacher_parameters = steps_total, teacher_parameters
         self.quick = EvalConfig(**quick_evaluation)
         r = worker.resources
-        self.data = quick_data(
-            load_eval_data(worker.paths, self.quick, read_target_manifest(worker.model_dir)),
-            r.eval_items,
-            r.eval_documents,
-        )
+        data = load_eval_data(worker.paths, self.quick, read_target_manifest(worker.model_dir))
+        # The reference attack's baseline only where the search scored it before (None: that
+        # estimate NaN); loading the original on every worker to score it would cost its memory.
+        reference = cached_original_nll(worker.model_dir, worker.paths, self.quick, str(engine.device))
+        self.data = quick_data(dataclasses.replace(data, reference_nll=reference), r.eval_items, r.eval_documents)
 
     def estimates(self) -> dict[str, Any]:
         """The quick scores, each rank computing its share of them in step (ZeRO-3 forwards are
@@ -628,8 +630,6 @@ def run_trial(
     initialized (a local instance or a cluster). Ray Train continues a run it finds under the
     same storage and name; without ``resume`` an earlier run there is removed first.
     """
-    import dataclasses
-
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -883,16 +883,17 @@ def evaluate_checkpoint(
 
 
 def evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, output: Path, known_mmlu=None) -> dict:
-    import dataclasses
-
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.evaluation import evaluate
     from unlearn_search.models import read_target_manifest
 
     if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None:
         evaluation = dataclasses.replace(evaluation, original_mmlu=original_mmlu(original_dir, data_root, evaluation))
+    from unlearn_search.evaluation.reference import original_nll
+
     paths, manifest = paths_from_root(data_root), read_target_manifest(original_dir)
-    return evaluate(model, tokenizer, paths, evaluation, manifest, output, known_mmlu)
+    reference = original_nll(original_dir, paths, evaluation)
+    return evaluate(model, tokenizer, paths, evaluation, manifest, output, known_mmlu, reference)
 
 
 def export_and_evaluate(
