@@ -3,14 +3,16 @@
     python bench/baselines.py --model small [--only gd,npo] [--mmlu-limit 4] [--output outputs/baselines]
 
 Each baseline is the settings and first start point of a shipped search space
-(`search_spaces/*.yaml`: the SemEval winners' published values for SUGD and AGAD, starting values
-scaled for the reference targets for the others) plus GA and SimNPO, run as a real trial (Ray
-Train, DeepSpeed ZeRO-3, 2 workers) and scored with the full evaluation (every item, 256 new
-tokens, MMLU with a per-subject limit). The gold standard is the same builder trained on the
-retain items only (`build_retrained`), as retraining without the forget data would give. Also
-scored: the original target. Writes `results.json`, `results.md` and `baselines.png` (the three
-terms of the aggregate per method) to the output, and prints the table. A finished baseline is
-kept and not rerun (delete its folder to redo it).
+(`search_spaces/*.yaml`: the authors' published values) plus GA and SimNPO, run as a real trial
+(Ray Train, DeepSpeed ZeRO-3, 2 workers) and scored with the full evaluation (every item, 256 new
+tokens, MMLU with a per-subject limit, every membership-inference attack). A space with an
+`lr_range_test` has its start's lr placed by that test on this model, as a search's first trial
+is (`--no-fit-lr`: the published lr as it is). The gold standard is the same builder trained on
+the retain items only (`build_retrained`), as retraining without the forget data would give.
+Also scored: the original target. Writes `results.json`, `results.md`, `baselines.png` (the
+three terms of the aggregate per method) and `baselines_mia.png` (each attack's AUC per method)
+to the output, and prints the tables. A finished baseline is kept and not rerun (delete its
+folder to redo it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ EXTRA = {
     "ga": {"method": "ga", "lr": 1.5e-4, "epochs": 6},
     "simnpo": {"method": "simnpo", "lr": 2.0e-4, "epochs": 4, "retain_loss": "ce"},
 }
+# Each attack's AUC (0.5: members look like non-members), the loss attack first.
+ATTACKS = ("mia_auc", "mia_mink_auc", "mia_minkpp_auc", "mia_zlib_auc", "mia_reference_auc")
 COLUMNS = (
     "aggregate",
     "task_aggregate",
@@ -38,12 +42,20 @@ COLUMNS = (
 )
 
 
-def baselines() -> dict[str, dict]:
+def baselines(model_dir=None, data_root=None, output: Path | None = None, only=()) -> dict[str, dict]:
+    """Each space's settings and first start; with ``model_dir``, a space's lr range test places
+    that start's lr on the model (for the spaces in ``only``; kept under
+    ``output/lr_range/<space>/``, so a rerun reads it back)."""
     from unlearn_search.search import load_space
+    from unlearn_search.search.driver import fitted_space
 
     configs = {}
     for path in sorted((REPO / "search_spaces").glob("*.yaml")):
         space = load_space(path)
+        if model_dir is not None and space.name in only and space.lr_range_test is not None and space.starts:
+            kept = output / "lr_range" / space.name
+            kept.mkdir(parents=True, exist_ok=True)
+            space = fitted_space(space, model_dir, data_root, kept)
         configs[space.name] = {**space.settings, **(space.starts[0] if space.starts else {})}
     configs.update(EXTRA)
     return configs
@@ -71,6 +83,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--mmlu-limit", type=int, default=4, help="MMLU questions per subject (all: 0)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--no-fit-lr", action="store_true", help="run each start at its published lr (default: the range test's)"
+    )
     args = parser.parse_args()
 
     from unlearn_search.data import resolve_data
@@ -86,11 +101,11 @@ def main() -> None:
     model_dir = resolve_model(args.model, paths)
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    configs = baselines()
-    chosen = args.only.split(",") if args.only else list(configs)
-    unknown = [c for c in chosen if c not in configs and c not in ("original", "retrained")]
+    known = baselines()
+    chosen = args.only.split(",") if args.only else list(known)
+    unknown = [c for c in chosen if c not in known and c not in ("original", "retrained")]
     if unknown:
-        raise SystemExit(f"--only {','.join(unknown)}: unknown (expected some of {', '.join(configs)})")
+        raise SystemExit(f"--only {','.join(unknown)}: unknown (expected some of {', '.join(known)})")
     limit = args.mmlu_limit or None
 
     def config(threshold=None):
@@ -128,6 +143,7 @@ def main() -> None:
         }
 
     init_ray(None)
+    configs = known if args.no_fit_lr else baselines(model_dir, paths.root, output, chosen)
     for name in [c for c in chosen if c in configs]:
         record_path = output / name / "baseline.json"
         if not record_path.exists():
@@ -162,6 +178,7 @@ def main() -> None:
             {
                 "baseline": name,
                 **{k: metrics[k] for k in COLUMNS},
+                **{k: metrics.get(k, float("nan")) for k in ATTACKS},
                 "passes": metrics["passes_utility_threshold"],
                 "tasks": task_scores(record["results"]),
                 "seconds": record["seconds"],
@@ -170,9 +187,10 @@ def main() -> None:
             }
         )
     (output / "results.json").write_text(json.dumps(rows, indent=2))
-    table = markdown(rows, threshold)
+    table = markdown(rows, threshold) + "\n\n" + attacks_markdown(rows)
     (output / "results.md").write_text(table + "\n")
     plot(rows, output / "baselines.png")
+    attacks_plot(rows, output / "baselines_mia.png")
     print(table)
 
 
@@ -191,6 +209,38 @@ def markdown(rows: list[dict], threshold: float) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def attacks_markdown(rows: list[dict]) -> str:
+    """Each attack's AUC per baseline, in the first table's order."""
+    head = ["baseline", *ATTACKS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(rows, key=lambda r: -r["aggregate"]):
+        lines.append("| " + " | ".join([r["baseline"], *(f"{r[a]:.3f}" for a in ATTACKS)]) + " |")
+    return "\n".join(lines)
+
+
+def attacks_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unlearn_search.tracking.plots import save_figure
+
+    rows = sorted(rows, key=lambda r: -r["aggregate"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
+    width = 0.8 / len(ATTACKS)
+    for i, key in enumerate(ATTACKS):
+        offset = (i - (len(ATTACKS) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(rows))], [r[key] for r in rows], width, label=key.removesuffix("_auc"))
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")  # members look like non-members
+    ax.set_xticks(range(len(rows)), [r["baseline"] for r in rows], rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AUC (0.5: no membership signal)")
+    ax.set_title("Baselines: every membership-inference attack")
+    ax.legend(fontsize=7, ncol=len(ATTACKS))
+    save_figure(fig, path)
 
 
 def plot(rows: list[dict], path: Path) -> None:

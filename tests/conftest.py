@@ -8,6 +8,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    """The known third-party warnings the driver and workers silence (``unlearn_search.quiet``),
+    silenced here too, by name; every other warning, deprecations included, shows in the summary."""
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()
+
+
 @pytest.fixture(scope="session")
 def data_paths():
     from unlearn_search.data import resolve_data

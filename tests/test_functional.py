@@ -343,6 +343,32 @@ def test_npo_loss_matches_hand_formula():
     assert F.npo_loss(student, reference, beta).item() == pytest.approx(sum(per) / 2, abs=1e-12)
 
 
+def test_dpo_loss_matches_hand_formula_and_is_npo_without_the_chosen_side():
+    chosen, chosen_ref = (
+        torch.tensor([-2.0, -4.0], dtype=torch.float64),
+        torch.tensor([-3.0, -3.5], dtype=torch.float64),
+    )
+    rejected = torch.tensor([-1.0, -6.0], dtype=torch.float64)
+    rejected_ref = torch.tensor([-1.5, -5.0], dtype=torch.float64)
+    beta = 0.5
+    # -(2/beta) log sigmoid(beta * margin) = (2/beta) log(1 + exp(-beta * margin))
+    margins = [
+        (c - cr) - (r - rr) for c, cr, r, rr in zip(*(t.tolist() for t in (chosen, chosen_ref, rejected, rejected_ref)))
+    ]
+    per = [(2 / beta) * math.log(1 + math.exp(-beta * m)) for m in margins]
+    assert F.dpo_loss(chosen, chosen_ref, rejected, rejected_ref, beta).item() == pytest.approx(sum(per) / 2, abs=1e-12)
+    same = F.dpo_loss(chosen_ref, chosen_ref, rejected, rejected_ref, beta).item()
+    assert same == pytest.approx(F.npo_loss(rejected, rejected_ref, beta).item(), abs=1e-12)
+
+
+def test_dpo_raises_the_chosen_and_lowers_the_rejected_likelihood():
+    chosen = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
+    F.dpo_loss(chosen, chosen.detach(), rejected, rejected.detach(), beta=1.0).backward()
+    # At the reference the margin is 0: d/dc = -(2/beta) * beta * sigmoid(0) = -1, d/dr = +1.
+    assert chosen.grad.item() == pytest.approx(-1.0) and rejected.grad.item() == pytest.approx(1.0)
+
+
 def test_npo_pushes_student_likelihood_down_like_ga_at_start():
     student = torch.tensor([-4.0, -7.0], dtype=torch.float64, requires_grad=True)
     reference = student.detach().clone()

@@ -351,11 +351,11 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
         _scheduler,
         end_orphaned_trials,
         end_stopped_trials,
-        make_searcher,
         trial_rows,
     )
     from unlearn_search.search.results import OBJECTIVE, TRIAL_OUTPUT, summary_table
     from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
+    from unlearn_search.search.searcher import make_searcher
     from unlearn_search.search.space import parse_space
     from unlearn_search.tracking import MLflowTracker, default_tracking_uri
     from unlearn_search.training.cluster import init_ray

@@ -416,7 +416,7 @@ def test_pareto_front_by_hand():
 
 def test_multi_objective_search_uses_nsga2_stores_both_values_and_draws_the_pareto_front(tmp_path):
     """Ray's OptunaSearch driven through its Searcher API (no trials run): two objectives."""
-    from unlearn_search.search.driver import make_searcher
+    from unlearn_search.search.searcher import make_searcher
     from unlearn_search.tracking import study_plots
 
     raw = copy.deepcopy(BASE)
@@ -591,7 +591,7 @@ def test_resources_override_is_validated_like_the_file():
 
 def test_tpe_models_after_a_third_of_a_small_budget(tmp_path):
     """Optuna's default (10 random trials first) would make a 6-trial search pure random search."""
-    from unlearn_search.search.driver import make_searcher
+    from unlearn_search.search.searcher import make_searcher
 
     space = parse_space(copy.deepcopy(BASE))
     assert [space.search.startup_trials(n) for n in (3, 6, 12, 30, 100)] == [2, 2, 4, 10, 10]

@@ -10,6 +10,7 @@ from unlearn_search.methods.losses.ga import GradientAscent
 from unlearn_search.methods.losses.ga_kl import GradientAscentKL
 from unlearn_search.methods.losses.gd import GradientDifference
 from unlearn_search.methods.losses.idk import IDK
+from unlearn_search.methods.losses.idk_dpo import IdkDPO
 from unlearn_search.methods.losses.npo import NPO
 from unlearn_search.methods.losses.random_label import RandomLabel
 from unlearn_search.methods.losses.satimp import SatImp
@@ -33,6 +34,7 @@ METHODS: dict[str, type[Method]] = {
         WGA,
         UNDIAL,
         SatImp,
+        IdkDPO,
     )
 }
 SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (Joint, AGAD, SUGD)}

@@ -202,6 +202,26 @@ def npo_loss(student_seq_logprob: torch.Tensor, reference_seq_logprob: torch.Ten
     return (-(2.0 / beta) * TF.logsigmoid(-beta * log_ratio)).mean()
 
 
+def dpo_loss(
+    chosen_logprob: torch.Tensor,
+    chosen_reference_logprob: torch.Tensor,
+    rejected_logprob: torch.Tensor,
+    rejected_reference_logprob: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Direct preference optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), a scalar.
+
+    ``mean_i  -(2/beta) * logsigmoid(beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))))``
+
+    with sequence log-probs (``sequence_logprob``) of the chosen answer ``y_w`` and the rejected
+    ``y_l`` to the same prompt. The paper's loss has no ``2/beta``; the factor is open-unlearning's
+    (``compute_dpo_loss``), which puts DPO on NPO's scale: without the chosen side this is NPO.
+    """
+    chosen = chosen_logprob - chosen_reference_logprob.to(chosen_logprob.device)
+    rejected = rejected_logprob - rejected_reference_logprob.to(rejected_logprob.device)
+    return (-(2.0 / beta) * TF.logsigmoid(beta * (chosen - rejected))).mean()
+
+
 def simnpo_loss(student_mean_logprob: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
     """SimNPO (Fan et al. 2024, arXiv 2410.07163), a scalar.
 

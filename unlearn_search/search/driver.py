@@ -27,10 +27,9 @@ from unlearn_search.search.results import (
     OBJECTIVE,
     PASSES,
     TRIAL_OUTPUT,
+    TUNE_TRIAL_ATTR,
     best_trial,
-    evaluated,
     final_metrics,
-    mmlu_violation,
     objective_value,
     summary_table,
     trial_status,
@@ -152,80 +151,6 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     partial.write_text(json.dumps(metrics, indent=2))
     partial.replace(saved)
     ray.tune.report(metrics)
-
-
-MMLU_CONSTRAINT = "mmlu"  # an Optuna constraint of a finished trial: feasible at <= 0
-TUNE_TRIAL_ATTR = "tune_trial_id"  # an Optuna trial's user attribute: its Tune trial (and MLflow run name)
-AGGREGATE_ATTR = "aggregate"  # a finished Optuna trial's user attribute: its SemEval aggregate
-
-
-def make_searcher(space: SearchSpace, storage, study_name: str, seed: int, num_samples: int | None = None):
-    """Ray's ``OptunaSearch`` over the space, ignoring intermediate results without the objective.
-
-    Intermediate reports carry the quick metrics the pruner needs; the objective arrives once,
-    with the full evaluation, so Optuna sees exactly one value per trial.
-    """
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    class _Search(OptunaSearch):
-        def suggest(self, trial_id: str):
-            config = super().suggest(trial_id)
-            if trial_id in self._ot_trials:
-                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
-            return config
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            if not all(m in result for m in metrics):
-                return
-            try:
-                super().on_trial_result(trial_id, result)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # a resumed search re-reporting a trial the study already holds
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            # A pruned trial's last result is a quick estimate under the objectives' own names:
-            # Optuna must record it as pruned, never as a finished trial with those values.
-            finished = bool(result) and evaluated(result)
-            if finished and trial_id in self._ot_trials and "aggregate" in result:
-                # The study's value may carry the objective's signal; what trials are compared on, beside it.
-                try:
-                    self._ot_trials[trial_id].set_user_attr(AGGREGATE_ATTR, result["aggregate"])
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    pass  # a resumed search re-reporting a trial the study already holds
-            if finished and space.multi_objective and trial_id in self._ot_trials and "mmlu" in result:
-                # One objective carries the MMLU constraint in its value (objective_value); several
-                # cannot, so the samplers (NSGA-II, TPE) get it as a constraint.
-                self._ot_trials[trial_id].set_constraint(MMLU_CONSTRAINT, mmlu_violation(result))
-                for constraint in space.constraints:
-                    self._ot_trials[trial_id].set_constraint(str(constraint), constraint.violation(result))
-            super().on_trial_complete(trial_id, result if finished else None, error)
-
-    sampler = {
-        "tpe": lambda: optuna.samplers.TPESampler(
-            seed=seed,
-            multivariate=True,
-            n_startup_trials=space.search.startup_trials(num_samples or space.search.num_samples),
-        ),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "grid": lambda: optuna.samplers.GridSampler(space.grid(), seed=seed),
-    }[space.search.sampler]()
-    if space.multi_objective:
-        metric, mode = [o.metric for o in space.objectives], [o.mode for o in space.objectives]
-    else:
-        metric, mode = OBJECTIVE, space.objectives[0].mode
-    return _Search(
-        space.define_by_run(),
-        metric=metric,
-        mode=mode,
-        sampler=sampler,
-        study_name=study_name,
-        storage=storage,
-        seed=seed,
-        points_to_evaluate=[dict(s) for s in space.starts] or None,
-    )
 
 
 def end_stopped_trials(storage, study_name: str, rows: list[dict[str, Any]]) -> int:
@@ -566,6 +491,7 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: dict, output: Pa
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
 
     from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
+    from unlearn_search.search.searcher import make_searcher
 
     # The trial itself waits on its Ray Train run, whose workers hold the CPUs and GPUs, then
     # evaluates; it reserves only memory so that it never blocks its own workers' placement.

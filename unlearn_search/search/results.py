@@ -40,6 +40,11 @@ def feasible(metrics: dict[str, Any]) -> bool:
     return metrics.get(PASSES, 1.0) >= 1.0 and metrics.get(MEETS_CONSTRAINTS, 1.0) >= 1.0
 
 
+MMLU_CONSTRAINT = "mmlu"  # an Optuna constraint of a finished trial: feasible at <= 0
+TUNE_TRIAL_ATTR = "tune_trial_id"  # an Optuna trial's user attribute: its Tune trial (and MLflow run name)
+AGGREGATE_ATTR = "aggregate"  # a finished Optuna trial's user attribute: its SemEval aggregate
+
+
 def mmlu_violation(metrics: dict[str, float]) -> float:
     """How far a finished trial's MMLU falls below the threshold: <= 0 when it passes (Optuna's
     convention for a constraint), so that a sampler ranks failing trials by how badly they fail."""

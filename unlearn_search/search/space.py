@@ -297,12 +297,25 @@ def _dataclass_from(cls, raw: Any, path: str):
 
 
 def _param(name: str, raw: Any, known: set[str]) -> Param:
+    """One entry of ``params``: its distribution, its ``when`` and its range or choices."""
     path = f"params.{name}"
     raw = _mapping(raw, path)
     for key in raw:
         if key not in PARAM_KEYS:
             raise UnlearnSearchError(f"{path}.{key}: unknown key (expected {one_of(key, sorted(PARAM_KEYS))})")
-    distribution = raw.get("distribution")
+    distribution = _distribution(raw.get("distribution"), path)
+    when = _when(raw.get("when"), path, known)
+    if distribution == "categorical":
+        return Param(name, distribution, choices=_choices(raw, path), when=when)
+    param = Param(name, distribution, *_numeric_range(raw, path, distribution == "int"), when=when)
+    try:  # Optuna's own checks (a log range's low > 0, no step with log), under the key path
+        param.optuna_distribution()
+    except ValueError as error:
+        raise UnlearnSearchError(f"{path}: {error}") from None
+    return param
+
+
+def _distribution(distribution: Any, path: str) -> str:
     if distribution in RENAMED_DISTRIBUTIONS:
         raise UnlearnSearchError(
             f"{path}.distribution: {distribution!r} is a name Optuna deprecated "
@@ -310,8 +323,13 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
         )
     if distribution not in DISTRIBUTIONS:
         raise _fail(f"{path}.distribution", f"one of {', '.join(DISTRIBUTIONS)}", distribution)
+    return distribution
+
+
+def _when(raw: Any, path: str, known: set[str]) -> dict[str, tuple]:
+    """``when``: the settings or parameters it depends on, each with the values it is sampled at."""
     when = {}
-    for key, allowed in _mapping(raw.get("when"), f"{path}.when").items():
+    for key, allowed in _mapping(raw, f"{path}.when").items():
         if key not in known:
             raise UnlearnSearchError(
                 f"{path}.when.{key}: not a fixed setting or a searched parameter "
@@ -320,27 +338,33 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
         when[key] = tuple(allowed) if isinstance(allowed, list) else (allowed,)
         if not when[key]:
             raise _fail(f"{path}.when.{key}", "a value or a non-empty list of values", allowed)
-    if distribution == "categorical":
-        extra = {"low", "high", "step", "log"} & set(raw)
-        if extra:
-            raise UnlearnSearchError(
-                f"{path}.{sorted(extra)[0]}: not used by a categorical parameter (expected choices)"
-            )
-        choices = raw.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise _fail(f"{path}.choices", "a non-empty list", choices)
-        for i, choice in enumerate(choices):
-            if not (choice is None or isinstance(choice, (str, int, float, bool))):
-                raise _fail(f"{path}.choices[{i}]", "a string, number, boolean or null", choice)
-        if len(set(map(repr, choices))) != len(choices):
-            raise _fail(f"{path}.choices", "distinct values", choices)
-        return Param(name, distribution, choices=tuple(choices), when=when)
+    return when
+
+
+def _choices(raw: dict, path: str) -> tuple:
+    extra = {"low", "high", "step", "log"} & set(raw)
+    if extra:
+        raise UnlearnSearchError(f"{path}.{sorted(extra)[0]}: not used by a categorical parameter (expected choices)")
+    choices = raw.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise _fail(f"{path}.choices", "a non-empty list", choices)
+    for i, choice in enumerate(choices):
+        if not (choice is None or isinstance(choice, (str, int, float, bool))):
+            raise _fail(f"{path}.choices[{i}]", "a string, number, boolean or null", choice)
+    if len(set(map(repr, choices))) != len(choices):
+        raise _fail(f"{path}.choices", "distinct values", choices)
+    return tuple(choices)
+
+
+def _numeric_range(raw: dict, path: str, integer: bool) -> tuple[float | int, float | int, float | int | None, bool]:
+    """``(low, high, step, log)`` of a ``float`` or ``int`` parameter."""
     if "choices" in raw:
         raise UnlearnSearchError(f"{path}.choices: only categorical parameters take choices (expected low and high)")
-    integer = distribution == "int"
     for key in ("low", "high"):
         if key not in raw:
-            raise UnlearnSearchError(f"{path}.{key}: missing (a {distribution} parameter needs low and high)")
+            raise UnlearnSearchError(
+                f"{path}.{key}: missing (a {'int' if integer else 'float'} parameter needs low and high)"
+            )
     low, high = _number(raw["low"], f"{path}.low", integer), _number(raw["high"], f"{path}.high", integer)
     if low >= high:
         raise _fail(path, "low < high", f"low={low}, high={high}")
@@ -355,20 +379,8 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
         steps = (high - low) / step
         if not log and abs(steps - round(steps)) > 1e-9 * max(1.0, steps):  # Optuna would move high down
             raise _fail(f"{path}.step", f"a step that divides high - low = {high - low}", step)
-    param = Param(
-        name,
-        distribution,
-        float(low) if not integer else int(low),
-        float(high) if not integer else int(high),
-        step,
-        log,
-        when=when,
-    )
-    try:  # Optuna's own checks (a log range's low > 0, no step with log), under the key path
-        param.optuna_distribution()
-    except ValueError as error:
-        raise UnlearnSearchError(f"{path}: {error}") from None
-    return param
+    cast = int if integer else float
+    return cast(low), cast(high), step, log
 
 
 def _objectives(raw: dict) -> tuple[Objective, ...]:
