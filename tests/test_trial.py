@@ -80,6 +80,27 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
     assert "aggregate-score" in capsys.readouterr().out
 
 
+def test_the_quick_evaluation_on_the_gathered_student_equals_the_sharded_one(
+    ray_cluster, tiny_target, data_paths, tmp_path
+):
+    """``resources.eval_gather`` (DeepSpeed's ``unwrap_model_for_generation`` around the quick
+    evaluation) changes no estimate, and the training after it (hooks put back, parameters
+    partitioned again) takes the same steps: the next boundaries and the model agree too."""
+    settings = {"method": "gd", "lr": 5e-4, "epochs": 2, "seed": 0}
+    runs = {}
+    for gather in (False, True):
+        resources = Resources(workers=2, zero_stage=3, eval_gather=gather, eval_items=16, eval_documents=6)
+        run_trial(tiny_target, data_paths.root, settings, tmp_path / f"gather_{gather}", resources, None, name="g")
+        reports = read_metrics_log(tmp_path / f"gather_{gather}" / "metrics.jsonl")
+        runs[gather] = [r for r in reports if not r["trained"]]
+    assert [r["boundary"] for r in runs[True]] == [r["boundary"] for r in runs[False]] == ["epoch 1", "epoch 2"]
+    names = ("aggregate", "forget_regurgitation", "retain_regurgitation", "mia_auc", "mmlu", "forget_nll")
+    for sharded, gathered in zip(runs[False], runs[True]):
+        for name in names:
+            assert gathered[name] == pytest.approx(sharded[name], abs=1e-6), (sharded["boundary"], name)
+    assert runs[True][-1]["forget_nll"] != runs[True][0]["forget_nll"]  # training went on between them
+
+
 def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_cluster, tiny_target, data_paths, tmp_path):
     """dtype: bfloat16 reaches DeepSpeed (bf16 engines), the quick estimates (on the engine's own
     shards) and the full evaluation, on CPU too; keep_best's boundary gathers and the export

@@ -142,6 +142,8 @@ RESOURCES_HELP = {  # ``training.trial.Resources``
     "eval_max_new_tokens": "quick evaluation: tokens generated per item",
     "eval_every": "percent of training between two boundaries that get a quick evaluation, a report and a "
     "checkpoint, in [0, 100] (the last boundary always does)",
+    "eval_gather": "quick evaluation under ZeRO-3 (no offload): each rank gathers the whole student once, not "
+    "each layer at every generated token (one full copy per rank while it runs)",
     "placement": "one of [[PLACEMENTS]]: a trial's workers on as few nodes as fit, or across nodes",
 }
 

@@ -8,6 +8,7 @@ and a DeepSpeed checkpoint; a worker that dies resumes from the last one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,6 +17,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,10 @@ class Resources:
     # checkpoint); the last boundary always does. A schedule of many short chunks (SUGD with
     # chunk_size 8: 7 boundaries on small's train split) would otherwise spend most of its trial evaluating.
     eval_every: float = 20.0
+    # Under ZeRO-3 without offload, each rank gathers the whole student once per quick evaluation
+    # rather than each layer at every generated token's forward (one full copy per rank while it
+    # runs: 14 GiB for a 7B model in bfloat16).
+    eval_gather: bool = True
     placement: str = "pack"  # pack: a trial's workers on as few nodes as fit; spread: across nodes
 
 
@@ -305,6 +311,21 @@ def evaluation_due(step: int, last_evaluated: int, steps_total: int, every: floa
     return step >= steps_total or since >= every - 1e-9
 
 
+@contextlib.contextmanager
+def gathered_for_evaluation(engine, resources: Resources) -> Iterator[None]:
+    """Within it, under ZeRO-3 with ``resources.eval_gather`` and no offload, every rank holds the
+    whole student with DeepSpeed's partitioning hooks off (``unwrap_model_for_generation``: one
+    all-gather, the hooks put back and the parameters partitioned again on exit). Generation runs
+    a forward per token, and with the hooks each forward all-gathers every layer."""
+    if not resources.eval_gather or resources.offload or engine.zero_optimization_stage() != 3:
+        yield
+        return
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield
+
+
 class BoundaryReporter:
     """At each schedule boundary: the quick evaluation on the engine's own shards (every rank runs
     it, in step, on the trial's device and dtype), keep_best's offer, a checkpoint, the report."""
@@ -347,7 +368,8 @@ class BoundaryReporter:
         from unlearn_search.evaluation.quick import quick_scores
 
         module, started = self.engine.module, time.time()
-        with shared_over_ranks():  # each rank scores its share of the batches; all get every result
+        # Each rank scores its share of the batches; all get every result.
+        with shared_over_ranks(), gathered_for_evaluation(self.engine, self.worker.resources):
             scores = quick_scores(module, self.worker.prepared.tokenizer, self.data, self.worker.paths.mmlu, self.quick)
         scores.update(
             eval_device=torch.device(self.engine.device).type,
