@@ -34,10 +34,12 @@ def _add_num_cpus(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
+    from unlearn_search.search.space import EVAL_SPLITS
+
     parser.add_argument(
         "--split",
         default="validation",
-        choices=["train", "validation", "all"],
+        choices=EVAL_SPLITS,
         help="the benchmark items scored: `train`, `validation` or both",
     )
     parser.add_argument(
@@ -535,6 +537,9 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from unlearn_search.data.locate import LUME_URL
+    from unlearn_search.models.trainable import TRAINABLE
+    from unlearn_search.search.space import EVAL_SPLITS
+    from unlearn_search.training.trial import PLACEMENTS
 
     parser = argparse.ArgumentParser(prog="unlearn-search", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -589,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument(
         "--placement",
         default="pack",
-        choices=["pack", "spread"],
+        choices=list(PLACEMENTS),
         help="the workers on as few nodes as fit (pack) or across nodes (spread)",
     )
     _add_address(trial)
@@ -644,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument(
         "--final-split",
-        choices=["train", "validation", "all"],
+        choices=EVAL_SPLITS,
         default="all",
         help="items of the best trial's re-evaluation (default: all)",
     )
@@ -684,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-trial", type=int, default=8, help="GPUs (ZeRO ranks) of one trial")
     plan.add_argument("--gpus-per-node", type=int, help="default: min(8, gpus per trial)")
     plan.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
-    plan.add_argument("--trainable", choices=["full", "lora", "last_k"], help="default: full, or lora with --lora-rank")
+    plan.add_argument("--trainable", choices=TRAINABLE, help="default: full, or lora with --lora-rank")
     plan.add_argument(
         "--lora-rank", type=int, help="LoRA rank; given, the default `--trainable` is lora (rank 16 when not given)"
     )

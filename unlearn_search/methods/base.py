@@ -150,7 +150,10 @@ class LossOutput:
 
 @dataclass(frozen=True)
 class Knob:
-    """A method's or schedule's own setting; numeric ones may be bounded."""
+    """One setting's declaration: name, default, help, and its valid values (choices, or bounds
+    for a number). Methods and schedules declare their knobs with it, and the trial's own
+    settings (``training.config.TrialConfig``) their fields; validation, the CLI's and the
+    generated docs' words and the MLflow params all read it."""
 
     name: str
     default: Any
@@ -159,6 +162,16 @@ class Knob:
     low: float | None = None  # inclusive
     high: float | None = None  # inclusive
     positive: bool = False  # strictly above 0
+    below: float | None = None  # exclusive upper bound
+    kind: type | None = None  # the value's type where the default is None
+    nullable: bool = False  # None (null in YAML) is a value
+
+    @property
+    def value_type(self) -> type:
+        """bool, int, float or str: what a value is read as."""
+        if self.kind is not None:
+            return self.kind
+        return type(self.default) if self.default is not None else str
 
     def check(self, owner: str, value: Any) -> Any:
         """``value`` if it is valid for this knob, else one clear error naming ``owner`` and the knob."""
@@ -166,39 +179,58 @@ class Knob:
         def fail(expected: str) -> UnlearnSearchError:
             return UnlearnSearchError(f"{owner}: {self.name}={value!r} (expected {expected})")
 
+        if value is None and self.nullable:
+            return value
         if self.choices:
             if value not in self.choices:
                 raise fail(f"one of {', '.join(map(str, self.choices))}")
             return value
-        if isinstance(self.default, bool):
+        kind = self.value_type
+        if kind is bool:
             if not isinstance(value, bool):
                 raise fail("true or false")
             return value
-        if isinstance(self.default, (int, float)):
+        if kind in (int, float):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise fail("a number")
             if not math.isfinite(value):
                 raise fail("a finite number")
-            if isinstance(self.default, int) and not float(value).is_integer():
+            if kind is int and not float(value).is_integer():
                 raise fail("an integer")
-            if (
-                (self.positive and not value > 0)
-                or (self.low is not None and value < self.low)
-                or (self.high is not None and value > self.high)
-            ):
+            if self.problem(value):
                 raise fail(self.valid_range())
-            return int(value) if isinstance(self.default, int) else value
+            return int(value) if kind is int else value
         return value
 
+    def problem(self, value: Any) -> str | None:
+        """The valid values in words when ``value`` (of the right type) is outside them, else None."""
+        if value is None:
+            return None if self.nullable else (self.valid_range() or "a value")
+        if self.choices:
+            return None if value in self.choices else f"one of {', '.join(map(str, self.choices))}"
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        outside = (
+            (self.positive and not value > 0)
+            or (self.low is not None and value < self.low)
+            or (self.high is not None and value > self.high)
+            or (self.below is not None and value >= self.below)
+        )
+        return self.valid_range() if outside else None
+
     def valid_range(self) -> str:
-        """The bounds in words (``a value in (0, 1]``); empty for an unbounded knob."""
-        kind = "an integer" if isinstance(self.default, int) else "a value"
-        if self.low is None and self.high is None and not self.positive:
+        """The bounds in words (``a value in (0, 1]``, ``an integer >= 1 or null``); empty for an
+        unbounded knob."""
+        kind = "an integer" if self.value_type is int else "a value"
+        upper = self.high if self.high is not None else self.below
+        if self.low is None and upper is None and not self.positive:
             return ""
-        if self.high is None:
-            return f"{kind} > 0" if self.positive else f"{kind} >= {self.low}"
-        lower = "(0" if self.positive else f"[{self.low}" if self.low is not None else "(-inf"
-        return f"{kind} in {lower}, {self.high}]"
+        if upper is None:
+            words = f"{kind} > 0" if self.positive else f"{kind} >= {self.low}"
+        else:
+            lower = "(0" if self.positive else f"[{self.low}" if self.low is not None else "(-inf"
+            words = f"{kind} in {lower}, {upper}{']' if self.high is not None else ')'}"
+        return words + " or null" if self.nullable else words
 
 
 def check_params(owner: str, knobs: tuple[Knob, ...], params: dict[str, Any]) -> dict[str, Any]:

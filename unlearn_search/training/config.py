@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,43 +11,81 @@ from typing import Any
 from unlearn_search.data.benchmark import SPLITS
 from unlearn_search.errors import UnlearnSearchError, one_of
 from unlearn_search.methods import METHODS, SCHEDULES, get_method, get_schedule
+from unlearn_search.methods.base import Knob
 from unlearn_search.models.loading import DTYPES
 from unlearn_search.models.trainable import TRAINABLE
+
+TEACHERS = ("live", "cached")
+
+
+def setting(default: Any, help: str, **valid: Any) -> Any:
+    """A ``TrialConfig`` field that carries its own declaration (as TRL's config fields carry
+    their help): ``valid`` holds ``methods.base.Knob``'s choices, bounds, ``kind`` and ``nullable``."""
+    return field(default=default, metadata={"help": help, **valid})
 
 
 @dataclass(frozen=True)
 class TrialConfig:
-    method: str = "gd"
-    schedule: str = "joint"
-    lr: float = 1e-4
-    epochs: int = 1
-    batch_size: int = 8
-    max_length: int = 512
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    forget_loss_bound: float | None = None
-    trainable: str = "full"
-    last_k: int = 8
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    train_split: str = "train"
-    refusals: str | None = None
-    teacher: str = "live"  # live: a frozen ZeRO-3 teacher on the workers; cached: its outputs, computed once
-    teacher_top_k: int | None = None  # cached teacher: None picks full log-probs for small vocabularies
-    seed: int = 0
-    dtype: str = "auto"  # auto: bfloat16 on GPU workers, float32 on CPU ones
-    keep_best: bool = False  # end with the weights of the boundary whose quick aggregate was highest
+    method: str = setting("gd", "the unlearning loss (table above)", choices=tuple(METHODS))
+    schedule: str = setting(
+        "joint", "the order and weights of forget and retain batches (table above)", choices=tuple(SCHEDULES)
+    )
+    lr: float = setting(1e-4, "learning rate (AdamW)", positive=True)
+    epochs: int = setting(
+        1,
+        "passes over the forget set; chunked schedules make them over each chunk (SUGD: times epochs_per_chunk)",
+        low=1,
+    )
+    batch_size: int = setting(8, "items per optimizer step, across all of a trial's workers", low=1)
+    max_length: int = setting(512, "tokens per item (prompt, answer and end token); longer items lose their end", low=2)
+    max_grad_norm: float = setting(1.0, "gradient clipping", positive=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0)
+    forget_loss_bound: float | None = setting(
+        None,
+        "gradient ascent pauses while the forget cross-entropy is above it (null: never)",
+        positive=True,
+        kind=float,
+        nullable=True,
+    )
+    trainable: str = setting(
+        "full", "what is trained: every weight, LoRA adapters, or the last k decoder layers", choices=TRAINABLE
+    )
+    last_k: int = setting(8, "decoder layers trained with trainable=last_k", low=1)
+    lora_rank: int = setting(16, "LoRA rank with trainable=lora", low=1)
+    lora_alpha: float = setting(32.0, "LoRA scaling numerator", positive=True)
+    lora_dropout: float = setting(0.0, "LoRA dropout", low=0, below=1)
+    train_split: str = setting("train", "the benchmark split unlearned", choices=SPLITS)
+    refusals: str | None = setting(None, "a CSV of refusal templates (null: the data root's)", nullable=True)
+    teacher: str = setting(
+        "live",
+        "the original model's outputs: a frozen ZeRO-3 copy on the workers, or the cache built once per search",
+        choices=TEACHERS,
+    )
+    teacher_top_k: int | None = setting(
+        None,
+        "log-probs kept per position in the cache (null: all for vocabularies up to 8192, else 128)",
+        low=1,
+        kind=int,
+        nullable=True,
+    )
+    seed: int = setting(0, "data order, substitute answers, and random initialization (LoRA adapters)")
+    dtype: str = setting(
+        "auto",
+        "what the student, the teacher and the evaluations run in: auto is bfloat16 on GPU workers "
+        "(DeepSpeed bf16), float32 on CPU",
+        choices=DTYPES,
+    )
+    keep_best: bool = setting(
+        False,
+        "end with the weights of the schedule boundary whose quick aggregate estimate was highest "
+        "(ties: the later), not the last step's",
+    )
     method_params: dict[str, Any] = field(default_factory=dict)
     schedule_params: dict[str, Any] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         """Every setting under its own name, as logged and as written in search spaces."""
-        values = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("method_params", "schedule_params")
-        }
+        values = {name: getattr(self, name) for name in TRIAL_SETTINGS}
         return {
             **values,
             **get_method(self.method, **self.method_params).params,
@@ -56,11 +93,14 @@ class TrialConfig:
         }
 
 
-TEACHERS = ("live", "cached")
-
 TRIAL_FIELDS = {
     f.name: f for f in dataclasses.fields(TrialConfig) if f.name not in ("method_params", "schedule_params")
 }
+# Each trial field's declaration, the same spec as a method's knobs.
+TRIAL_SETTINGS: dict[str, Knob] = {name: Knob(name, f.default, **f.metadata) for name, f in TRIAL_FIELDS.items()}
+FIELD_HELP = {name: knob.help for name, knob in TRIAL_SETTINGS.items()}
+FIELD_TYPES = {name: knob.value_type for name, knob in TRIAL_SETTINGS.items()}
+FIELD_OPTIONAL = {name for name, knob in TRIAL_SETTINGS.items() if knob.nullable}
 
 
 _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -89,72 +129,10 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     return number
 
 
-def _kind(default: Any, annotation: str = "") -> type:
-    if default is not None:
-        return type(default)
-    return {"int": int, "float": float}.get(annotation.split("|")[0].strip(), str)
-
-
-FIELD_TYPES = {name: _kind(f.default, str(f.type)) for name, f in TRIAL_FIELDS.items()}
-FIELD_OPTIONAL = {name for name, f in TRIAL_FIELDS.items() if "None" in str(f.type)}
-
-# Checked once the settings are parsed: a bad value fails here, before any worker starts.
-FIELD_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "lr": (lambda v: v > 0, "a value > 0"),
-    "epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "max_length": (lambda v: v >= 2, "an integer >= 2"),
-    "max_grad_norm": (lambda v: v > 0, "a value > 0"),
-    "weight_decay": (lambda v: v >= 0, "a value >= 0"),
-    "forget_loss_bound": (lambda v: v is None or v > 0, "a value > 0 or null"),
-    "last_k": (lambda v: v >= 1, "an integer >= 1"),
-    "lora_rank": (lambda v: v >= 1, "an integer >= 1"),
-    "lora_alpha": (lambda v: v > 0, "a value > 0"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
-    "teacher_top_k": (lambda v: v is None or v >= 1, "a positive integer or null (auto)"),
-}
-
-
-FIELD_HELP = {
-    "method": "the unlearning loss (table above)",
-    "schedule": "the order and weights of forget and retain batches (table above)",
-    "lr": "learning rate (AdamW)",
-    "epochs": "passes over the forget set; chunked schedules make them over each chunk (SUGD: times epochs_per_chunk)",
-    "batch_size": "items per optimizer step, across all of a trial's workers",
-    "max_length": "tokens per item (prompt, answer and end token); longer items lose their end",
-    "max_grad_norm": "gradient clipping",
-    "weight_decay": "AdamW weight decay",
-    "forget_loss_bound": "gradient ascent pauses while the forget cross-entropy is above it (null: never)",
-    "trainable": "what is trained: every weight, LoRA adapters, or the last k decoder layers",
-    "last_k": "decoder layers trained with trainable=last_k",
-    "lora_rank": "LoRA rank with trainable=lora",
-    "lora_alpha": "LoRA scaling numerator",
-    "lora_dropout": "LoRA dropout",
-    "train_split": "the benchmark split unlearned",
-    "refusals": "a CSV of refusal templates (null: the data root's)",
-    "teacher": "the original model's outputs: a frozen ZeRO-3 copy on the workers, or the cache built once per search",
-    "teacher_top_k": "log-probs kept per position in the cache (null: all for vocabularies up to 8192, else 128)",
-    "seed": "data order, substitute answers, and random initialization (LoRA adapters)",
-    "dtype": "what the student, the teacher and the evaluations run in: auto is bfloat16 on GPU workers "
-    "(DeepSpeed bf16), float32 on CPU",
-    "keep_best": "end with the weights of the schedule boundary whose quick aggregate estimate was highest "
-    "(ties: the later), not the last step's",
-}
-
-
 def setting_values(name: str) -> str:
     """A trial field's valid values in words, as its errors say them (empty when any value goes)."""
-    choices = {
-        "method": tuple(METHODS),
-        "schedule": tuple(SCHEDULES),
-        "trainable": TRAINABLE,
-        "teacher": TEACHERS,
-        "train_split": SPLITS,
-        "dtype": DTYPES,
-    }
-    if name in choices:
-        return "one of " + ", ".join(choices[name])
-    return FIELD_RANGES[name][1] if name in FIELD_RANGES else ""
+    knob = TRIAL_SETTINGS[name]
+    return "one of " + ", ".join(map(str, knob.choices)) if knob.choices else knob.valid_range()
 
 
 def setting_type(name: str, method: str | None = None, schedule: str | None = None) -> type | None:
@@ -164,7 +142,7 @@ def setting_type(name: str, method: str | None = None, schedule: str | None = No
     for registry, key in ((METHODS, method), (SCHEDULES, schedule)):
         for knob in registry[key].knobs if key in registry else ():
             if knob.name == name:
-                return _kind(knob.default)
+                return knob.value_type
     return None
 
 
@@ -179,8 +157,8 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
         raise UnlearnSearchError(f"method {method!r}: expected {one_of(method, METHODS)}")
     if schedule not in SCHEDULES:
         raise UnlearnSearchError(f"schedule {schedule!r}: expected {one_of(schedule, SCHEDULES)}")
-    method_knobs = {k.name: k.default for k in METHODS[method].knobs}
-    schedule_knobs = {k.name: k.default for k in SCHEDULES[schedule].knobs}
+    method_knobs = {k.name: k for k in METHODS[method].knobs}
+    schedule_knobs = {k.name: k for k in SCHEDULES[schedule].knobs}
     own, method_params, schedule_params = {}, {}, {}
     for name, value in settings.items():
         if name in TRIAL_FIELDS:
@@ -191,9 +169,9 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
                 raise UnlearnSearchError(f"{name}={value!r}: expected a string")
             own[name] = _coerce(name, value, kind)
         elif name in method_knobs:
-            method_params[name] = _coerce(name, value, _kind(method_knobs[name]))
+            method_params[name] = _coerce(name, value, method_knobs[name].value_type)
         elif name in schedule_knobs:
-            schedule_params[name] = _coerce(name, value, _kind(schedule_knobs[name]))
+            schedule_params[name] = _coerce(name, value, schedule_knobs[name].value_type)
         else:
             known = sorted(set(TRIAL_FIELDS) | set(method_knobs) | set(schedule_knobs))
             raise UnlearnSearchError(
@@ -201,17 +179,13 @@ def trial_config(settings: dict[str, Any]) -> TrialConfig:
                 f"(expected {one_of(name, known)})"
             )
     config = TrialConfig(**own, method_params=method_params, schedule_params=schedule_params)
-    if config.trainable not in TRAINABLE:
-        raise UnlearnSearchError(f"trainable {config.trainable!r}: expected one of {', '.join(TRAINABLE)}")
-    if config.teacher not in TEACHERS:
-        raise UnlearnSearchError(f"teacher {config.teacher!r}: expected {' or '.join(TEACHERS)}")
-    if config.dtype not in DTYPES:
-        raise UnlearnSearchError(f"dtype {config.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if config.train_split not in SPLITS:
-        raise UnlearnSearchError(f"train_split {config.train_split!r}: expected one of {', '.join(SPLITS)}")
-    for name, (valid, expected) in FIELD_RANGES.items():
-        if not valid(getattr(config, name)):
-            raise UnlearnSearchError(f"{name}={getattr(config, name)!r}: expected {expected}")
+    for name, knob in TRIAL_SETTINGS.items():
+        value = getattr(config, name)
+        expected = knob.problem(value)
+        if expected and knob.choices:
+            raise UnlearnSearchError(f"{name} {value!r}: expected {expected}")
+        if expected:
+            raise UnlearnSearchError(f"{name}={value!r}: expected {expected}")
     get_method(method, **method_params)
     get_schedule(schedule, **schedule_params)
     if SCHEDULES[schedule].needs_retain and not METHODS[method].needs_retain:
