@@ -127,7 +127,7 @@ BAD = [
     (lambda r: r.update(objective={"metric": "aggregate", "mode": "up"}), "objective.mode: expected max or min"),
     (lambda r: r.update(search={"sampler": "cma"}), "search.sampler: expected one of tpe"),
     (lambda r: r.update(search={"num_samples": "many"}), "search.num_samples: expected an integer"),
-    (lambda r: r.update(search={"grace_period": 0}), "search.grace_period: expected a percent"),
+    (lambda r: r.update(search={"grace_period": 0}), "search.grace_period: expected a value in (0, 100] (got 0)"),
     (lambda r: r.update(search={"n_startup_trials": 0}), "search.n_startup_trials: expected an integer >= 1"),
     (lambda r: r.update(search={"sampler": "nsga2"}), "search.sampler: nsga2 is for several objectives"),
     (lambda r: r.update(search={"sampler": "grid"}), "search.sampler: grid cannot search conditional parameters"),
@@ -145,7 +145,7 @@ BAD = [
     (lambda r: r.update(resources={"offload": "yes"}), "resources.offload: expected true or false"),
     (
         lambda r: r.update(resources={"placement": "scatter"}),
-        "resources.placement: expected pack or spread (got 'scatter')",
+        "resources.placement: expected one of pack, spread (got 'scatter')",
     ),
     (lambda r: r.update(evaluation={"split": "test"}), "evaluation.split: expected one of train"),
     # Each of these used to pass validation and fail later, inside a trial, as a traceback.
@@ -157,7 +157,11 @@ BAD = [
         lambda r: r["params"]["lora_rank"].update(when={"trainable": "lroa"}),
         "params.lora_rank.when.trainable: expected values among trainable's choices (full, lora) (got 'lroa')",
     ),
-    (lambda r: r.update(resources={"zero_stage": 1}), "resources.zero_stage: expected 0, 2 or 3 (got 1)"),
+    (lambda r: r.update(resources={"zero_stage": 1}), "resources.zero_stage: expected one of 0, 2, 3 (got 1)"),
+    (lambda r: r.update(resources={"workers": 0}), "resources.workers: expected an integer >= 1 (got 0)"),
+    (lambda r: r.update(resources={"eval_every": 120}), "resources.eval_every: expected a value in [0, 100] (got 120"),
+    (lambda r: r.update(search={"time_budget_s": -5}), "search.time_budget_s: expected a value > 0 or null (got -5"),
+    (lambda r: r.update(search={"reduction_factor": 1}), "search.reduction_factor: expected a value > 1 (got 1"),
     (
         lambda r: r.update(resources={"checkpoints_to_keep": 0}),
         "resources.checkpoints_to_keep: expected an integer >= 1",

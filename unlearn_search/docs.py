@@ -11,10 +11,11 @@ code, and ``tests/test_docs.py`` fails on any that does:
 - ``docs/methods.md`` and ``docs/memory_plan.md``: generated where they always were (``cli.methods_markdown``,
   ``training.plan.memory_plan_page``).
 
-A space key's help text lives here, keyed by its name (``TOP_HELP``, ``SEARCH_HELP``, ...), since
-the code gives it none; a command-line option's is its ``help=`` in ``cli.py``, which ``--help``
-prints too. ``help_gaps()`` lists any key or option without help and any help here that
-names no key, so that neither can go stale.
+The ``search``, ``resources`` and ``evaluation`` keys' help is their dataclass fields' own
+(``methods.base.setting``); the other space keys' lives here, keyed by name (``TOP_HELP``, ...);
+a command-line option's is its ``help=`` in ``cli.py``, which ``--help`` prints too.
+``help_gaps()`` lists any key or option without help and any help here that names no key, so
+that neither can go stale.
 """
 
 from __future__ import annotations
@@ -115,49 +116,6 @@ CONSTRAINT_HELP = {  # ``space.Constraint``
     "max": "the metric must be <= max (exactly one of `min` and `max` per entry)",
 }
 
-SEARCH_HELP = {  # ``space.SearchSettings``
-    "sampler": "one of [[SAMPLERS]]; `nsga2` is the default with several objectives (and only for them)",
-    "pruner": "one of [[PRUNERS]]",
-    "grace_period": "percent of a trial's training before it can be pruned, in (0, 100]",
-    "reduction_factor": "ASHA's reduction factor (> 1)",
-    "min_delta": "how much worse than the bar (objective units) an estimate must be for the trial to be pruned",
-    "num_samples": "trials (`--num-samples`)",
-    "max_concurrent": "trials at once (`--max-concurrent`)",
-    "time_budget_s": "the search's wall-clock budget in seconds (`--time-budget`); null: none",
-    "n_startup_trials": "TPE's random trials before it models (Optuna's name); null: a third of the trials, "
-    "2 to 10 (start points count)",
-}
-
-RESOURCES_HELP = {  # ``training.trial.Resources``
-    "workers": "Ray Train workers per trial, each a DeepSpeed data-parallel rank (>= 1)",
-    "cpus_per_worker": "CPUs each worker reserves (> 0)",
-    "gpus_per_worker": "GPUs each worker reserves (0: CPU workers)",
-    "zero_stage": "DeepSpeed ZeRO stage: 0, 2 or 3 (at 3 the student and a live teacher are sharded)",
-    "offload": "ZeRO CPU offload of the optimizer (and of the parameters at stage 3)",
-    "max_failures": "worker failures a trial survives: its workers restart from the last boundary's checkpoint",
-    "checkpoints_to_keep": "boundary checkpoints kept per trial",
-    "eval_items": "quick evaluation: forget + retain items",
-    "eval_documents": "quick evaluation: MIA member + non-member documents",
-    "eval_mmlu_limit": "quick evaluation: MMLU questions per subject",
-    "eval_max_new_tokens": "quick evaluation: tokens generated per item",
-    "eval_every": "percent of training between two boundaries that get a quick evaluation, a report and a "
-    "checkpoint, in [0, 100] (the last boundary always does)",
-    "eval_gather": "quick evaluation under ZeRO-3 (no offload): each rank gathers the whole student once, not "
-    "each layer at every generated token (one full copy per rank while it runs)",
-    "placement": "one of [[PLACEMENTS]]: a trial's workers on as few nodes as fit, or across nodes",
-}
-
-EVALUATION_HELP = {  # ``space.SearchEvaluation``
-    "split": "one of [[EVAL_SPLITS]]: the items a finished trial is scored on (SemEval scored the set that "
-    "was unlearned)",
-    "max_new_tokens": "tokens generated per item (the best trial's re-evaluation: `--final-max-new-tokens`)",
-    "batch_size": "items per generation and scoring batch",
-    "mmlu_shots": "MMLU shots",
-    "mmlu_limit": "MMLU questions per subject during the search; null: all (the best trial's: `--final-mmlu-limit`)",
-    "mmlu_threshold": "the utility threshold (0.371 for the SemEval 7B); null: [[THRESHOLD]] of the original "
-    "model's MMLU on the same questions",
-}
-
 RANGE_FROM_LR = ("low", "high")  # fields of RangeTest that params.lr sets; not keys of the block
 RANGE_HELP = {  # ``search.lr_range.RangeTest``
     "steps": "optimizer steps of the test (>= 2)",
@@ -167,6 +125,18 @@ RANGE_HELP = {  # ``search.lr_range.RangeTest``
     "below": "decades the searched lr range reaches below the onset",
     "above": "decades it reaches above the onset (capped where the retain NLL rose as much, or the run diverged)",
 }
+
+
+def _declared_help(cls) -> dict[str, str]:
+    """A block's help where its dataclass declares it (``methods.base.setting``), with its valid values."""
+    from unlearn_search.methods.base import declared
+
+    def valid(knob) -> str:
+        if knob.choices:
+            return "one of " + ", ".join(f"`{c}`" for c in knob.choices)
+        return knob.valid_range()
+
+    return {name: knob.help + (f"; {valid(knob)}" if valid(knob) else "") for name, knob in declared(cls).items()}
 
 
 def _blocks() -> list[tuple[str, type, dict[str, str], tuple[str, ...]]]:
@@ -185,9 +155,9 @@ def _blocks() -> list[tuple[str, type, dict[str, str], tuple[str, ...]]]:
         ("params", Param, PARAM_HELP, ("name",)),
         ("objective", Objective, OBJECTIVE_HELP, ()),
         ("constraints", Constraint, CONSTRAINT_HELP, ()),
-        ("search", SearchSettings, SEARCH_HELP, ()),
-        ("resources", Resources, RESOURCES_HELP, ()),
-        ("evaluation", SearchEvaluation, EVALUATION_HELP, ()),
+        ("search", SearchSettings, _declared_help(SearchSettings), ()),
+        ("resources", Resources, _declared_help(Resources), ()),
+        ("evaluation", SearchEvaluation, _declared_help(SearchEvaluation), ()),
         ("lr_range_test", RangeTest, RANGE_HELP, RANGE_FROM_LR),
     ]
 

@@ -233,6 +233,19 @@ class Knob:
         return words + " or null" if self.nullable else words
 
 
+def setting(default: Any, help: str, **valid: Any) -> Any:
+    """A dataclass field that carries its own declaration, as TRL's config fields carry their
+    help: ``valid`` holds ``Knob``'s choices, bounds, ``kind`` and ``nullable``."""
+    return field(default=default, metadata={"help": help, **valid})
+
+
+def declared(cls) -> dict[str, Knob]:
+    """Each field of dataclass ``cls`` declared with ``setting``, as a ``Knob``."""
+    import dataclasses
+
+    return {f.name: Knob(f.name, f.default, **f.metadata) for f in dataclasses.fields(cls) if "help" in f.metadata}
+
+
 def check_params(owner: str, knobs: tuple[Knob, ...], params: dict[str, Any]) -> dict[str, Any]:
     """Every knob's value (given or default), each checked; an unknown name is an error."""
     known = {k.name: k for k in knobs}

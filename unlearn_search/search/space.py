@@ -16,9 +16,10 @@ from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError, one_of
 from unlearn_search.evaluation.evaluate import MIA_ATTACK_METRICS
+from unlearn_search.methods.base import Knob, declared, setting
 from unlearn_search.search.lr_range import RangeTest
 from unlearn_search.training.config import setting_type
-from unlearn_search.training.trial import PLACEMENTS, Resources
+from unlearn_search.training.trial import Resources
 
 # Optuna's vocabulary (FloatDistribution, IntDistribution, CategoricalDistribution), with log and step.
 DISTRIBUTIONS = ("float", "int", "categorical")
@@ -132,18 +133,40 @@ class Constraint:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    sampler: str = "tpe"
-    pruner: str = "asha"
-    grace_period: float = 25.0  # percent of training before a trial can be pruned
-    reduction_factor: float = 2.0
-    # How much worse than a rung's bar (objective units) an estimate must be to be pruned. The quick
-    # MMLU's 57 questions move the aggregate estimate by 0.006 each, and its standard error is
-    # about 0.02 there: closer than that is a tie.
-    min_delta: float = 0.02
-    num_samples: int = 8
-    max_concurrent: int = 1
-    time_budget_s: float | None = None
-    n_startup_trials: int | None = None  # TPE's random trials before it models (Optuna's name)
+    """A space's ``search`` block."""
+
+    sampler: str = setting(
+        "tpe",
+        "`nsga2` is the default with several objectives (and only for them)",
+        choices=SAMPLERS,
+    )
+    pruner: str = setting("asha", "what ends a trial early on its estimates", choices=PRUNERS)
+    grace_period: float = setting(
+        25.0, "percent of a trial's training before it can be pruned", positive=True, high=100
+    )
+    reduction_factor: float = setting(2.0, "ASHA's reduction factor (> 1)")
+    # The quick MMLU's 57 questions move the aggregate estimate by 0.006 each, and its standard
+    # error is about 0.02 there: closer than that is a tie.
+    min_delta: float = setting(
+        0.02, "how much worse than the bar (objective units) an estimate must be for the trial to be pruned", low=0
+    )
+    num_samples: int = setting(8, "trials (`--num-samples`)", low=1)
+    max_concurrent: int = setting(1, "trials at once (`--max-concurrent`)", low=1)
+    time_budget_s: float | None = setting(
+        None,
+        "the search's wall-clock budget in seconds (`--time-budget`); null: none",
+        positive=True,
+        kind=float,
+        nullable=True,
+    )
+    n_startup_trials: int | None = setting(
+        None,
+        "TPE's random trials before it models (Optuna's name); null: a third of the trials, 2 to 10 (start "
+        "points count)",
+        low=1,
+        kind=int,
+        nullable=True,
+    )
 
     def startup_trials(self, num_samples: int) -> int:
         """TPE samples at random until this many trials have finished. Optuna's default, 10, is
@@ -158,12 +181,31 @@ class SearchSettings:
 class SearchEvaluation:
     """The full evaluation every finished trial gets (the best trial is re-evaluated on everything)."""
 
-    split: str = "train"  # the split the trial unlearned: SemEval scored the set that was unlearned
-    max_new_tokens: int = 128
-    batch_size: int = 32
-    mmlu_shots: int = 5
-    mmlu_limit: int | None = 4  # questions per subject during the search (the best trial's: --final-mmlu-limit)
-    mmlu_threshold: float | None = None
+    split: str = setting(
+        "train",
+        "the items a finished trial is scored on (SemEval scored the set that was unlearned)",
+        choices=EVAL_SPLITS,
+    )
+    max_new_tokens: int = setting(
+        128, "tokens generated per item (the best trial's re-evaluation: `--final-max-new-tokens`)", low=1
+    )
+    batch_size: int = setting(32, "items per generation and scoring batch", low=1)
+    mmlu_shots: int = setting(5, "MMLU shots", low=0)
+    mmlu_limit: int | None = setting(
+        4,
+        "MMLU questions per subject during the search; null: all (the best trial's: `--final-mmlu-limit`)",
+        low=1,
+        kind=int,
+        nullable=True,
+    )
+    mmlu_threshold: float | None = setting(
+        None,
+        "the utility threshold (0.371 for the SemEval 7B); null: [[THRESHOLD]] of the original model's MMLU on "
+        "the same questions",
+        low=0,
+        kind=float,
+        nullable=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -266,34 +308,40 @@ def _number(value: Any, path: str, integer: bool = False) -> float:
 
 
 def _dataclass_from(cls, raw: Any, path: str):
-    """A dataclass from a mapping, each value checked against its field's default type."""
+    """A dataclass from a mapping. Each value is checked against its field's declaration
+    (``methods.base.setting``: type, null, choices, bounds), or, for a dataclass that checks
+    itself (``RangeTest``), only against its default's type."""
     import dataclasses
 
     raw = _mapping(raw, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    knobs = declared(cls)
     values = {}
     for key, value in raw.items():
         if key not in fields:
             raise UnlearnSearchError(f"{path}.{key}: unknown key (expected {one_of(key, fields)})")
-        default = fields[key].default
-        if value is None and (default is None or key in ("mmlu_limit", "mmlu_threshold", "time_budget_s")):
-            values[key] = None
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise _fail(f"{path}.{key}", "true or false", value)
-            values[key] = value
-        elif isinstance(default, str):
-            if not isinstance(value, str):
-                raise _fail(f"{path}.{key}", "a string", value)
-            values[key] = value
-        else:
-            integer = fields[key].type in ("int", "int | None")
-            values[key] = _number(value, f"{path}.{key}", integer)
-            if values[key] < 0:
-                raise _fail(f"{path}.{key}", "a value >= 0", value)
-            if integer:
-                values[key] = int(values[key])
+        knob = knobs.get(key) or Knob(key, fields[key].default, "")
+        values[key] = _declared_value(knob, value, f"{path}.{key}")
     return cls(**values)
+
+
+def _declared_value(knob: Knob, value: Any, path: str) -> Any:
+    if value is None and knob.nullable:
+        return None
+    kind = knob.value_type
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise _fail(path, "true or false", value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise _fail(path, "a string", value)
+    elif not knob.choices or not isinstance(value, str):
+        value = _number(value, path, kind is int)
+        value = int(value) if kind is int else value
+    expected = knob.problem(value)
+    if expected:
+        raise _fail(path, expected, value)
+    return value
 
 
 def _param(name: str, raw: Any, known: set[str]) -> Param:
@@ -601,20 +649,8 @@ def _check_keep_best(settings: dict[str, Any], by_name: dict[str, Param], object
 
 def _search(raw: dict, objectives) -> SearchSettings:
     search = _dataclass_from(SearchSettings, raw.get("search"), "search")
-    if search.sampler not in SAMPLERS:
-        raise _fail("search.sampler", f"one of {', '.join(SAMPLERS)}", search.sampler)
-    if search.pruner not in PRUNERS:
-        raise _fail("search.pruner", f"one of {', '.join(PRUNERS)}", search.pruner)
-    if search.num_samples < 1 or search.max_concurrent < 1:
-        raise UnlearnSearchError("search.num_samples, search.max_concurrent: expected values >= 1")
-    if search.n_startup_trials is not None and search.n_startup_trials < 1:
-        raise _fail("search.n_startup_trials", "an integer >= 1 or null", search.n_startup_trials)
-    if not 0 < search.grace_period <= 100:
-        raise _fail("search.grace_period", "a percent of training in (0, 100]", search.grace_period)
-    if search.reduction_factor <= 1:
+    if search.reduction_factor <= 1:  # the declaration's bounds are inclusive
         raise _fail("search.reduction_factor", "a value > 1", search.reduction_factor)
-    if search.time_budget_s is not None and search.time_budget_s <= 0:
-        raise _fail("search.time_budget_s", "a positive number of seconds or null", search.time_budget_s)
     if len(objectives) > 1 and search.sampler == "tpe" and "sampler" not in (raw.get("search") or {}):
         search = SearchSettings(**{**search.__dict__, "sampler": "nsga2"})
     if len(objectives) == 1 and search.sampler == "nsga2":
@@ -623,30 +659,11 @@ def _search(raw: dict, objectives) -> SearchSettings:
 
 
 def _resources(raw: dict) -> Resources:
-    resources = _dataclass_from(Resources, raw.get("resources"), "resources")
-    if resources.workers < 1 or resources.cpus_per_worker <= 0:
-        raise UnlearnSearchError("resources.workers, resources.cpus_per_worker: expected values >= 1 and > 0")
-    if resources.zero_stage not in (0, 2, 3):  # the stages cluster/deepspeed/ has configs for
-        raise _fail("resources.zero_stage", "0, 2 or 3", resources.zero_stage)
-    for key in ("checkpoints_to_keep", "eval_items", "eval_documents", "eval_mmlu_limit", "eval_max_new_tokens"):
-        if getattr(resources, key) < 1:
-            raise _fail(f"resources.{key}", "an integer >= 1", getattr(resources, key))
-    if not 0 <= resources.eval_every <= 100:
-        raise _fail("resources.eval_every", "a percent of training in [0, 100]", resources.eval_every)
-    if resources.placement not in PLACEMENTS:
-        raise _fail("resources.placement", " or ".join(PLACEMENTS), resources.placement)
-    return resources
+    return _dataclass_from(Resources, raw.get("resources"), "resources")
 
 
 def _evaluation(raw: dict) -> SearchEvaluation:
-    evaluation = _dataclass_from(SearchEvaluation, raw.get("evaluation"), "evaluation")
-    if evaluation.split not in EVAL_SPLITS:
-        raise _fail("evaluation.split", f"one of {', '.join(EVAL_SPLITS)}", evaluation.split)
-    for key in ("max_new_tokens", "batch_size", "mmlu_limit"):
-        value = getattr(evaluation, key)
-        if value is not None and value < 1:
-            raise _fail(f"evaluation.{key}", "an integer >= 1" + (" or null" if key == "mmlu_limit" else ""), value)
-    return evaluation
+    return _dataclass_from(SearchEvaluation, raw.get("evaluation"), "evaluation")
 
 
 def _range_test(raw: Any, lr: Param | None, starts: list[dict]) -> RangeTest | None:

@@ -11,17 +11,11 @@ from typing import Any
 from unlearn_search.data.benchmark import SPLITS
 from unlearn_search.errors import UnlearnSearchError, one_of
 from unlearn_search.methods import METHODS, SCHEDULES, get_method, get_schedule
-from unlearn_search.methods.base import Knob
+from unlearn_search.methods.base import Knob, declared, setting
 from unlearn_search.models.loading import DTYPES
 from unlearn_search.models.trainable import TRAINABLE
 
 TEACHERS = ("live", "cached")
-
-
-def setting(default: Any, help: str, **valid: Any) -> Any:
-    """A ``TrialConfig`` field that carries its own declaration (as TRL's config fields carry
-    their help): ``valid`` holds ``methods.base.Knob``'s choices, bounds, ``kind`` and ``nullable``."""
-    return field(default=default, metadata={"help": help, **valid})
 
 
 @dataclass(frozen=True)
@@ -97,7 +91,7 @@ TRIAL_FIELDS = {
     f.name: f for f in dataclasses.fields(TrialConfig) if f.name not in ("method_params", "schedule_params")
 }
 # Each trial field's declaration, the same spec as a method's knobs.
-TRIAL_SETTINGS: dict[str, Knob] = {name: Knob(name, f.default, **f.metadata) for name, f in TRIAL_FIELDS.items()}
+TRIAL_SETTINGS: dict[str, Knob] = declared(TrialConfig)
 FIELD_HELP = {name: knob.help for name, knob in TRIAL_SETTINGS.items()}
 FIELD_TYPES = {name: knob.value_type for name, knob in TRIAL_SETTINGS.items()}
 FIELD_OPTIONAL = {name for name, knob in TRIAL_SETTINGS.items() if knob.nullable}

@@ -23,40 +23,54 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.methods.base import setting
 
 PROGRESS_FILE = "progress.json"
 MODEL_DIR = "model"
 
 
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}  # Ray's placement-group strategies
+
+
 @dataclass(frozen=True)
 class Resources:
-    """How a trial runs on the cluster."""
+    """How a trial runs on the cluster (a space's ``resources`` block)."""
 
-    workers: int = 2
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
-    zero_stage: int = 3
-    offload: bool = False
-    max_failures: int = 2
-    checkpoints_to_keep: int = 1
-    # The quick evaluation at each boundary (what a search prunes on): forget + retain items,
-    # MIA members + non-members, and MMLU questions per subject.
-    eval_items: int = 64
-    eval_documents: int = 32
-    eval_mmlu_limit: int = 1
-    eval_max_new_tokens: int = 64
-    # Percent of training between two boundaries that get a quick evaluation (and a report and a
-    # checkpoint); the last boundary always does. A schedule of many short chunks (SUGD with
-    # chunk_size 8: 7 boundaries on small's train split) would otherwise spend most of its trial evaluating.
-    eval_every: float = 20.0
-    # Under ZeRO-3 without offload, each rank gathers the whole student once per quick evaluation
-    # rather than each layer at every generated token's forward (one full copy per rank while it
-    # runs: 14 GiB for a 7B model in bfloat16).
-    eval_gather: bool = True
-    placement: str = "pack"  # pack: a trial's workers on as few nodes as fit; spread: across nodes
-
-
-PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
+    workers: int = setting(2, "Ray Train workers per trial, each a DeepSpeed data-parallel rank", low=1)
+    cpus_per_worker: float = setting(1, "CPUs each worker reserves", positive=True, kind=float)
+    gpus_per_worker: float = setting(0, "GPUs each worker reserves (0: CPU workers)", low=0, kind=float)
+    zero_stage: int = setting(
+        3,
+        "DeepSpeed ZeRO stage (at 3 the student and a live teacher are sharded)",
+        choices=(0, 2, 3),  # the stages cluster/deepspeed/ has configs for
+    )
+    offload: bool = setting(False, "ZeRO CPU offload of the optimizer (and of the parameters at stage 3)")
+    max_failures: int = setting(
+        2, "worker failures a trial survives: its workers restart from the last boundary's checkpoint", low=0
+    )
+    checkpoints_to_keep: int = setting(1, "boundary checkpoints kept per trial", low=1)
+    # The quick evaluation at each boundary (what a search prunes on).
+    eval_items: int = setting(64, "quick evaluation: forget + retain items", low=1)
+    eval_documents: int = setting(32, "quick evaluation: MIA member + non-member documents", low=1)
+    eval_mmlu_limit: int = setting(1, "quick evaluation: MMLU questions per subject", low=1)
+    eval_max_new_tokens: int = setting(64, "quick evaluation: tokens generated per item", low=1)
+    # A schedule of many short chunks (SUGD with chunk_size 8: 7 boundaries on small's train
+    # split) would otherwise spend most of its trial evaluating.
+    eval_every: float = setting(
+        20.0,
+        "percent of training between two boundaries that get a quick evaluation, a report and a checkpoint "
+        "(the last boundary always does)",
+        low=0,
+        high=100,
+    )
+    eval_gather: bool = setting(
+        True,
+        "quick evaluation under ZeRO-3 (no offload): each rank gathers the whole student once, not each layer at "
+        "every generated token (one full copy per rank while it runs: 14 GiB for a 7B model in bfloat16)",
+    )
+    placement: str = setting(
+        "pack", "a trial's workers on as few nodes as fit, or across nodes", choices=tuple(PLACEMENTS)
+    )
 
 
 def peak_rss_mb() -> float:
