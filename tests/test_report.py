@@ -31,6 +31,7 @@ def evaluation(forget: float, retain: float, aggregate: float) -> dict:
         "mia_final_score": 0.2,
         "mia_loss_acc": 0.9,
         "mmlu_average": 0.25,
+        "mia_attacks": {"min_k": {"auc": 0.8, "score": 0.4}, "reference": {"auc": 0.5, "score": 1.0}},
     }
 
 
@@ -104,7 +105,7 @@ def test_the_report_renders_in_chromium_with_every_image_loaded(tmp_path):
         params=["lr"],
         best=rows[2],
         best_evaluation=evaluation(0.1, 0.9, 0.4),
-        original_evaluation=evaluation(1.0, 1.0, 0.08),
+        references={"original": evaluation(1.0, 1.0, 0.08), "retrained": evaluation(0.05, 0.95, 0.69)},
         plots=plots,
     )
     assert (tmp_path / "plots" / f"{PER_TASK_PLOT}.png").is_file()
@@ -116,18 +117,26 @@ def test_the_report_renders_in_chromium_with_every_image_loaded(tmp_path):
         )
         trial_rows = driver.execute_script("return document.querySelectorAll('table')[0].tBodies[0].rows.length;")
         best_row = driver.execute_script("return document.querySelector('tr.best td').textContent;")
+        scores = driver.execute_script(
+            "return [...document.querySelectorAll('table')[1].rows].map(r => [...r.cells].map(c => c.textContent));"
+        )
     finally:
         driver.quit()
     assert len(images) == len(plots) + 1  # the study's plots and the per-task chart
     assert all(complete and width > 0 for _, complete, width in images), images
     assert f"plots/{PER_TASK_PLOT}.png" in [src for src, _, _ in images]
     assert trial_rows == 3 and best_row == "t2"
+    # The best trial beside both references, each attack's AUC a row (a missing one shown as -).
+    assert scores[0] == ["", "best trial", "original", "retrained"]
+    rows_by_label = {row[0]: row[1:] for row in scores[1:]}
+    assert rows_by_label["aggregate"] == ["0.4", "0.08", "0.69"]
+    assert rows_by_label["MIA AUC: min k"] == ["0.8"] * 3 and rows_by_label["MIA AUC: zlib"] == ["-", "-", "-"]
 
 
 def test_a_search_without_a_best_trial_says_so(tmp_path):
     rows = [{"trial_id": "a", "status": "failed"}]
     report = write_report(
-        tmp_path, title="t", rows=rows, params=[], best=None, best_evaluation=None, original_evaluation=None, plots=[]
+        tmp_path, title="t", rows=rows, params=[], best=None, best_evaluation=None, references=None, plots=[]
     )
     text = report.read_text()
     assert "no best trial" in text and "<img" not in text

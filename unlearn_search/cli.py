@@ -446,7 +446,7 @@ def cmd_search(args) -> None:
         params=[p.name for p in space.params],
         best=outcome.best,
         best_evaluation=outcome.best_evaluation,
-        original_evaluation=outcome.original_evaluation,
+        references=outcome.references,
         plots=plots,
     )
     chart = output / "plots" / f"{PER_TASK_PLOT}.png"  # written with the report when there is a best trial

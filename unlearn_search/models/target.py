@@ -287,6 +287,12 @@ def resolve_model(spec: str, paths: DataPaths, progress: bool = True) -> Path:
     return check_model_dir(spec)
 
 
+def retrained_dir(original: str | Path) -> Path:
+    """Where ``build_retrained`` keeps a reference target's gold standard: beside the original."""
+    original = Path(original)
+    return original.with_name(original.name + "-retrained")
+
+
 def build_retrained(paths: DataPaths, original: Path, output: Path | None = None, progress: bool = True) -> Path:
     """The gold standard for a reference target: the same builder, tokenizer and schedule trained on
     its retain items alone, as retraining without the forget data would give (it never sees the
@@ -299,7 +305,7 @@ def build_retrained(paths: DataPaths, original: Path, output: Path | None = None
     original = Path(original)
     manifest = json.loads((original / TARGET_MANIFEST).read_text())
     preset = TargetPreset(**manifest["preset"])
-    output = Path(output) if output else original.with_name(original.name + "-retrained")
+    output = Path(output) if output else retrained_dir(original)
     if (output / TARGET_MANIFEST).exists():
         return output
     started = time.time()

@@ -45,6 +45,7 @@ BEST_DIR = "best"
 STATE_FILE = "search.json"
 ORIGINAL_MMLU_FILE = "original_mmlu.json"
 ORIGINAL_DIR = "original"  # the original model's evaluation, the best trial's reference
+RETRAINED_DIR = "retrained"  # the retrained gold standard's, where one was built
 ORIGINAL_KEY_FILE = "settings.json"  # what the original's evaluation in ORIGINAL_DIR was scored on
 RESULT_FILE = "result.json"  # a finished trial's final metrics, in its own directory
 TRIAL_DRIVER_MEMORY = 512 * 2**20
@@ -86,7 +87,9 @@ class SearchOutcome:
     storage: str
     table: str = ""
     constraints: tuple[Constraint, ...] = ()
-    original_evaluation: dict | None = None  # the original scored as the best trial was
+    # The reference models scored as the best trial was: "original", and "retrained" (the gold
+    # standard) where one was built for a reference target.
+    references: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @property
     def best_final(self) -> dict[str, float] | None:
@@ -323,7 +326,7 @@ def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: 
                     mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size, progress=True
                 )
                 questions = f"{limit} per subject" if limit else "all questions"
-                print(f"scoring the original on MMLU ({questions}), once per model and set of questions")
+                print(f"scoring {model_dir.name} on MMLU ({questions}), once per model and set of questions")
                 entry = {
                     "key": key,
                     "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root, evaluation),
@@ -447,10 +450,10 @@ def run_search(
     # Written before the best trial's long re-evaluation, so a failure there loses no trial.
     (output / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
     (output / "summary.txt").write_text(table + "\n")
-    best_dir, best_evaluation, original = None, None, None
+    best_dir, best_evaluation, references = None, None, {}
     if best is not None:
         config, best_dir, best_evaluation = _export(best, model_dir, paths.root, space, options, output)
-        original = _original_or_none(config, model_dir, paths.root, space, output)
+        references = _references(config, model_dir, paths.root, space, output)
     return SearchOutcome(
         output,
         rows,
@@ -463,7 +466,7 @@ def run_search(
         storage_url,
         table,
         space.constraints,
-        original,
+        references,
     )
 
 
@@ -547,12 +550,23 @@ def _export(best: dict, model_dir: Path, data_root: Path, space: SearchSpace, op
         ) from error
 
 
-def _original_or_none(config, model_dir: Path, data_root: Path, space: SearchSpace, output: Path):
-    try:
-        return evaluate_original(config, model_dir, data_root, space, output)
-    except Exception as error:  # the report loses its reference, the search nothing
-        logger.warning("could not score the original model for the report (%s)", error)
-        return None
+def _references(config, model_dir: Path, data_root: Path, space: SearchSpace, output: Path) -> dict[str, dict]:
+    """The original and, where it was built (``bench/baselines.py`` builds it for a reference
+    target), the retrained gold standard, each scored as the best trial was; one that cannot be
+    scored is left out of the report, and the search loses nothing."""
+    from unlearn_search.models.target import retrained_dir
+
+    models = {ORIGINAL_DIR: model_dir}
+    retrained = retrained_dir(model_dir)
+    if (retrained / "config.json").is_file():
+        models[RETRAINED_DIR] = retrained
+    scored = {}
+    for name, directory in models.items():
+        try:
+            scored[name] = evaluate_reference(name, directory, config, model_dir, data_root, space, output)
+        except Exception as error:
+            logger.warning("could not score the %s model for the report (%s)", name, error)
+    return scored
 
 
 def started_with(trial_path: str) -> dict[str, Any]:
@@ -638,20 +652,23 @@ def export_best(best: dict, config, model_dir: Path, data_root: Path, resources,
     return output / BEST_DIR, evaluation
 
 
-def evaluate_original(config, model_dir: Path, data_root: Path, space: SearchSpace, output: Path) -> dict:
-    """The original model scored as the best trial was (its MMLU from ``original_mmlu``'s cache,
-    so this costs one pass over the items and documents): the report's reference. Kept in
-    ``original/``; a resumed search reads it back when it was scored on the same settings."""
+def evaluate_reference(
+    name: str, directory: Path, config, model_dir: Path, data_root: Path, space: SearchSpace, output: Path
+) -> dict:
+    """A reference model (the original, or the retrained gold standard) scored as the best trial
+    was, on the original's items, its MMLU from ``original_mmlu``'s cache (scored once per model
+    and set of questions). Kept in ``output/<name>/``; a resumed search reads it back when it was
+    scored on the same settings."""
     from unlearn_search.evaluation.evaluate import RESULTS_FILE
     from unlearn_search.training.trial import evaluate_on_cluster
 
     key = {"split": config.split, "max_new_tokens": config.max_new_tokens, "dtype": config.dtype}
     key["mmlu_limit"] = config.mmlu_limit
-    saved = output / ORIGINAL_DIR / ORIGINAL_KEY_FILE
+    saved = output / name / ORIGINAL_KEY_FILE
     if saved.is_file() and json.loads(saved.read_text()) == key:
         return json.loads((saved.parent / RESULTS_FILE).read_text())
-    mmlu = original_mmlu(model_dir, data_root, space, output, config.mmlu_limit)
-    with built_aside(output / ORIGINAL_DIR) as partial:
-        results = evaluate_on_cluster(model_dir, model_dir, data_root, config, partial, space.resources, mmlu)
+    mmlu = original_mmlu(directory, data_root, space, output, config.mmlu_limit)
+    with built_aside(output / name) as partial:
+        results = evaluate_on_cluster(directory, model_dir, data_root, config, partial, space.resources, mmlu)
         (partial / ORIGINAL_KEY_FILE).write_text(json.dumps(key))
     return results

@@ -1,7 +1,8 @@
 """The search's report: one HTML page a person opens to see what the search found.
 
 It holds the trials table, the study's plots (``plots.study_plots``) and a chart of the best
-trial's per-task forget and retain scores against the original model's, scored the same way.
+trial's per-task forget and retain scores against the reference models', scored the same way:
+the original, and the retrained gold standard where one was built for a reference target.
 Images are files beside it (``plots/``), referenced by relative paths, so the folder can be
 copied or served as a whole.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.evaluation import metrics
+from unlearn_search.evaluation.evaluate import MIA_ATTACKS
 from unlearn_search.search.results import cell_text
 
 REPORT_FILE = "report.html"
@@ -28,6 +30,7 @@ TERMS = (
 )
 TABLE_METRICS = ("aggregate", "task_aggregate", "mia_score", "mmlu", "seconds")
 TEXT = ' class="text"'  # a left-aligned cell
+REFERENCE_COLOURS = {"original": "#bbbbbb", "retrained": "#6aa84f"}
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 75em; color: #222; }
@@ -51,8 +54,8 @@ def per_task_scores(evaluation: dict) -> dict[str, dict[str, float]]:
     return scores
 
 
-def per_task_plot(best: dict, original: dict | None, path: Path) -> Path:
-    """Grouped bars, one panel per task: the best trial's four terms beside the original's."""
+def per_task_plot(best: dict, references: dict[str, dict], path: Path) -> Path:
+    """Grouped bars, one panel per task: the best trial's four terms beside each reference's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +64,7 @@ def per_task_plot(best: dict, original: dict | None, path: Path) -> Path:
     from unlearn_search.tracking.plots import save_figure
 
     models = [("best trial", per_task_scores(best), "#2a7ab0")]
-    if original is not None:
-        models.append(("original", per_task_scores(original), "#bbbbbb"))
+    models += [(name, per_task_scores(e), REFERENCE_COLOURS.get(name, "#999999")) for name, e in references.items()]
     tasks = list(models[0][1])
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), sharey=True, squeeze=False)
     width = 0.8 / len(models)
@@ -95,22 +97,30 @@ def trials_table(rows: Sequence[dict], params: Sequence[str], best_id: str | Non
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def scores_table(best: dict, original: dict | None) -> str:
-    """The three terms of the aggregate and the aggregate, best trial against the original."""
+def scores_table(best: dict, references: dict[str, dict]) -> str:
+    """The three terms of the aggregate, the aggregate and every attack's AUC: the best trial
+    against each reference."""
     keys = [
-        ("aggregate", "aggregate-score"),
-        ("task harmonic mean", "harmonic-mean-task-aggregate"),
-        ("MIA score", "mia_final_score"),
-        ("MIA AUC", "mia_loss_acc"),
-        ("MMLU", "mmlu_average"),
+        ("aggregate", ("aggregate-score",)),
+        ("task harmonic mean", ("harmonic-mean-task-aggregate",)),
+        ("MIA score", ("mia_final_score",)),
+        ("MMLU", ("mmlu_average",)),
+        ("MIA AUC: loss", ("mia_loss_acc",)),
+        *((f"MIA AUC: {attack.replace('_', ' ')}", ("mia_attacks", attack, "auc")) for attack in MIA_ATTACKS),
     ]
-    models = [("best trial", best)] + ([("original", original)] if original is not None else [])
-    head = "<th></th>" + "".join(f"<th>{name}</th>" for name, _ in models)
+    models = [("best trial", best), *references.items()]
+    head = "<th></th>" + "".join(f"<th>{html.escape(name)}</th>" for name, _ in models)
     body = "".join(
-        f"<tr><td{TEXT}>{label}</td>" + "".join(f"<td>{_cell(m.get(key))}</td>" for _, m in models) + "</tr>"
+        f"<tr><td{TEXT}>{label}</td>" + "".join(f"<td>{_cell(_lookup(m, key))}</td>" for _, m in models) + "</tr>"
         for label, key in keys
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _lookup(results: dict, key: tuple[str, ...]) -> Any:
+    for part in key:
+        results = results.get(part) if isinstance(results, dict) else None
+    return results
 
 
 def write_report(
@@ -121,10 +131,12 @@ def write_report(
     params: Sequence[str],
     best: dict | None,
     best_evaluation: dict | None,
-    original_evaluation: dict | None,
+    references: dict[str, dict] | None,
     plots: Sequence[Path],
 ) -> Path:
-    """``report.html`` in ``output``: the trials, the study's plots and the best trial's scores."""
+    """``report.html`` in ``output``: the trials, the study's plots and the best trial's scores
+    beside ``references`` (``{"original": results, "retrained": results}``, either may be missing)."""
+    references = references or {}
     output = Path(output)
     best_id = best["trial_id"] if best else None
     parts = [
@@ -134,11 +146,12 @@ def write_report(
         trials_table(rows, params, best_id),
     ]
     if best_evaluation is not None:
-        chart = per_task_plot(best_evaluation, original_evaluation, output / "plots" / f"{PER_TASK_PLOT}.png")
-        reference = "against the original model, scored the same way" if original_evaluation else "(no original)"
+        chart = per_task_plot(best_evaluation, references, output / "plots" / f"{PER_TASK_PLOT}.png")
+        against = " and ".join(f"the {name} model" for name in references)
+        reference = f"against {against}, scored the same way" if references else "(no reference model)"
         parts += [
             f"<h2>Best trial {html.escape(str(best_id))}</h2><p>Its full re-evaluation {reference}.</p>",
-            scores_table(best_evaluation, original_evaluation),
+            scores_table(best_evaluation, references),
             _image(chart, output, "per-task forget and retain scores"),
         ]
     else:
