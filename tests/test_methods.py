@@ -1,5 +1,6 @@
 """Methods on the tiny reference target: each forgets while the retain set stays."""
 
+import contextlib
 import json
 import math
 import os
@@ -585,6 +586,25 @@ def test_restart_and_lr_scale_reach_the_optimizer_inside_a_zero_engine(tmp_path,
 def test_output_may_not_be_the_input_model(tiny_target, data_paths):
     with pytest.raises(UnlearnSearchError, match="is the input model directory"):
         unlearn(tiny_target, data_paths, trial_config({"method": "ga"}), output=tiny_target)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--workers", "0"], "--workers 0: expected an integer >= 1"),
+        (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0: expected a value > 0"),
+        (["--zero-stage", "1"], "--zero-stage: invalid choice: 1 (choose from 0, 2, 3)"),
+    ],
+)
+def test_the_trial_commands_resource_options_are_checked_against_their_declaration(option, expected, capsys):
+    """`trial`'s resource options come from ``Resources``' declaration: its bounds and choices, one line."""
+    from unlearn_search.cli import main
+
+    with pytest.raises(SystemExit) if "invalid choice" in expected else contextlib.nullcontext():
+        code = main(["trial", "--method", "gd", "--output", "unused", *option])
+        assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert expected in err, err
 
 
 def test_a_trial_refuses_an_output_that_holds_its_input_model(tmp_path, data_paths):

@@ -314,20 +314,13 @@ def cmd_trial(args) -> None:
     from unlearn_search.models import resolve_model
     from unlearn_search.training.cluster import init_ray
     from unlearn_search.training.config import parse_assignments, trial_config
-    from unlearn_search.training.trial import Resources, run_trial
+    from unlearn_search.training.trial import run_trial
 
+    resources = _resources_from(args, TRIAL_RESOURCES)  # bad options fail before anything starts
     paths = resolve_data(args.data)
     settings = {"method": args.method, **parse_assignments(args.set or [])}
     config = trial_config(settings)
     directory = resolve_model(args.model, paths)
-    resources = Resources(
-        workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-        zero_stage=args.zero_stage,
-        offload=args.offload,
-        placement=args.placement,
-    )
     init_ray(args.address)
     evaluation = _eval_config(args)
     result = run_trial(directory, paths.root, settings, args.output, resources, evaluation, resume=args.resume)
@@ -535,11 +528,49 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# The Resources fields `unlearn-search trial` takes as options (`--zero-stage` for zero_stage), each
+# with its declaration's default, type, choices and help; a space's `resources` block takes them all.
+TRIAL_RESOURCES = ("workers", "cpus_per_worker", "gpus_per_worker", "zero_stage", "offload", "placement")
+
+
+def _add_resources(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    from unlearn_search.methods.base import declared
+    from unlearn_search.training.trial import Resources
+
+    knobs = declared(Resources)
+    for name in names:
+        knob, option = knobs[name], "--" + name.replace("_", "-")
+        words = knob.valid_range()
+        help_text = knob.help + (f" ({words})" if words else "")
+        if knob.value_type is bool:
+            parser.add_argument(option, action="store_true", default=knob.default, help=help_text)
+        else:
+            parser.add_argument(
+                option,
+                type=knob.value_type,
+                default=knob.default,
+                choices=list(knob.choices) if knob.choices else None,
+                help=help_text,
+            )
+
+
+def _resources_from(args, names: tuple[str, ...]):
+    """``Resources`` from the options ``_add_resources`` added, each checked against its declaration."""
+    from unlearn_search.methods.base import declared
+    from unlearn_search.training.trial import Resources
+
+    knobs, values = declared(Resources), {name: getattr(args, name) for name in names}
+    for name, value in values.items():
+        expected = knobs[name].problem(value)
+        if expected:
+            raise UnlearnSearchError(f"--{name.replace('_', '-')} {value!r}: expected {expected}")
+    return Resources(**values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from unlearn_search.data.locate import LUME_URL
     from unlearn_search.models.trainable import TRAINABLE
     from unlearn_search.search.space import EVAL_SPLITS
-    from unlearn_search.training.trial import PLACEMENTS
 
     parser = argparse.ArgumentParser(prog="unlearn-search", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -582,21 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(trial, default="small")
     trial.add_argument("--method", required=True, help="a loss from 'unlearn-search methods'")
     trial.add_argument("--set", action="append", metavar="KEY=VALUE", help="a trial setting (repeatable)")
-    trial.add_argument(
-        "--workers", type=int, default=2, help="Ray Train workers of the trial, each a DeepSpeed data-parallel rank"
-    )
-    trial.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs each worker reserves")
-    trial.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each worker reserves (0: CPU workers)")
-    trial.add_argument("--zero-stage", type=int, default=3, choices=[0, 2, 3], help="DeepSpeed ZeRO stage")
-    trial.add_argument(
-        "--offload", action="store_true", help="ZeRO CPU offload of optimizer (and parameters at stage 3)"
-    )
-    trial.add_argument(
-        "--placement",
-        default="pack",
-        choices=list(PLACEMENTS),
-        help="the workers on as few nodes as fit (pack) or across nodes (spread)",
-    )
+    _add_resources(trial, TRIAL_RESOURCES)
     _add_address(trial)
     trial.add_argument("--resume", action="store_true", help="continue the run found in OUTPUT")
     trial.add_argument(
