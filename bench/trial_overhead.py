@@ -1,7 +1,7 @@
 """Where a search trial's wall time goes: training steps against everything around them.
 
     python bench/trial_overhead.py [--space search_spaces/sugd.yaml] [--start 1] [--model small]
-        [--set key=value ...]
+        [--set key=value ...] [--resources key=value ...]
 
 Runs one trial exactly as the search runs it (the space's settings, resources and evaluation,
 one of its start points, the MMLU threshold from the original model), through Ray Train, and
@@ -36,6 +36,13 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="change one of the trial's settings (repeatable)",
     )
+    parser.add_argument(
+        "--resources",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one of the space's resources, e.g. eval_gather=false (repeatable)",
+    )
     args = parser.parse_args()
 
     import dataclasses
@@ -48,7 +55,7 @@ def main() -> None:
     from unlearn_search.training.config import parse_assignments
     from unlearn_search.training.trial import run_trial, time_spent
 
-    space = load_space(args.space)
+    space = load_space(args.space, {"resources": parse_assignments(args.resources, "--resources")})
     if not 1 <= args.start <= len(space.starts):
         raise SystemExit(f"--start {args.start}: expected 1 to {len(space.starts)} (the space's start points)")
     paths = resolve_data(args.data)
