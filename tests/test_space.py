@@ -355,6 +355,11 @@ def test_every_attacks_auc_and_score_is_an_objective_or_a_constraint():
     assert objective_value(metrics, space.objectives[0]) == 0.6
     assert [c.met(metrics) for c in space.constraints] == [True, False]
     assert metrics["mia_mink_auc"] == 0.9 and metrics["mia_reference_score"] == 0.9
+    # A reference metric among the constraints: the original's NLLs are scored before the first
+    # trial, for the boundaries' estimates; a space that names none leaves it to the full evaluations.
+    from unlearn_search.search.driver import uses_reference_attack
+
+    assert uses_reference_attack(space) and not uses_reference_attack(parse_space(copy.deepcopy(BASE)))
 
 
 def test_the_spaces_constraints_exclude_a_trial_like_the_mmlu_threshold():

@@ -2,7 +2,8 @@
 
 Scored once per checkpoint, documents and dtype, and kept in the user cache, so that a trial's
 evaluations read it rather than loading the original a second time (for a 7B model, 14 GB more on
-the accelerator). A search scores it before its first trial (``search.driver``).
+the accelerator). A search whose objective or constraints name a reference metric scores it
+before its first trial (``search.driver``), for the trials' boundary estimates.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.evaluation.evaluate import METRIC_NAMES
+from unlearn_search.evaluation.evaluate import METRIC_NAMES, MIA_ATTACKS
 from unlearn_search.search.results import (
     MEETS_CONSTRAINTS,
     OBJECTIVE,
@@ -348,6 +348,14 @@ def mmlu_threshold(model_dir: Path, data_root: Path, space: SearchSpace, output:
     return utility_threshold(EvalConfig(original_mmlu=original_mmlu(model_dir, data_root, space, output, limit)))
 
 
+def uses_reference_attack(space: SearchSpace) -> bool:
+    """Whether the space optimizes or constrains a reference-attack metric: then its boundary
+    estimates need the original's document NLLs before the first trial. (Every full evaluation
+    scores the attack anyway, scoring those NLLs once if no one did.)"""
+    named = [o.metric for o in space.objectives] + [c.metric for c in space.constraints]
+    return any(metric.startswith(MIA_ATTACKS["reference"]) for metric in named)
+
+
 def score_original_documents(model_dir: Path, paths, space: SearchSpace) -> None:
     """The original's NLL of each MIA document in the trials' dtype, scored on the cluster (once
     per checkpoint: ``evaluation.reference`` keeps it), so that the trials' quick evaluations
@@ -424,7 +432,8 @@ def run_search(
     if on_start:
         on_start(dashboard_url)
     threshold = mmlu_threshold(model_dir, paths.root, space, output, space.evaluation.mmlu_limit)
-    score_original_documents(model_dir, paths, space)
+    if uses_reference_attack(space):
+        score_original_documents(model_dir, paths, space)
     if space.lr_range_test is not None and not options.resume:  # a restored searcher keeps its fitted space
         space = fitted_space(space, model_dir, paths.root, output)
     state = {"space": space.name, "source": str(space.source or ""), "model": str(model_dir)}
