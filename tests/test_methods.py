@@ -636,7 +636,7 @@ RUNS = {
     "wga": {"lr": 3e-4, "epochs": 5},
     "undial": {"lr": 3e-4, "epochs": 5},
     "satimp": {"lr": 3e-3, "epochs": 5},
-    "idk_dpo": {"lr": 5e-4, "epochs": 5},
+    "idk_dpo": {"lr": 2e-3, "epochs": 5},
     "sugd": {"method": "gd", "schedule": "sugd", "lr": 5e-4, "chunk_size": 8, "epochs_per_chunk": 3},
     "agad": {"method": "gd", "schedule": "agad", "lr": 1e-3, "chunk_size": 8, "epochs": 3},
 }
