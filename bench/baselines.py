@@ -233,13 +233,14 @@ def attacks_plot(rows: list[dict], path: Path) -> None:
     width = 0.8 / len(ATTACKS)
     for i, key in enumerate(ATTACKS):
         offset = (i - (len(ATTACKS) - 1) / 2) * width
-        ax.bar([x + offset for x in range(len(rows))], [r[key] for r in rows], width, label=key.removesuffix("_auc"))
+        label = key.removesuffix("_auc").removeprefix("mia_") if key != "mia_auc" else "loss"
+        ax.bar([x + offset for x in range(len(rows))], [r[key] for r in rows], width, label=label)
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--")  # members look like non-members
     ax.set_xticks(range(len(rows)), [r["baseline"] for r in rows], rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("AUC (0.5: no membership signal)")
     ax.set_title("Baselines: every membership-inference attack")
-    ax.legend(fontsize=7, ncol=len(ATTACKS))
+    ax.legend(fontsize=7, ncol=len(ATTACKS), loc="upper center", bbox_to_anchor=(0.5, -0.32))
     save_figure(fig, path)
 
 
