@@ -221,8 +221,8 @@ def score_documents(model, tokenizer, documents: list, reference_nll: Mapping[st
     stats = document_statistics(model, tokenizer, [d.text for d in documents], config.batch_size)
     nll = [s.nll for s in stats]
     reference = [math.nan] * len(documents)
-    if reference_nll is not None:
-        reference = [metrics.reference_score(n, reference_nll[d.id]) for d, n in zip(documents, nll)]
+    if reference_nll is not None:  # a document the original was not scored on has none (NaN)
+        reference = [metrics.reference_score(n, reference_nll.get(d.id, math.nan)) for d, n in zip(documents, nll)]
     return pd.DataFrame(
         {
             "id": [d.id for d in documents],
