@@ -89,7 +89,9 @@ def test_the_quick_evaluation_on_the_gathered_student_equals_the_sharded_one(
     settings = {"method": "gd", "lr": 5e-4, "epochs": 2, "seed": 0}
     runs = {}
     for gather in (False, True):
-        resources = Resources(workers=2, zero_stage=3, eval_gather=gather, eval_items=16, eval_documents=6)
+        resources = Resources(
+            workers=2, zero_stage=3, eval_gather=gather, eval_items=8, eval_documents=4, eval_max_new_tokens=16
+        )
         run_trial(tiny_target, data_paths.root, settings, tmp_path / f"gather_{gather}", resources, None, name="g")
         reports = read_metrics_log(tmp_path / f"gather_{gather}" / "metrics.jsonl")
         runs[gather] = [r for r in reports if not r["trained"]]
