@@ -223,14 +223,17 @@ def answer_nll(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
 
 def document_statistics(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[TokenStatistics]:
     """``TokenStatistics`` of whole documents (truncated to the model's length limit), for MIA."""
-    limit = max_length(model, tokenizer)
-    sequences = [ids[:limit] for ids in tokenizer(list(documents))["input_ids"]]
+    sequences = _document_sequences(model, tokenizer, documents)
     starts = [1] * len(sequences)
     return token_statistics(model, sequences, starts, tokenizer.pad_token_id, batch_size, vocab_moments=True)
 
 
 def document_nll(model, tokenizer, documents: Sequence[str], batch_size: int = 16) -> list[float]:
     """Mean token NLL of whole documents (truncated to the model's length limit), for MIA."""
-    limit = max_length(model, tokenizer)
-    sequences = [ids[:limit] for ids in tokenizer(list(documents))["input_ids"]]
+    sequences = _document_sequences(model, tokenizer, documents)
     return sequence_nll(model, sequences, [1] * len(sequences), tokenizer.pad_token_id, batch_size)
+
+
+def _document_sequences(model, tokenizer, documents: Sequence[str]) -> list[list[int]]:
+    limit = max_length(model, tokenizer)
+    return [ids[:limit] for ids in tokenizer(list(documents))["input_ids"]]
