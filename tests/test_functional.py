@@ -684,3 +684,39 @@ def test_half_precision_logits_are_upcast():
     assert out.dtype == torch.float32
     expected = F.sequence_logprob(logits16.to(torch.float64), LABELS)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
+
+
+# ---- RMU: activation distance and steering vector -----------------------------------------------
+
+
+def test_activation_mse_is_each_rows_mean_over_its_answer_tokens_then_the_rows_mean():
+    gen = torch.Generator().manual_seed(50)
+    hidden = torch.randn(B, T, 3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    target = torch.randn(B, T, 3, generator=gen, dtype=torch.float64)
+    # The positions scored are the answer tokens themselves (unshifted labels): row 0's 1 and 2, row 1's 2.
+    rows = []
+    for b, positions in ((0, (1, 2)), (1, (2,))):
+        per_token = [
+            sum((hidden[b, t, d].item() - target[b, t, d].item()) ** 2 for d in range(3)) / 3 for t in positions
+        ]
+        rows.append(sum(per_token) / len(per_token))
+    value = F.activation_mse(hidden, target, LABELS)
+    assert value.item() == pytest.approx(sum(rows) / 2, abs=1e-12)
+    value.backward()
+    assert (
+        hidden.grad[0, 0].abs().sum() == 0 and hidden.grad[1, 1].abs().sum() == 0 and hidden.grad[0, 3].abs().sum() == 0
+    )
+    assert hidden.grad[0, 1].abs().sum() > 0 and hidden.grad[1, 2].abs().sum() > 0
+    # A target vector broadcasts over rows and positions (the steering vector); no scored token gives 0.
+    vector = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    expected = sum((hidden[0, 1, d].item() - vector[d].item()) ** 2 for d in range(3)) / 3
+    only = torch.tensor([[IGN, 7, IGN, IGN], [IGN, IGN, IGN, IGN]])
+    assert F.activation_mse(hidden, vector, only).item() == pytest.approx(expected / 2, abs=1e-12)
+
+
+def test_steering_direction_has_the_coefficient_as_norm_and_is_the_same_every_time():
+    vector = F.steering_direction(64, 6.5)
+    assert vector.shape == (64,) and vector.norm().item() == pytest.approx(6.5, rel=1e-6)
+    assert (vector >= 0).all()  # drawn from [0, 1) before scaling, as the authors draw it
+    assert torch.equal(vector, F.steering_direction(64, 6.5))
+    assert not torch.equal(vector, F.steering_direction(64, 6.5, seed=1))

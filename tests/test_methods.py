@@ -173,6 +173,80 @@ def test_lora_trains_adapters_and_merges_into_a_plain_checkpoint(tiny_target, tm
         assert torch.allclose(reloaded(input_ids=x).logits, expected, atol=1e-4)
 
 
+def test_trainable_method_trains_the_modules_the_method_names(tiny_target):
+    # RMU: the MLP output projections of the steered layer and the two below it, as its authors.
+    model = prepare_trainable(
+        load_model(tiny_target), "method", method_modules=get_method("rmu", layer=3).trained_modules
+    )
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2, 3)
+    }
+    # The default layer is a quarter of the way up: the authors' 7 of a 32-layer 7B, 0 of the tiny target's 4.
+    rmu = get_method("rmu")
+    assert rmu.probed_layer(32) == 7 and rmu.trained_modules(32) == tuple((i, "mlp.down_proj") for i in (5, 6, 7))
+    assert rmu.probed_layer(4) == 0 and rmu.trained_modules(4) == ((0, "mlp.down_proj"),)
+    with pytest.raises(
+        UnlearnSearchError, match=r"^method rmu: layer=4 \(expected 0 to 3, the model's decoder layers\)$"
+    ):
+        prepare_trainable(load_model(tiny_target), "method", method_modules=get_method("rmu", layer=4).trained_modules)
+    with pytest.raises(UnlearnSearchError, match=r"^trainable=method: this method names no parameters of its own"):
+        prepare_trainable(load_model(tiny_target), "method", method_modules=get_method("gd").trained_modules)
+    nothing = get_method("rmu", trained_module="mlp.nothing")
+    with pytest.raises(UnlearnSearchError, match=r"decoder layer 0 has no module 'mlp.nothing'"):
+        prepare_trainable(load_model(tiny_target), "method", method_modules=nothing.trained_modules)
+
+
+def test_a_layer_probe_keeps_the_hidden_states_the_model_reports_for_that_layer(tiny_target):
+    from unlearn_search.models.trainable import LayerProbe
+
+    model = load_model(tiny_target)
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        states = model(input_ids=x, output_hidden_states=True).hidden_states  # [embeddings, layer 0, ...]
+        for layer in (0, 2):
+            probe = LayerProbe(model, layer)
+            model(input_ids=x)
+            assert torch.equal(probe.take(), states[layer + 1])
+            probe.remove()
+    with pytest.raises(UnlearnSearchError, match=r"^layer=4: expected 0 to 3 \(the model's decoder layers\)$"):
+        LayerProbe(model, 4)
+
+
+def test_rmu_loss_is_the_steering_and_retain_distances_by_hand():
+    """gamma * d(h_forget, c u) + alpha * d(h_retain, h0_retain), d the mean over a row's answer
+    tokens of the squared difference's mean over the hidden size, then over the rows."""
+    from unlearn_search.methods import Reference
+    from unlearn_search.methods import functional as F
+    from unlearn_search.methods.base import StepInputs
+
+    gen = torch.Generator().manual_seed(3)
+    labels = {"forget": torch.tensor([[-100, 4, 5], [-100, -100, 6]]), "retain": torch.tensor([[-100, 7, -100]])}
+    hidden = {name: torch.randn(len(value), 3, 4, generator=gen, dtype=torch.float64) for name, value in labels.items()}
+    original = torch.randn(1, 3, 4, generator=gen, dtype=torch.float64)
+    batches = {name: {"input_ids": value.clamp(min=0), "labels": value} for name, value in labels.items()}
+    method = get_method("rmu", steering_coeff=2.0, forget_weight=0.5, retain_weight=10.0)
+    step = StepInputs(
+        forget=batches["forget"],
+        retain=batches["retain"],
+        student=None,
+        reference=lambda which: Reference(torch.zeros(1, 2), hidden=original),
+        hidden=lambda batch: hidden[next(n for n, b in batches.items() if b is batch)],
+    )
+    u = F.steering_direction(4, 2.0).tolist()
+
+    def distance(h, target, rows):  # rows: each row's answer positions
+        per_row = [
+            sum(sum((h[b][t][d] - target(b, t, d)) ** 2 for d in range(4)) / 4 for t in ts) / len(ts) for b, ts in rows
+        ]
+        return sum(per_row) / len(per_row)
+
+    steer = distance(hidden["forget"].tolist(), lambda b, t, d: u[d], [(0, (1, 2)), (1, (2,))])
+    keep = distance(hidden["retain"].tolist(), lambda b, t, d: original[b, t, d].item(), [(0, (1,))])
+    output = method.loss(step)
+    assert output.loss.item() == pytest.approx(0.5 * steer + 10.0 * keep, rel=1e-6)
+    assert output.parts == pytest.approx({"forget_steer": steer, "retain_activation": keep}, rel=1e-6)
+
+
 # ---- guards ------------------------------------------------------------------------------
 
 
@@ -282,11 +356,15 @@ def test_the_steps_one_reduction_carries_a_diverged_loss_to_every_rank(tmp_path)
 
 def _gradient(model, method, step, data, reference, mean_over_ranks=lambda value: value) -> torch.Tensor:
     from unlearn_search.training.loop import step_inputs
+    from unlearn_search.training.unlearn import method_probe
 
     model.zero_grad(set_to_none=True)
     forward = lambda batch: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # noqa: E731
-    inputs = step_inputs(method, step, data, forward, reference, mean_over_ranks=mean_over_ranks)
+    probe = method_probe(model, method)  # the layer RMU reads, from the same pass
+    inputs = step_inputs(method, step, data, forward, reference, mean_over_ranks=mean_over_ranks, probe=probe)
     method.loss(inputs).loss.backward()
+    if probe is not None:
+        probe.remove()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
@@ -320,7 +398,7 @@ def _method_gradients_on_rank(rank: int, init_file: str, target: str, data_root:
 
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.training.distributed import mean_over_ranks, shard_steps
-    from unlearn_search.training.unlearn import live_reference, prepare
+    from unlearn_search.training.unlearn import method_reference, prepare
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
@@ -328,7 +406,8 @@ def _method_gradients_on_rank(rank: int, init_file: str, target: str, data_root:
         prepared = prepare(Path(target), paths_from_root(data_root), trial_config({"method": name}))
         model, teacher = _moved_student_and_teacher(target)
         part = shard_steps([_uneven_step(prepared, 2)], rank, 2, prepared.data)[0]
-        gradient = _gradient(model, prepared.method, part, prepared.data, live_reference(teacher), mean_over_ranks)
+        reference = method_reference(teacher, prepared.method)
+        gradient = _gradient(model, prepared.method, part, prepared.data, reference, mean_over_ranks)
         dist.all_reduce(gradient)
         if rank == 0:
             torch.save(gradient / 2, Path(out, f"{name}.pt"))
@@ -342,14 +421,15 @@ def test_every_method_takes_the_same_gradient_on_one_process_and_on_two_gloo_wor
     that left out its share would be off (the plain-mean case below)."""
     import torch.multiprocessing as mp
 
-    from unlearn_search.training.unlearn import live_reference, prepare
+    from unlearn_search.training.unlearn import method_reference, prepare
 
     args = (str(tmp_path / "init"), str(tiny_target), str(data_paths.root), str(tmp_path))
     mp.spawn(_method_gradients_on_rank, args=args, nprocs=2)
     for name in sorted(METHODS):
         prepared = prepare(tiny_target, data_paths, trial_config({"method": name}))
         model, teacher = _moved_student_and_teacher(tiny_target)
-        alone = _gradient(model, prepared.method, _uneven_step(prepared, 2), prepared.data, live_reference(teacher))
+        reference = method_reference(teacher, prepared.method)
+        alone = _gradient(model, prepared.method, _uneven_step(prepared, 2), prepared.data, reference)
         workers = torch.load(tmp_path / f"{name}.pt")
         assert (workers - alone).abs().max() <= 1e-5 * alone.abs().max(), name
 
@@ -362,7 +442,7 @@ def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(nam
     import dataclasses
 
     from unlearn_search.training.distributed import shard_steps
-    from unlearn_search.training.unlearn import live_reference, prepare
+    from unlearn_search.training.unlearn import method_reference, prepare
 
     prepared = prepare(tiny_target, data_paths, trial_config({"method": name}))
 
@@ -371,7 +451,7 @@ def test_ranks_holding_unequal_parts_of_a_step_take_the_whole_steps_gradient(nam
 
     step = _uneven_step(prepared, world)
     model, teacher = _moved_student_and_teacher(tiny_target)
-    reference = live_reference(teacher)
+    reference = method_reference(teacher, prepared.method)
     whole = _gradient(model, prepared.method, step, prepared.data, reference)
     parts = parts_of(step)
     averaged = sum(_gradient(model, prepared.method, part, prepared.data, reference) for part in parts) / world
@@ -413,7 +493,7 @@ def test_a_method_reads_the_student_on_the_batches_it_declares(name, params, tin
     batches: a batch read but not declared costs a pass more before the backward (under ZeRO-3 a
     whole gathered model more), one declared but unread a wasted pass."""
     from unlearn_search.methods.base import StepInputs
-    from unlearn_search.training.unlearn import live_reference, prepare
+    from unlearn_search.training.unlearn import method_probe, method_reference, prepare
 
     prepared = prepare(tiny_target, data_paths, trial_config({"method": name, **params}))
     step = next(s for s in prepared.steps if s.forget and s.retain)
@@ -427,7 +507,13 @@ def test_a_method_reads_the_student_on_the_batches_it_declares(name, params, tin
         read.append(next(which for which, b in batches.items() if b is batch))
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    reference, referenced = live_reference(model), []
+    probe = method_probe(model, prepared.method)
+
+    def hidden(batch):  # a read of the same student pass (RMU's hidden states)
+        student(batch)
+        return probe.take()
+
+    reference, referenced = method_reference(load_model(tiny_target), prepared.method), []
 
     def reference_of(which):
         referenced.append(which)
@@ -439,6 +525,7 @@ def test_a_method_reads_the_student_on_the_batches_it_declares(name, params, tin
             retain=batches["retain"],
             student=student,
             reference=reference_of,
+            hidden=hidden if probe is not None else None,
             alternative=batches["alternative"],
         )
     )
@@ -446,13 +533,13 @@ def test_a_method_reads_the_student_on_the_batches_it_declares(name, params, tin
     assert sorted(set(referenced)) == sorted(prepared.method.reference_batches())
 
 
-@pytest.mark.parametrize("name", ["flat", "ga_kl", "npo", "random_label"])
+@pytest.mark.parametrize("name", ["flat", "ga_kl", "npo", "random_label", "rmu"])
 def test_one_forward_over_a_steps_batches_gives_each_batchs_loss_and_gradient(name, tiny_target, data_paths):
-    """Right-padded into one pass, each batch's logits (and so the loss and its gradient) are
-    those of its own pass: the joint forward changes memory, not results."""
+    """Right-padded into one pass, each batch's logits and probed hidden states (and so the loss
+    and its gradient) are those of its own pass: the joint forward changes memory, not results."""
     from unlearn_search.methods.base import StepInputs
     from unlearn_search.training.loop import step_inputs
-    from unlearn_search.training.unlearn import live_reference, prepare
+    from unlearn_search.training.unlearn import method_probe, method_reference, prepare
 
     prepared = prepare(tiny_target, data_paths, trial_config({"method": name}))
     step = next(
@@ -468,7 +555,8 @@ def test_one_forward_over_a_steps_batches_gives_each_batchs_loss_and_gradient(na
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
-    reference, passes = live_reference(teacher), []
+    reference, passes = method_reference(teacher, prepared.method), []
+    probe = method_probe(model, prepared.method)
 
     def forward(batch):
         passes.append(batch["input_ids"].shape[0])
@@ -481,12 +569,13 @@ def test_one_forward_over_a_steps_batches_gives_each_batchs_loss_and_gradient(na
         prepared.data,
         lambda b: order.append("student") or forward(b),
         lambda b: order.append("reference") or reference(b),
+        probe=probe,
     )
     joint_loss = prepared.method.loss(joint).loss
     assert len(passes) == 1
     assert order == ["reference"] * len(prepared.method.reference_batches()) + ["student"]
     joint_loss.backward()
-    joint_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    joint_grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])  # RMU: up to its layer
     model.zero_grad(set_to_none=True)
     alone = StepInputs(
         forget=joint.forget,
@@ -494,12 +583,13 @@ def test_one_forward_over_a_steps_batches_gives_each_batchs_loss_and_gradient(na
         alternative=joint.alternative,
         student=forward,
         reference=joint.reference,
+        hidden=(lambda batch: forward(batch) is not None and probe.take()) if probe is not None else None,
         shares=joint.shares,
     )
     alone_loss = prepared.method.loss(alone).loss
     assert len(passes) > 2
     alone_loss.backward()
-    alone_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    alone_grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert joint_loss.item() == pytest.approx(alone_loss.item(), rel=1e-5)
     assert (joint_grad - alone_grad).abs().max() <= 1e-4 * alone_grad.abs().max()
 
@@ -637,6 +727,9 @@ RUNS = {
     "undial": {"lr": 3e-4, "epochs": 5},
     "satimp": {"lr": 3e-3, "epochs": 5},
     "idk_dpo": {"lr": 2e-3, "epochs": 5},
+    # Every weight: with the authors' few MLP projections (trainable=method) the tiny target's small
+    # activations move too slowly towards a steering vector of norm 300.
+    "rmu": {"lr": 3e-3, "epochs": 5, "trainable": "full"},
     "sugd": {"method": "gd", "schedule": "sugd", "lr": 5e-4, "chunk_size": 8, "epochs_per_chunk": 3},
     "agad": {"method": "gd", "schedule": "agad", "lr": 1e-3, "chunk_size": 8, "epochs": 3},
 }

@@ -87,7 +87,7 @@ def mlflow_server(tmp_path):
 
 @pytest.mark.slow
 def test_search_end_to_end_killed_and_resumed_with_mlflow_server_and_dashboard(
-    tmp_path, tiny_target, data_paths, mlflow_server
+    tmp_path, tiny_target, data_paths, mlflow_server, capsys
 ):
     """The whole search on a real MLflow server, with the Ray dashboard asked while it runs; its
     driver killed (with everything it started) once a trial has finished, then resumed. Nothing
@@ -169,9 +169,12 @@ def test_search_end_to_end_killed_and_resumed_with_mlflow_server_and_dashboard(
     }
     assert len(done_before) >= 1
 
-    # A fresh start on the same output is refused: nothing already done can be overwritten.
-    refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert refused.returncode == 2 and "already holds a search (use --resume" in refused.stderr
+    # A fresh start on the same output is refused: nothing already done can be overwritten. (These
+    # refusals come before Ray or any model is started, so the CLI's main runs them in this process.)
+    from unlearn_search.cli import main
+
+    assert main(["search", *command[2:]]) == 2
+    assert "already holds a search (use --resume" in capsys.readouterr().err
     # Resuming with another study or tracking store is refused; with neither named, the first
     # run's are used. The space may be the copy the search keeps in its output.
     resume = [sys.executable, str(REPO / "run_search.py"), "--space", str(output / "space.yaml"), *options, "--resume"]
@@ -179,10 +182,9 @@ def test_search_end_to_end_killed_and_resumed_with_mlflow_server_and_dashboard(
         ("--storage", f"sqlite:///{tmp_path / 'other.db'}"),
         ("--tracking-uri", f"sqlite:///{tmp_path / 'other-runs.db'}"),
     ):
-        refused = subprocess.run(resume + [option, other], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-        assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
-            f"unlearn-search: error: {option} {other}: this search"
-        ), refused.stderr[-2000:]
+        assert main(["search", *resume[2:], option, other]) == 2
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message.startswith(f"unlearn-search: error: {option} {other}: this search"), message
     resumed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, timeout=1500)
     log = resumed.stdout + resumed.stderr
     (tmp_path / "resumed.log").write_text(log)

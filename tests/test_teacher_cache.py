@@ -110,6 +110,44 @@ def test_unlearning_with_cached_teacher_matches_live(tiny_target, data_paths):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
 
 
+def test_a_cache_with_a_layers_hidden_states_gives_rmu_the_live_teachers_loss(setup, tiny_target, tmp_path):
+    """RMU's retain term reads the original's hidden states at the steered layer: the cache keeps
+    them per sequence (in its key, so a cache without them is not reused) and assembles any batch."""
+    from unlearn_search.training.loop import step_inputs
+    from unlearn_search.training.unlearn import method_probe, method_reference
+
+    prepared, teacher, student = setup
+    method = get_method("rmu", layer=2)
+    sequences = {"forget": prepared.data.forget, "retain": prepared.data.retain}
+    cache = compute_cache(teacher, sequences, prepared.data.pad_token_id, top_k=None, batch_size=3, layer=2)
+    assert cache.layer == 2 and all(e["hidden"].shape[-1] == teacher.config.hidden_size for e in cache.entries.values())
+    step = next(s for s in prepared.steps if s.forget and s.retain)
+
+    def loss(reference):
+        probe = method_probe(student, method)
+        forward = lambda b: student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # noqa: E731
+        output = method.loss(step_inputs(method, step, prepared.data, forward, reference, probe=probe))
+        probe.remove()
+        return output
+
+    live, cached = loss(method_reference(teacher, method)), loss(cache)
+    assert live.parts["retain_activation"] > 0  # the student was moved off the teacher
+    assert cached.parts == pytest.approx(live.parts, rel=1e-5)
+    path = ensure_cache(tiny_target, prepared.data, tmp_path, layer=2)
+    assert path != ensure_cache(tiny_target, prepared.data, tmp_path) and TeacherCache.load(path).layer == 2
+
+
+def test_a_trials_teacher_cache_holds_the_hidden_states_of_the_layer_its_method_reads(
+    tiny_target, data_paths, tmp_path
+):
+    from unlearn_search.training.trial import build_teacher_cache
+
+    rmu = build_teacher_cache(tiny_target, data_paths.root, trial_config({"method": "rmu"}), tmp_path)
+    assert TeacherCache.load(rmu).layer == 0  # the tiny target's 4 layers: a quarter of the way up
+    kl = build_teacher_cache(tiny_target, data_paths.root, trial_config({"method": "ga_kl"}), tmp_path)
+    assert TeacherCache.load(kl).layer is None
+
+
 def _anonymous_kib() -> int:
     for line in open("/proc/self/smaps_rollup"):
         if line.startswith("Anonymous:"):

@@ -103,6 +103,29 @@ def test_the_quick_evaluation_on_the_gathered_student_equals_the_sharded_one(
     assert runs[True][-1]["forget_nll"] != runs[True][0]["forget_nll"]  # training went on between them
 
 
+def test_an_rmu_trial_steers_through_zero3_shards_as_one_process_does(ray_cluster, tiny_target, data_paths, tmp_path):
+    """RMU on 2 ZeRO-3 workers with a live ZeRO-3 teacher: the layer's hidden states come from
+    forward hooks on partitioned modules, and each boundary's losses are those of the same run in
+    one plain process; only the modules RMU names train (``trainable: method``)."""
+    import torch
+
+    from unlearn_search.training.config import trial_config
+    from unlearn_search.training.unlearn import unlearn
+
+    settings = {"method": "rmu", "layer": 2, "trained_layers": 2, "trainable": "method", "lr": 1e-2, "epochs": 2}
+    out = tmp_path / "trial"
+    run_trial(tiny_target, data_paths.root, settings, out, Resources(workers=2, eval_items=4, eval_max_new_tokens=8))
+    boundaries = [r for r in read_metrics_log(out / "metrics.jsonl") if not r["trained"]]
+    _, _, alone = unlearn(tiny_target, data_paths, trial_config(settings))
+    assert [r["boundary"] for r in boundaries] == [r.boundary for r in alone.reports] == ["epoch 1", "epoch 2"]
+    for trial, single in zip(boundaries, alone.reports):
+        for name in ("loss", "forget_steer", "retain_activation"):
+            assert trial[name] == pytest.approx(single.losses[name], rel=1e-3), (trial["boundary"], name)
+    original, trained = load_model(tiny_target).state_dict(), load_model(out / "model").state_dict()
+    changed = {name for name, value in trained.items() if not torch.equal(value, original[name])}
+    assert changed == {f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)}
+
+
 def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_cluster, tiny_target, data_paths, tmp_path):
     """dtype: bfloat16 reaches DeepSpeed (bf16 engines), the quick estimates (on the engine's own
     shards) and the full evaluation, on CPU too; keep_best's boundary gathers and the export
@@ -173,15 +196,14 @@ def _train_workers():
 def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target, data_paths, tmp_path):
     out = tmp_path / "trial"
     # last_k: keep_best copies only the trained layers, and the written model must still be the kept one.
-    settings = {"method": "gd", "lr": 3e-4, "epochs": 6, "keep_best": True, "trainable": "last_k", "last_k": 2}
+    settings = {"method": "gd", "lr": 3e-4, "epochs": 4, "keep_best": True, "trainable": "last_k", "last_k": 2}
+    # Every boundary evaluated and checkpointed: 4 boundaries, 1/4 of training apart.
+    resources = Resources(workers=2, eval_every=0, eval_items=8, eval_max_new_tokens=16)
     outcome = {}
 
     def run():
         try:
-            # Every boundary evaluated and checkpointed: 6 boundaries, 1/6 of training apart.
-            outcome["result"] = run_trial(
-                tiny_target, data_paths.root, settings, out, Resources(workers=2, eval_every=0)
-            )
+            outcome["result"] = run_trial(tiny_target, data_paths.root, settings, out, resources)
         except BaseException as error:  # noqa: BLE001 - surfaced by the assertion below
             outcome["error"] = error
 
@@ -207,7 +229,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     start = resumed[0]["resumed_from"]
     assert start >= 6  # it continued from a checkpoint instead of starting over
     assert min(r["step"] for r in resumed) > start
-    assert reports[-1]["trained"] and reports[-1]["step"] == 18
+    assert reports[-1]["trained"] and reports[-1]["step"] == 12
     boundaries = [r["step"] for r in reports if not r["trained"]]
     assert boundaries.count(3) == 1  # epoch 1 was never trained twice
 
@@ -216,11 +238,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     estimates = {r["step"]: r for r in reports if not r["trained"]}  # a boundary redone after the kill: its last
     kept = max(sorted(estimates), key=lambda step: estimates[step]["aggregate"] + 1e-12 * step)
     assert reports[-1]["kept_step"] == outcome["result"].kept_step == kept
-    quick = quick_config(EvalConfig(), Resources().eval_max_new_tokens, Resources().eval_mmlu_limit)
+    quick = quick_config(EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit)
     data = quick_data(
         load_eval_data(data_paths, quick, read_target_manifest(tiny_target)),
-        Resources().eval_items,
-        Resources().eval_documents,
+        resources.eval_items,
+        resources.eval_documents,
     )
     scores = quick_scores(load_model(out / "model"), load_tokenizer(out / "model"), data, data_paths.mmlu, quick)
     for name in ("aggregate", "forget_regurgitation", "retain_regurgitation", "forget_nll", "retain_nll"):

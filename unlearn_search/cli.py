@@ -706,7 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-trial", type=int, default=8, help="GPUs (ZeRO ranks) of one trial")
     plan.add_argument("--gpus-per-node", type=int, help="default: min(8, gpus per trial)")
     plan.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
-    plan.add_argument("--trainable", choices=TRAINABLE, help="default: full, or lora with --lora-rank")
+    plan.add_argument(
+        "--trainable",
+        choices=[t for t in TRAINABLE if t != "method"],
+        help="default: full, or lora with --lora-rank (a method's own modules, RMU's: at most last_k's)",
+    )
     plan.add_argument(
         "--lora-rank", type=int, help="LoRA rank; given, the default `--trainable` is lora (rank 16 when not given)"
     )

@@ -13,6 +13,7 @@ from unlearn_search.methods.losses.idk import IDK
 from unlearn_search.methods.losses.idk_dpo import IdkDPO
 from unlearn_search.methods.losses.npo import NPO
 from unlearn_search.methods.losses.random_label import RandomLabel
+from unlearn_search.methods.losses.rmu import RMU
 from unlearn_search.methods.losses.satimp import SatImp
 from unlearn_search.methods.losses.simnpo import SimNPO
 from unlearn_search.methods.losses.undial import UNDIAL
@@ -35,6 +36,7 @@ METHODS: dict[str, type[Method]] = {
         UNDIAL,
         SatImp,
         IdkDPO,
+        RMU,
     )
 }
 SCHEDULES: dict[str, type[Schedule]] = {cls.name: cls for cls in (Joint, AGAD, SUGD)}

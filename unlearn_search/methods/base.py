@@ -29,22 +29,31 @@ class Reference:
     ``logprobs`` is the full log-softmax ``[B, T, V]`` (exact); when only the top-k was kept
     (a cache for a large vocabulary) ``topk_ids``/``topk_logprobs`` hold it instead.
     ``label_logprobs [B, T-1]`` is always the log-prob of each label token, so sequence
-    log-likelihoods (NPO) are exact in both forms.
+    log-likelihoods (NPO) are exact in both forms. ``hidden [B, T, D]`` is the output of the
+    decoder layer the method probes (``Method.probed_layer``; RMU), where it probes one.
     """
 
     label_logprobs: torch.Tensor
     logprobs: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, labels: torch.Tensor, top_k: int | None = None) -> Reference:
+    def from_logits(
+        cls,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        top_k: int | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> Reference:
         logits = logits.detach().float()
+        hidden = hidden.detach() if hidden is not None else None
         label_logprobs, _ = F.token_logprobs(logits, labels)
         if top_k is None or top_k >= logits.shape[-1]:
-            return cls(label_logprobs, logprobs=torch.log_softmax(logits, dim=-1))
+            return cls(label_logprobs, logprobs=torch.log_softmax(logits, dim=-1), hidden=hidden)
         ids, logprobs = F.topk_reference(logits, top_k)
-        return cls(label_logprobs, topk_ids=ids, topk_logprobs=logprobs)
+        return cls(label_logprobs, topk_ids=ids, topk_logprobs=logprobs, hidden=hidden)
 
     def kl(self, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """KL(reference || student) over the scored positions."""
@@ -77,13 +86,15 @@ class StepInputs:
     ``forget``/``retain``/``alternative`` hold ``input_ids``, ``attention_mask`` and
     answer-masked ``labels``; any may be None when the schedule's phase has no such batch.
     ``alternative`` pairs the forget prompts with substitute answers (refusals, random retain
-    answers) for the methods that train towards them.
+    answers) for the methods that train towards them. ``hidden`` gives a batch's hidden states
+    at the layer the method probes, from the same student pass as its logits.
     """
 
     forget: Batch | None
     retain: Batch | None
     student: Callable[[Batch], torch.Tensor]
     reference: Callable[[str], Reference] | None = None
+    hidden: Callable[[Batch], torch.Tensor] | None = None
     alternative: Batch | None = None
     forget_scale: float = 1.0
     retain_scale: float = 1.0
@@ -290,6 +301,16 @@ class Method:
         others (NPO: the forget answers) says so here.
         """
         return ("retain",) if self.uses_reference() else ()
+
+    def probed_layer(self, layers: int) -> int | None:
+        """The decoder layer (0-based, of a model with ``layers``) whose output ``loss`` reads
+        through ``StepInputs.hidden`` and ``Reference.hidden``; None: it reads no hidden states."""
+        return None
+
+    def trained_modules(self, layers: int) -> tuple[tuple[int, str], ...] | None:
+        """With ``trainable=method``: the (layer index, module path in the layer) pairs trained in
+        a model of ``layers`` decoder layers; None: this method names none."""
+        return None
 
     def loss(self, step: StepInputs) -> LossOutput:
         raise NotImplementedError

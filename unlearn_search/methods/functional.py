@@ -38,6 +38,8 @@ __all__ = [
     "mean_token_prob",
     "flat_loss",
     "adversarial_targets",
+    "activation_mse",
+    "steering_direction",
 ]
 
 
@@ -413,3 +415,31 @@ def adversarial_targets(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     out = labels.clone()
     out[:, 1:] = torch.where(scored, wrong, labels_s)
     return out
+
+
+def activation_mse(activations: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """RMU's activation distance (Li et al. 2024, "The WMDP Benchmark", arXiv 2403.03218, eq. 1
+    and 2), a scalar: ``mean_b mean_t mean_d (h[b, t, d] - target[b, t, d])^2`` over each row's
+    scored positions, ``activations [B, T, D]`` one layer's hidden states and ``target`` the same
+    shape or broadcastable to it (the steering vector ``c * u``).
+
+    The positions are the answer tokens themselves (``labels != -100``, unshifted: a hidden state
+    is the token's own, not a prediction of the next). As the authors' code in open-unlearning
+    (``compute_activation_loss``: the squared difference's mean over the hidden size, summed over
+    a row's scored positions and divided by their count, then the mean over rows); the paper
+    writes the squared L2 norm, which is this times the hidden size. A row with no scored token
+    gives 0 here (0/0 there).
+    """
+    mask = (labels != IGNORE_INDEX).to(torch.float32)
+    squared = (_upcast(activations) - _upcast(target).to(activations.device)).pow(2).mean(-1)
+    per_row = (squared * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return per_row.mean()
+
+
+def steering_direction(hidden_size: int, coefficient: float, seed: int = 0) -> torch.Tensor:
+    """RMU's control vector ``c * u``, ``[hidden_size]``: ``u`` drawn uniformly from ``[0, 1)^D`` and
+    scaled to unit norm, as the authors draw it (``torch.rand`` then ``/ norm``). Drawn from its
+    own seeded generator, so every rank of a trial and a resumed trial steer towards the same one."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.rand(hidden_size, generator=generator, dtype=torch.float64)
+    return (coefficient * u / u.norm()).to(torch.float32)

@@ -72,6 +72,13 @@ def load_model(
     return model
 
 
+def layer_count(path: str | Path) -> int:
+    """The checkpoint's number of decoder layers, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).num_hidden_layers
+
+
 def copy_target_manifest(original: str | Path, model_dir: str | Path) -> None:
     """Give a model written from ``original`` the reference target's manifest, so that scoring it
     again scores the items the target memorized, not the whole benchmark."""

@@ -42,7 +42,10 @@ class TrialConfig:
         nullable=True,
     )
     trainable: str = setting(
-        "full", "what is trained: every weight, LoRA adapters, or the last k decoder layers", choices=TRAINABLE
+        "full",
+        "what is trained: every weight, LoRA adapters, the last k decoder layers, or the modules the method "
+        "names (RMU: the MLP output projections up to its steered layer)",
+        choices=TRAINABLE,
     )
     last_k: int = setting(8, "decoder layers trained with trainable=last_k", low=1)
     lora_rank: int = setting(16, "LoRA rank with trainable=lora", low=1)

@@ -106,24 +106,30 @@ class DeepSpeedBackend:
         self.scheduled.restart()
 
 
-def teacher_reference(engine):
-    """Reference outputs from a frozen ZeRO-3 teacher engine (every rank must call in step)."""
+def teacher_reference(engine, layer: int | None = None):
+    """Reference outputs from a frozen ZeRO-3 teacher engine, with ``layer``'s hidden states where
+    the method reads them (every rank must call in step)."""
+    from unlearn_search.models.trainable import probe_layer
+
+    probe = probe_layer(engine.module, layer)
 
     @torch.no_grad()
     def reference(batch):
         logits = engine(
             input_ids=batch["input_ids"].to(engine.device), attention_mask=batch["attention_mask"].to(engine.device)
         ).logits
-        return Reference.from_logits(logits, batch["labels"].to(logits.device))
+        hidden = probe.take() if probe is not None else None
+        return Reference.from_logits(logits, batch["labels"].to(logits.device), hidden=hidden)
 
     return reference
 
 
-def adapter_reference(engine):
+def adapter_reference(engine, probe=None):
     """Reference outputs of a LoRA student's teacher: the student itself with its adapters off.
 
     The frozen base of a LoRA student is the original model, so it is the teacher, and no
-    second copy is loaded (at 7B, 14 GB of bf16 shards fewer per trial). Every rank must call in step.
+    second copy is loaded (at 7B, 14 GB of bf16 shards fewer per trial). ``probe``: the student's
+    own ``LayerProbe``, which this pass also goes through. Every rank must call in step.
     """
 
     @torch.no_grad()
@@ -132,7 +138,8 @@ def adapter_reference(engine):
             logits = engine.module(
                 input_ids=batch["input_ids"].to(engine.device), attention_mask=batch["attention_mask"].to(engine.device)
             ).logits
-        return Reference.from_logits(logits, batch["labels"].to(logits.device))
+        hidden = probe.take() if probe is not None else None
+        return Reference.from_logits(logits, batch["labels"].to(logits.device), hidden=hidden)
 
     return reference
 

@@ -23,6 +23,7 @@ from unlearn_search.data.tokenize import IGNORE_INDEX
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods.base import Batch, Method, Reference, StepInputs
 from unlearn_search.methods.schedules import Step
+from unlearn_search.models.trainable import LayerProbe
 
 
 class DivergedError(UnlearnSearchError):
@@ -179,12 +180,15 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def joint_forward(forward: Callable[[Batch], torch.Tensor], batches: Sequence[Batch]) -> list[torch.Tensor]:
-    """Each batch's logits from one forward pass over all their rows, right-padded to one width.
+def joint_forward(
+    forward: Callable[[Batch], tuple[torch.Tensor, ...]], batches: Sequence[Batch]
+) -> list[tuple[torch.Tensor, ...]]:
+    """Each batch's outputs (logits, and hidden states where probed: each ``[rows, width, ...]``)
+    from one forward pass over all their rows, right-padded to one width.
 
     One graph for one backward: under ZeRO-3 more passes of the same layers before a backward
     make it keep the layers' gathered parameters, at OLMo-1B's shape a whole fp32 copy more per
-    worker (docs/results.md). Right padding leaves a causal model's logits at the real positions
+    worker (docs/results.md). Right padding leaves a causal model's outputs at the real positions
     unchanged.
     """
     if len(batches) == 1:
@@ -195,9 +199,22 @@ def joint_forward(forward: Callable[[Batch], torch.Tensor], batches: Sequence[Ba
         key: torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches])
         for key, value in fill.items()
     }
-    logits = forward(together)
+    outputs = forward(together)
     ends = itertools.accumulate(b["input_ids"].shape[0] for b in batches)
-    return [logits[end - b["input_ids"].shape[0] : end, : b["input_ids"].shape[1]] for b, end in zip(batches, ends)]
+    return [
+        tuple(output[end - b["input_ids"].shape[0] : end, : b["input_ids"].shape[1]] for output in outputs)
+        for b, end in zip(batches, ends)
+    ]
+
+
+def probed_forward(forward: Callable[[Batch], torch.Tensor], probe: LayerProbe | None) -> Callable:
+    """``forward`` giving ``(logits,)``, or ``(logits, hidden states)`` at the probe's layer."""
+
+    def outputs(batch: Batch) -> tuple[torch.Tensor, ...]:
+        logits = forward(batch)
+        return (logits,) if probe is None else (logits, probe.take())
+
+    return outputs
 
 
 def step_inputs(
@@ -208,18 +225,21 @@ def step_inputs(
     reference: Callable[[Batch], Reference] | None = None,
     forget_loss_bound: float | None = None,
     mean_over_ranks: Callable[[float], float] = lambda value: value,
+    probe: LayerProbe | None = None,
 ) -> StepInputs:
-    """What ``method.loss`` sees at ``step``: its batches, and each model's outputs computed once."""
+    """What ``method.loss`` sees at ``step``: its batches, and each model's outputs computed once
+    (with ``probe``, the hidden states at its layer from the same student pass as the logits)."""
     batches = {
         "forget": data.batch("forget", step.forget),
         "retain": data.batch("retain", step.retain),
         "alternative": data.batch("alternative", step.forget),
     }
-    student_cache: dict[int, torch.Tensor] = {}
+    student_cache: dict[int, tuple[torch.Tensor, ...]] = {}
     reference_cache: dict[str, Reference] = {}
     joined = [batches[name] for name in method.student_batches() if batches.get(name) is not None]
+    outputs = probed_forward(forward, probe)
 
-    def student(batch: Batch) -> torch.Tensor:
+    def student_outputs(batch: Batch) -> tuple[torch.Tensor, ...]:
         if not student_cache and any(batch is b for b in joined):
             # The reference's passes first: under ZeRO-3 (a LoRA student's teacher is its own
             # base) a pass between the student's forward and backward made that backward hold
@@ -227,10 +247,18 @@ def step_inputs(
             for name in method.reference_batches():
                 if batches.get(name) is not None:
                     reference_of(name)
-            student_cache.update(zip(map(id, joined), joint_forward(forward, joined)))
+            student_cache.update(zip(map(id, joined), joint_forward(outputs, joined)))
         if id(batch) not in student_cache:  # a batch the method did not declare: correct, one more graph
-            student_cache[id(batch)] = forward(batch)
+            student_cache[id(batch)] = outputs(batch)
         return student_cache[id(batch)]
+
+    def student(batch: Batch) -> torch.Tensor:
+        return student_outputs(batch)[0]
+
+    def hidden(batch: Batch) -> torch.Tensor:
+        if probe is None:
+            raise UnlearnSearchError(f"method {method.name} reads hidden states, but no layer is probed")
+        return student_outputs(batch)[1]
 
     def reference_of(which: str) -> Reference:
         if reference is None:
@@ -244,6 +272,7 @@ def step_inputs(
         retain=batches["retain"],
         student=student,
         reference=reference_of,
+        hidden=hidden,
         alternative=batches["alternative"],
         forget_scale=step.forget_scale,
         retain_scale=step.retain_scale,
@@ -263,8 +292,10 @@ def run(
     on_boundary: Callable[[Report], bool | None] | None = None,
     progress: bool = False,
     start_step: int = 0,
+    probe: LayerProbe | None = None,
 ) -> TrainResult:
-    """Run ``steps[start_step:]``; ``on_boundary`` returning True stops the run (pruning)."""
+    """Run ``steps[start_step:]``; ``on_boundary`` returning True stops the run (pruning). ``probe``
+    keeps the student's hidden states at the layer the method reads (``Method.probed_layer``)."""
     losses: list[dict[str, float]] = []
     reports: list[Report] = []
     window: list[dict[str, float]] = []
@@ -280,6 +311,7 @@ def run(
             reference,
             forget_loss_bound,
             lambda value: backend.mean_over_ranks([value])[0],
+            probe,
         )
         if step.restart:
             backend.restart()

@@ -185,15 +185,22 @@ class Worker:
         self.memory[f"peak_rss_{phase}_mb"] = peak_rss_mb()
 
     def trainable(self, model):
-        return trainable_student(model, self.config)
+        return trainable_student(model, self.config, self.prepared.method)
 
 
-def trainable_student(model, config):
-    """``model`` with the parameters ``config`` (a TrialConfig) trains: full, LoRA or last_k."""
+def trainable_student(model, config, method):
+    """``model`` with the parameters ``config`` (a TrialConfig) trains: full, LoRA, last_k, or the
+    modules ``method`` names."""
     from unlearn_search.models.trainable import prepare_trainable
 
     return prepare_trainable(
-        model, config.trainable, config.last_k, config.lora_rank, config.lora_alpha, config.lora_dropout
+        model,
+        config.trainable,
+        config.last_k,
+        config.lora_rank,
+        config.lora_alpha,
+        config.lora_dropout,
+        method_modules=method.trained_modules,
     )
 
 
@@ -266,28 +273,29 @@ def build_student(worker: Worker):
     return engine
 
 
-def build_reference(worker: Worker, engine, teacher_cache: str | None):
+def build_reference(worker: Worker, engine, teacher_cache: str | None, probe=None):
     """``(reference, teacher parameters loaded for it)``: the cache of the teacher's outputs, a
-    LoRA student's own base with the adapters off, or the frozen teacher as a ZeRO-3 engine;
-    none when the method needs no reference."""
+    LoRA student's own base with the adapters off (through the student's ``probe``), or the
+    frozen teacher as a ZeRO-3 engine; none when the method needs no reference."""
     import deepspeed
 
     from unlearn_search.training.distributed import adapter_reference, full_numel, teacher_config, teacher_reference
 
-    if not worker.prepared.method.uses_reference():
+    method = worker.prepared.method
+    if not method.uses_reference():
         return None, 0
     if teacher_cache:
         from unlearn_search.training.teacher_cache import TeacherCache
 
         return TeacherCache.load(Path(teacher_cache)), 0
     if worker.config.trainable == "lora":
-        return adapter_reference(engine), 0
+        return adapter_reference(engine, probe), 0
     teacher = load_for(worker, teacher_config(dtype=worker.dtype))
     teacher.requires_grad_(False)
     parameters = sum(full_numel(p) for p in teacher.parameters())
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config(dtype=worker.dtype))
     teacher_engine.eval()
-    return teacher_reference(teacher_engine), parameters
+    return teacher_reference(teacher_engine, probe.layer if probe is not None else None), parameters
 
 
 @dataclass
@@ -480,6 +488,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     from unlearn_search.training.distributed import DeepSpeedBackend, shard_steps
     from unlearn_search.training.loop import DivergedError, run
+    from unlearn_search.training.unlearn import method_probe
 
     entered = time.time()
     worker = start_worker(cfg)
@@ -487,7 +496,8 @@ def train_worker(cfg: dict[str, Any]) -> None:
     started = time.time()
     engine = build_student(worker)
     worker.record("student")
-    reference, teacher_parameters = build_reference(worker, engine, cfg.get("teacher_cache"))
+    probe = method_probe(engine.module, worker.prepared.method)
+    reference, teacher_parameters = build_reference(worker, engine, cfg.get("teacher_cache"), probe)
     worker.record("teacher")
     worker.timing = {
         "worker_start_seconds": entered - cfg["submitted_at"],
@@ -523,6 +533,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
             on_boundary,
             progress=worker.rank == 0,
             start_step=resumed.step,
+            probe=probe,
         )
     except DivergedError as error:
         # Deterministic: a retry would diverge again. End the run cleanly and write no model.
@@ -794,6 +805,7 @@ def in_tune_trial() -> bool:
 def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path | None:
     """The teacher-output cache for this trial's sequences (shared by every trial with the same ones)."""
     from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.models.loading import layer_count
     from unlearn_search.training.teacher_cache import ensure_cache
     from unlearn_search.training.unlearn import prepare
 
@@ -801,7 +813,11 @@ def build_teacher_cache(model_dir, data_root, config, directory: Path) -> Path |
     if not prepared.method.uses_reference():
         return None
     return ensure_cache(
-        Path(model_dir), prepared.data, directory, "auto" if config.teacher_top_k is None else config.teacher_top_k
+        Path(model_dir),
+        prepared.data,
+        directory,
+        "auto" if config.teacher_top_k is None else config.teacher_top_k,
+        layer=prepared.method.probed_layer(layer_count(model_dir)),
     )
 
 
@@ -852,13 +868,16 @@ def export_model(
     """
     from safetensors.torch import load_file
 
+    from unlearn_search.methods import get_method
     from unlearn_search.models import load_model, load_tokenizer
     from unlearn_search.models.loading import copy_target_manifest, default_device, resolve_dtype
     from unlearn_search.models.trainable import plain_model
     from unlearn_search.training.config import trial_config
 
     config, device = trial_config(settings), device or default_device()
-    model = trainable_student(load_model(original_dir, resolve_dtype(config.dtype, device), device=device), config)
+    method = get_method(config.method, **config.method_params)
+    model = load_model(original_dir, resolve_dtype(config.dtype, device), device=device)
+    model = trainable_student(model, config, method)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     found = set()
     for file in sorted(Path(trained).glob("*.safetensors")):

@@ -11,10 +11,10 @@ import torch
 from unlearn_search.data import DataPaths, load_benchmark
 from unlearn_search.data.refusals import load_refusals
 from unlearn_search.errors import UnlearnSearchError
-from unlearn_search.methods import Reference, get_method, get_schedule
+from unlearn_search.methods import Method, Reference, get_method, get_schedule
 from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
 from unlearn_search.models.loading import copy_target_manifest
-from unlearn_search.models.trainable import plain_model, prepare_trainable
+from unlearn_search.models.trainable import LayerProbe, decoder_layers, plain_model, prepare_trainable, probe_layer
 from unlearn_search.training.config import TrialConfig, check_output_dir
 from unlearn_search.training.loop import (
     Report,
@@ -70,13 +70,26 @@ def prepare(model_dir: Path, paths: DataPaths, config: TrialConfig) -> Prepared:
     return Prepared(tokenizer, data, steps, method)
 
 
-def live_reference(teacher: torch.nn.Module) -> Callable:
+def live_reference(teacher: torch.nn.Module, layer: int | None = None) -> Callable:
+    """The frozen ``teacher``'s outputs on a batch; with ``layer``, its hidden states there too."""
+    probe = probe_layer(teacher, layer)
+
     @torch.no_grad()
     def reference(batch):
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return Reference.from_logits(logits, batch["labels"])
+        return Reference.from_logits(logits, batch["labels"], hidden=probe.take() if probe else None)
 
     return reference
+
+
+def method_reference(teacher: torch.nn.Module, method: Method) -> Callable:
+    """``live_reference`` with the hidden states of the layer ``method`` reads, if any."""
+    return live_reference(teacher, method.probed_layer(len(decoder_layers(teacher))))
+
+
+def method_probe(student: torch.nn.Module, method: Method) -> LayerProbe | None:
+    """A probe on the student's layer that ``method`` reads, or None."""
+    return probe_layer(student, method.probed_layer(len(decoder_layers(student))))
 
 
 def unlearn(
@@ -97,31 +110,46 @@ def unlearn(
         check_output_dir(output, model_dir)
     torch.manual_seed(config.seed)
     prepared = prepare(model_dir, paths, config)
+    method = prepared.method
     student = prepare_trainable(
-        load_model(model_dir), config.trainable, config.last_k, config.lora_rank, config.lora_alpha, config.lora_dropout
+        load_model(model_dir),
+        config.trainable,
+        config.last_k,
+        config.lora_rank,
+        config.lora_alpha,
+        config.lora_dropout,
+        method_modules=method.trained_modules,
     )
     reference = None
-    if prepared.method.uses_reference():
+    if method.uses_reference():
         teacher = load_model(model_dir)
         teacher.requires_grad_(False)
-        reference = live_reference(teacher)
+        reference = method_reference(teacher, method)
         if config.teacher == "cached":
             from unlearn_search.training.teacher_cache import cached_sequences, compute_cache, default_top_k
 
             top_k = default_top_k(teacher.config.vocab_size) if config.teacher_top_k is None else config.teacher_top_k
-            reference = compute_cache(teacher, cached_sequences(prepared.data), prepared.data.pad_token_id, top_k)
+            layer = method.probed_layer(len(decoder_layers(teacher)))
+            sequences = cached_sequences(prepared.data)
+            reference = compute_cache(teacher, sequences, prepared.data.pad_token_id, top_k, layer=layer)
             del teacher
     backend = TorchBackend(student, config.lr, config.weight_decay, config.max_grad_norm)
-    result: TrainResult = run(
-        prepared.method,
-        prepared.steps,
-        prepared.data,
-        backend,
-        reference,
-        config.forget_loss_bound,
-        on_boundary,
-        progress,
-    )
+    probe = method_probe(student, method)
+    try:
+        result: TrainResult = run(
+            method,
+            prepared.steps,
+            prepared.data,
+            backend,
+            reference,
+            config.forget_loss_bound,
+            on_boundary,
+            progress,
+            probe=probe,
+        )
+    finally:
+        if probe is not None:
+            probe.remove()  # the returned model runs without it
     model = plain_model(student)
     model.eval()
     if output is not None:
