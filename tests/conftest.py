@@ -10,10 +10,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 def pytest_configure(config):
     """The known third-party warnings the driver and workers silence (``unlearn_search.quiet``),
-    silenced here too, by name; every other warning, deprecations included, shows in the summary."""
+    silenced here too, by name; every other warning, deprecations included, shows in the summary.
+    Hypothesis explores new inputs on each local run, and replays the same ones in CI (``CI`` set),
+    so a CI run passes or fails on the code alone."""
+    from hypothesis import settings
+
     from unlearn_search.quiet import silence_known_warnings
 
     silence_known_warnings()
+    settings.register_profile("ci", derandomize=True)
+    settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @pytest.fixture(scope="session")

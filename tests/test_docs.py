@@ -27,13 +27,13 @@ def test_help_covers_exactly_the_keys_and_options():
 
 def test_help_gaps_finds_a_missing_and_a_stale_entry(monkeypatch):
     monkeypatch.delitem(docs.TOP_HELP, "description")
-    monkeypatch.setitem(docs.RANGE_HELP, "not_a_key", "help for nothing")
+    monkeypatch.setitem(docs.OBJECTIVE_HELP, "not_a_key", "help for nothing")
     bare = argparse.ArgumentParser(prog="unlearn-search bare")
     bare.add_argument("--no-help")
     monkeypatch.setattr(docs, "commands", lambda real=docs.commands: [*real(), (("bare",), "a command", bare)])
     gaps = docs.help_gaps()
     assert "space.description: no help in unlearn_search/docs.py" in gaps
-    assert "lr_range_test.not_a_key: help for a key the code does not have" in gaps
+    assert "objective.not_a_key: help for a key the code does not have" in gaps
     assert "unlearn-search bare --no-help: no help in cli.py" in gaps
 
 

@@ -678,21 +678,33 @@ def test_output_may_not_be_the_input_model(tiny_target, data_paths):
         unlearn(tiny_target, data_paths, trial_config({"method": "ga"}), output=tiny_target)
 
 
+TINY_SPACE = Path(__file__).resolve().parent / "spaces" / "tiny_gd.yaml"
+
+
 @pytest.mark.parametrize(
-    ("option", "expected"),
+    ("command", "expected"),
     [
-        (["--workers", "0"], "--workers 0: expected an integer >= 1"),
-        (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0: expected a value > 0"),
-        (["--zero-stage", "1"], "--zero-stage: invalid choice: 1 (choose from 0, 2, 3)"),
+        (["trial", "--workers", "0"], "--workers 0: expected an integer >= 1"),
+        (["trial", "--cpus-per-worker", "0"], "--cpus-per-worker 0.0: expected a value > 0"),
+        (["trial", "--zero-stage", "1"], "--zero-stage: invalid choice: 1 (choose from 0, 2, 3)"),
+        (["trial", "--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1"),
+        (["evaluate", "--mmlu-limit", "0"], "--mmlu-limit 0: expected an integer >= 1"),
+        (["evaluate", "--split", "test"], "--split: invalid choice: 'test' (choose from 'train', 'validation', 'all')"),
+        (["search", "--space", str(TINY_SPACE), "--num-samples", "0"], "--num-samples 0: expected an integer >= 1"),
+        (["search", "--space", str(TINY_SPACE), "--time-budget", "-5"], "--time-budget -5.0: expected a value > 0"),
     ],
 )
-def test_the_trial_commands_resource_options_are_checked_against_their_declaration(option, expected, capsys):
-    """`trial`'s resource options come from ``Resources``' declaration: its bounds and choices, one line."""
+def test_the_commands_declared_options_are_checked_against_their_declaration(command, expected, capsys, tmp_path):
+    """The resource, evaluation and search options come from ``Resources``', ``EvalConfig``'s and
+    ``SearchSettings``' declarations: their bounds and choices, one line, before anything starts."""
     from unlearn_search.cli import main
 
+    name, *options = command
+    required = {"trial": ["--method", "gd"], "evaluate": ["--model", "tiny"], "search": []}[name]
     with pytest.raises(SystemExit) if "invalid choice" in expected else contextlib.nullcontext():
-        code = main(["trial", "--method", "gd", "--output", "unused", *option])
+        code = main([name, *required, "--output", str(tmp_path / "unused"), *options])
         assert code == 2
+    assert not (tmp_path / "unused").exists()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert expected in err, err
 

@@ -287,15 +287,18 @@ def test_a_boundary_is_evaluated_every_eval_every_percent_of_training_and_always
     assert evaluation_due(52, 48, 52, 100.0) and not evaluation_due(48, 0, 52, 100.0)  # 100: the last only
 
 
-def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, data_paths, tmp_path):
+def test_the_utility_threshold_compares_mmlu_on_the_same_questions(tiny_target, data_paths, tmp_path, monkeypatch):
     """A student's MMLU is held against the original's on the same questions: the target's own
-    report when it scored those (one per subject here), else the original scored now."""
+    report when it scored those (one per subject here), else the original scored now (and kept
+    in the user cache, not the report's figure, which is read again each time)."""
     import shutil
 
     from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.evaluation.baseline import original_mmlu
     from unlearn_search.evaluation.mmlu import PROMPT_FORMAT, evaluate_mmlu
     from unlearn_search.models import load_tokenizer
-    from unlearn_search.training.trial import original_mmlu
+
+    monkeypatch.setenv("UNLEARN_SEARCH_CACHE", str(tmp_path / "cache"))
 
     target = tmp_path / "target"
     shutil.copytree(tiny_target, target)
@@ -323,6 +326,7 @@ def test_a_search_keeps_the_original_mmlu_per_question_set(ray_cluster, tiny_tar
     """Scoring the original on all of MMLU takes minutes: a search scores it on the cluster once,
     keeps it in its output and in the user cache, and a later search of the same checkpoint
     reuses it, also when its own copy is damaged."""
+    from unlearn_search.evaluation.baseline import ORIGINAL_MMLU_FILE
     from unlearn_search.evaluation.mmlu import evaluate_mmlu
     from unlearn_search.models import load_tokenizer
     from unlearn_search.search import driver
@@ -342,10 +346,10 @@ def test_a_search_keeps_the_original_mmlu_per_question_set(ray_cluster, tiny_tar
         raise AssertionError("scored again")
 
     monkeypatch.setattr(trial, "on_cluster", no_scoring)
-    (second / driver.ORIGINAL_MMLU_FILE).write_text("{")  # damaged: read from the user cache instead
+    (second / ORIGINAL_MMLU_FILE).write_text("{")  # damaged: read from the user cache instead
     assert driver.original_mmlu(tiny_target, data_paths.root, space, second, 2) == scored
     for output in (first, second, tmp_path / "cache"):
-        entries = json.loads((output / driver.ORIGINAL_MMLU_FILE).read_text())
+        entries = json.loads((output / ORIGINAL_MMLU_FILE).read_text())
         assert [(e["key"]["limit"], e["mmlu_average"]) for e in entries] == [(2, scored)]
     with pytest.raises(AssertionError, match="scored again"):  # other questions: scored
         driver.original_mmlu(tiny_target, data_paths.root, space, second, 3)

@@ -33,54 +33,24 @@ def _add_num_cpus(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance (default: all)")
 
 
+# The EvalConfig fields `evaluate` and `trial` take as options, from their declarations.
+EVAL_OPTIONS = ("split", "max_new_tokens", "batch_size", "mmlu_shots", "mmlu_limit", "mmlu_threshold", "original_mmlu")
+EVAL_OPTIONS += ("dtype",)
+
+
 def _add_eval(parser: argparse.ArgumentParser) -> None:
-    from unlearn_search.search.space import EVAL_SPLITS
+    from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.methods.base import declared
 
-    parser.add_argument(
-        "--split",
-        default="validation",
-        choices=EVAL_SPLITS,
-        help="the benchmark items scored: `train`, `validation` or both",
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=256, help="tokens generated per item (256: the official setting)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="items per generation and scoring batch")
-    parser.add_argument("--mmlu-shots", type=int, default=5, help="MMLU shots (5: the official setting)")
-    parser.add_argument("--mmlu-limit", type=int, default=None, help="questions per subject (default: all)")
-    parser.add_argument(
-        "--mmlu-threshold",
-        type=float,
-        default=None,
-        help="utility threshold (0.371 for the SemEval 7B); default 75%% of the original model's MMLU",
-    )
-    parser.add_argument("--original-mmlu", type=float, default=None, help="the original model's MMLU average")
-    from unlearn_search.models.loading import DTYPES
-
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="what the model is scored in: auto is bfloat16 on a GPU (as the organizers ran it), float32 on CPU",
-    )
+    _add_declared(parser, declared(EvalConfig), EVAL_OPTIONS)
 
 
 def _eval_config(args, **overrides):
     from unlearn_search.evaluation import EvalConfig
+    from unlearn_search.methods.base import declared
 
-    values = dict(
-        split=args.split,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        mmlu_shots=args.mmlu_shots,
-        mmlu_limit=args.mmlu_limit,
-        mmlu_threshold=args.mmlu_threshold,
-        original_mmlu=args.original_mmlu,
-        progress=True,
-        dtype=getattr(args, "dtype", "auto"),
-    )
-    values.update(overrides)
-    return EvalConfig(**values)
+    values = _declared_values(args, declared(EvalConfig), EVAL_OPTIONS)
+    return EvalConfig(**{**values, "progress": True, **overrides})
 
 
 def _headline(results: dict) -> str:
@@ -153,23 +123,25 @@ def scored_items(data, config, from_manifest: bool, all_items: bool) -> str:
 
 
 def cmd_evaluate(args) -> None:
+    import dataclasses
+
     from unlearn_search.data import resolve_data
     from unlearn_search.evaluation import evaluate, load_eval_data
+    from unlearn_search.evaluation.baseline import reported_mmlu
     from unlearn_search.models import load_model, load_tokenizer, read_target_manifest, resolve_model
-    from unlearn_search.training.trial import reported_mmlu
 
+    config = _eval_config(args)  # bad options fail before anything loads
     paths = resolve_data(args.data)
     directory = resolve_model(args.model, paths)
     manifest = None if args.all_items else read_target_manifest(directory)
-    original = args.original_mmlu
-    if original is None:  # a target scored against its own report, when that scored the same questions
-        original = reported_mmlu(directory, paths.root, _eval_config(args))
+    if config.original_mmlu is None:  # a target scored against its own report, when that scored the same questions
+        reported = reported_mmlu(directory, paths.root, config.mmlu_shots, config.mmlu_limit)
+        config = dataclasses.replace(config, original_mmlu=reported)
     from unlearn_search.models.loading import default_device
 
-    model = load_model(directory, args.dtype, trust_remote_code=args.trust_remote_code, device=default_device())
+    model = load_model(directory, config.dtype, trust_remote_code=args.trust_remote_code, device=default_device())
     tokenizer = load_tokenizer(directory, trust_remote_code=args.trust_remote_code)
     started = time.time()
-    config = _eval_config(args, original_mmlu=original)
     print(scored_items(load_eval_data(paths, config, manifest), config, manifest is not None, args.all_items))
     reference = None
     if args.reference is not None:
@@ -317,12 +289,12 @@ def cmd_trial(args) -> None:
     from unlearn_search.training.trial import run_trial
 
     resources = _resources_from(args, TRIAL_RESOURCES)  # bad options fail before anything starts
+    evaluation = _eval_config(args)
     paths = resolve_data(args.data)
     settings = {"method": args.method, **parse_assignments(args.set or [])}
     config = trial_config(settings)
     directory = resolve_model(args.model, paths)
     init_ray(args.address)
-    evaluation = _eval_config(args)
     result = run_trial(directory, paths.root, settings, args.output, resources, evaluation, resume=args.resume)
     print(
         f"trial {config.method}/{config.schedule} on {directory}: {result.seconds:.0f} s, "
@@ -373,16 +345,16 @@ def _print_outcome(outcome, space, report: Path) -> None:
 
 
 def _search_options(args):
+    from unlearn_search.methods.base import declared
     from unlearn_search.search import SearchOptions
+    from unlearn_search.search.space import SearchSettings
 
     return SearchOptions(
         model=args.model,
         data=args.data,
         output=Path(args.output) if args.output else None,
         address=args.address,
-        num_samples=args.num_samples,
-        max_concurrent=args.max_concurrent,
-        time_budget_s=args.time_budget,
+        **_declared_values(args, declared(SearchSettings), SEARCH_OVERRIDES, SEARCH_OPTIONS, from_space=True),
         seed=args.seed,
         storage=args.storage,
         resume=args.resume,
@@ -533,44 +505,76 @@ def _positive_int(text: str) -> int:
 TRIAL_RESOURCES = ("workers", "cpus_per_worker", "gpus_per_worker", "zero_stage", "offload", "placement")
 
 
-def _add_resources(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    from unlearn_search.methods.base import declared
-    from unlearn_search.training.trial import Resources
+def _option(name: str, options: dict[str, str] | None = None) -> str:
+    return (options or {}).get(name) or "--" + name.replace("_", "-")
 
-    knobs = declared(Resources)
+
+def _add_declared(
+    parser: argparse.ArgumentParser,
+    knobs: dict,
+    names: tuple[str, ...],
+    options: dict[str, str] | None = None,
+    from_space: bool = False,
+) -> None:
+    """Each of ``names`` as an option (``--zero-stage`` for zero_stage, unless ``options`` names
+    it) with its declaration's (a ``Knob``'s) type, choices, default and help. ``from_space``:
+    the default is the space's value (None here)."""
+    import dataclasses
+
     for name in names:
-        knob, option = knobs[name], "--" + name.replace("_", "-")
-        words = knob.valid_range()
-        help_text = knob.help + (f" ({words})" if words else "")
+        knob, option = knobs[name], _option(name, options)
+        words = dataclasses.replace(knob, nullable=False).valid_range()  # no null on a command line
+        help_text = knob.help.replace(f" (`{option}`)", "") + (f"; {words}" if words else "")
+        help_text += "; default: the space's" if from_space else ""
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
+        default = None if from_space else knob.default
         if knob.value_type is bool:
-            parser.add_argument(option, action="store_true", default=knob.default, help=help_text)
+            parser.add_argument(option, dest=name, action="store_true", default=default, help=help_text)
         else:
             parser.add_argument(
                 option,
+                dest=name,
                 type=knob.value_type,
-                default=knob.default,
+                default=default,
                 choices=list(knob.choices) if knob.choices else None,
                 help=help_text,
             )
 
 
+def _declared_values(
+    args, knobs: dict, names: tuple[str, ...], options: dict[str, str] | None = None, from_space: bool = False
+) -> dict:
+    """The options ``_add_declared`` added, each checked against its declaration (``from_space``:
+    one not given is None, the space's value)."""
+    values = {name: getattr(args, name) for name in names}
+    for name, value in values.items():
+        expected = None if value is None and from_space else knobs[name].problem(value)
+        if expected:
+            raise UnlearnSearchError(f"{_option(name, options)} {value!r}: expected {expected}")
+    return values
+
+
 def _resources_from(args, names: tuple[str, ...]):
-    """``Resources`` from the options ``_add_resources`` added, each checked against its declaration."""
+    """``Resources`` from the options ``_add_declared`` added, each checked against its declaration."""
     from unlearn_search.methods.base import declared
     from unlearn_search.training.trial import Resources
 
-    knobs, values = declared(Resources), {name: getattr(args, name) for name in names}
-    for name, value in values.items():
-        expected = knobs[name].problem(value)
-        if expected:
-            raise UnlearnSearchError(f"--{name.replace('_', '-')} {value!r}: expected {expected}")
-    return Resources(**values)
+    return Resources(**_declared_values(args, declared(Resources), names))
+
+
+# The SearchSettings a search command overrides, from their declarations (`--time-budget` for
+# time_budget_s: seconds, as the option has always read).
+SEARCH_OVERRIDES = ("num_samples", "max_concurrent", "time_budget_s")
+SEARCH_OPTIONS = {"time_budget_s": "--time-budget"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     from unlearn_search.data.locate import LUME_URL
+    from unlearn_search.evaluation.evaluate import EVAL_SPLITS
+    from unlearn_search.methods.base import declared
     from unlearn_search.models.trainable import TRAINABLE
-    from unlearn_search.search.space import EVAL_SPLITS
+    from unlearn_search.search.space import SearchSettings
+    from unlearn_search.training.trial import Resources
 
     parser = argparse.ArgumentParser(prog="unlearn-search", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -613,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(trial, default="small")
     trial.add_argument("--method", required=True, help="a loss from 'unlearn-search methods'")
     trial.add_argument("--set", action="append", metavar="KEY=VALUE", help="a trial setting (repeatable)")
-    _add_resources(trial, TRIAL_RESOURCES)
+    _add_declared(trial, declared(Resources), TRIAL_RESOURCES)
     _add_address(trial)
     trial.add_argument("--resume", action="store_true", help="continue the run found in OUTPUT")
     trial.add_argument(
@@ -631,13 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(search, default="small")
     search.add_argument("--output", help="search directory (default: outputs/<space name>)")
     _add_address(search)
-    search.add_argument("--num-samples", type=int, help="trials (default: the space's search.num_samples)")
-    search.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's)")
-    search.add_argument(
-        "--time-budget",
-        type=float,
-        help="seconds of search: then no trial starts and running ones are cut (default: the space's)",
-    )
+    _add_declared(search, declared(SearchSettings), SEARCH_OVERRIDES, SEARCH_OPTIONS, from_space=True)
     search.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: SQLite under the output; with --resume, the first run's)"
     )

@@ -117,18 +117,11 @@ CONSTRAINT_HELP = {  # ``space.Constraint``
 }
 
 RANGE_FROM_LR = ("low", "high")  # fields of RangeTest that params.lr sets; not keys of the block
-RANGE_HELP = {  # ``search.lr_range.RangeTest``
-    "steps": "optimizer steps of the test (>= 2)",
-    "probe_every": "steps between two probes of the fixed items (1 to steps)",
-    "probe_items": "forget items and retain items each probe scores (token-mean NLL)",
-    "rise": "the onset is the first lr where the forget NLL has grown `e**rise`-fold (two probes in a row)",
-    "below": "decades the searched lr range reaches below the onset",
-    "above": "decades it reaches above the onset (capped where the retain NLL rose as much, or the run diverged)",
-}
 
 
-def _declared_help(cls) -> dict[str, str]:
-    """A block's help where its dataclass declares it (``methods.base.setting``), with its valid values."""
+def _declared_help(cls, left_out: tuple[str, ...] = ()) -> dict[str, str]:
+    """A block's help where its dataclass declares it (``methods.base.setting``), with its valid
+    values; ``left_out``: fields that are not keys of the block."""
     from unlearn_search.methods.base import declared
 
     def valid(knob) -> str:
@@ -136,7 +129,11 @@ def _declared_help(cls) -> dict[str, str]:
             return "one of " + ", ".join(f"`{c}`" for c in knob.choices)
         return knob.valid_range()
 
-    return {name: knob.help + (f"; {valid(knob)}" if valid(knob) else "") for name, knob in declared(cls).items()}
+    return {
+        name: knob.help + (f"; {valid(knob)}" if valid(knob) else "")
+        for name, knob in declared(cls).items()
+        if name not in left_out
+    }
 
 
 def _blocks() -> list[tuple[str, type, dict[str, str], tuple[str, ...]]]:
@@ -158,7 +155,7 @@ def _blocks() -> list[tuple[str, type, dict[str, str], tuple[str, ...]]]:
         ("search", SearchSettings, _declared_help(SearchSettings), ()),
         ("resources", Resources, _declared_help(Resources), ()),
         ("evaluation", SearchEvaluation, _declared_help(SearchEvaluation), ()),
-        ("lr_range_test", RangeTest, RANGE_HELP, RANGE_FROM_LR),
+        ("lr_range_test", RangeTest, _declared_help(RangeTest, RANGE_FROM_LR), RANGE_FROM_LR),
     ]
 
 
@@ -661,12 +658,12 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
 
     A path built from the writers' own constants carries None; a name the code writes as a
     literal carries (module, the literal), which ``tests/test_docs.py`` finds in that module."""
+    from unlearn_search.evaluation.baseline import ORIGINAL_MMLU_FILE
     from unlearn_search.models.loading import TARGET_MANIFEST
     from unlearn_search.search.driver import (
         BEST_DIR,
         ORIGINAL_DIR,
         ORIGINAL_KEY_FILE,
-        ORIGINAL_MMLU_FILE,
         RESULT_FILE,
         RETRAINED_DIR,
         STATE_FILE,

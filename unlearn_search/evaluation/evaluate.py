@@ -17,24 +17,46 @@ from unlearn_search.data.benchmark import Item
 from unlearn_search.evaluation import metrics
 from unlearn_search.evaluation.inference import document_statistics, encode_answers, generate, max_length, sequence_nll
 from unlearn_search.evaluation.mmlu import PROMPT_FORMAT, evaluate_mmlu
+from unlearn_search.methods.base import setting
+from unlearn_search.models.loading import DTYPES
 
 DEFAULT_THRESHOLD_FRACTION = 0.75  # of the original model's MMLU; SemEval fixed 0.371 for its 7B (--mmlu-threshold)
 
 
+EVAL_SPLITS = ("train", "validation", "all")  # the benchmark items scored
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate and how; the defaults are the official settings."""
+    """What to evaluate and how; the defaults are the official settings. The declared fields are
+    the ``evaluate`` and ``trial`` commands' options."""
 
-    split: str = "validation"
-    max_new_tokens: int = 256
-    batch_size: int = 32
-    mmlu_shots: int = 5
-    mmlu_limit: int | None = None  # questions per subject; None: all
-    mmlu_threshold: float | None = None  # None: DEFAULT_THRESHOLD_FRACTION of original_mmlu
-    original_mmlu: float | None = None
+    split: str = setting("validation", "the benchmark items scored: `train`, `validation` or both", choices=EVAL_SPLITS)
+    max_new_tokens: int = setting(256, "tokens generated per item (256: the official setting)", low=1)
+    batch_size: int = setting(32, "items per generation and scoring batch", low=1)
+    mmlu_shots: int = setting(5, "MMLU shots (5: the official setting)", low=0)
+    mmlu_limit: int | None = setting(None, "MMLU questions per subject (default: all)", low=1, kind=int, nullable=True)
+    mmlu_threshold: float | None = setting(
+        None,
+        "utility threshold (0.371 for the SemEval 7B); default 75% of the original model's MMLU",
+        low=0,
+        kind=float,
+        nullable=True,
+    )
+    original_mmlu: float | None = setting(
+        None,
+        "the original model's MMLU average (default: scored, or its target report's)",
+        low=0,
+        kind=float,
+        nullable=True,
+    )
     mia_split: str = "train"
     progress: bool = False
-    dtype: str = "auto"  # models.loading.DTYPES: what a checkpoint is loaded in to be scored
+    dtype: str = setting(
+        "auto",
+        "what the model is scored in: auto is bfloat16 on a GPU (as the organizers ran it), float32 on CPU",
+        choices=DTYPES,
+    )
     mia_k: float = 0.4  # the fraction of tokens min-k % and min-k %++ keep (open-unlearning's setting)
 
 

@@ -43,7 +43,6 @@ TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 BEST_DIR = "best"
 STATE_FILE = "search.json"
-ORIGINAL_MMLU_FILE = "original_mmlu.json"
 ORIGINAL_DIR = "original"  # the original model's evaluation, the best trial's reference
 RETRAINED_DIR = "retrained"  # the retrained gold standard's, where one was built
 ORIGINAL_KEY_FILE = "settings.json"  # what the original's evaluation in ORIGINAL_DIR was scored on
@@ -267,73 +266,24 @@ def study_storage(output: Path, options: SearchOptions) -> str:
     return absolute_uri(options.storage) if options.storage else saved or f"sqlite:///{output / 'optuna.db'}"
 
 
-def _entries(path: Path) -> list[dict]:
-    try:
-        saved = json.loads(path.read_text()) if path.exists() else []
-    except (OSError, ValueError):  # a damaged cache costs a rescoring, never the search
-        return []
-    return [saved] if isinstance(saved, dict) else saved  # one entry, as earlier versions wrote it
-
-
-def _keep(path: Path, entry: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps([e for e in _entries(path) if e.get("key") != entry["key"]] + [entry], indent=2))
-        partial.replace(path)  # whole or not at all
-    except OSError as error:
-        logger.warning("could not write %s (%s); the original's MMLU will be scored again next time", path, error)
-
-
 def original_mmlu(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:
-    """The original model's MMLU on ``limit`` questions per subject (all if None): kept in the
-    output and, for later searches of the same checkpoint, in the user cache; else the target's
-    own report when it scored those questions; else scored on the cluster (minutes for all of
-    MMLU, hence the caches)."""
-    import hashlib
-
-    from unlearn_search.data.locate import cache_lock, cache_root
+    """The original model's MMLU on ``limit`` questions per subject (all if None), the utility
+    threshold's baseline (``evaluation.baseline``): kept in the output and the user cache, and
+    scored on the cluster where neither has it (minutes for all of MMLU)."""
     from unlearn_search.evaluation import EvalConfig
-    from unlearn_search.evaluation.mmlu import PROMPT_FORMAT
-    from unlearn_search.models import checkpoint_digest
+    from unlearn_search.evaluation.baseline import original_mmlu as baseline
+    from unlearn_search.evaluation.baseline import score_mmlu
     from unlearn_search.training.trial import on_cluster
-    from unlearn_search.training.trial import original_mmlu as score_original
 
     ev = space.evaluation
-    digest = hashlib.sha256()
-    checkpoint_digest(model_dir, digest)
-    # No batch size: prompts are length-sorted and padded with matching position ids, so it moves
-    # the score by float rounding at most, and a new one should not cost minutes of rescoring.
-    key = {
-        "model": str(model_dir),
-        "checkpoint": digest.hexdigest()[:16],
-        "data": str(data_root),
-        "shots": ev.mmlu_shots,
-        "limit": limit,
-        "prompt_format": PROMPT_FORMAT,
-    }
-    kept, shared = output / ORIGINAL_MMLU_FILE, cache_root() / ORIGINAL_MMLU_FILE
+    evaluation = EvalConfig(mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size)
 
-    def find(path: Path) -> dict | None:
-        return next((e for e in _entries(path) if e.get("key") == key), None)
+    def on_the_cluster() -> float:
+        return on_cluster(
+            space.resources, score_mmlu, model_dir, data_root, ev.mmlu_shots, limit, ev.batch_size, "auto", True
+        )
 
-    entry = find(kept)
-    if entry is None:  # written only when new to this output (--resume and the export retry read it)
-        with cache_lock(shared, "the original's MMLU"):  # a search started beside this one scores it once
-            entry = find(shared)
-            if entry is None:
-                evaluation = EvalConfig(
-                    mmlu_shots=ev.mmlu_shots, mmlu_limit=limit, batch_size=ev.batch_size, progress=True
-                )
-                questions = f"{limit} per subject" if limit else "all questions"
-                print(f"scoring {model_dir.name} on MMLU ({questions}), once per model and set of questions")
-                entry = {
-                    "key": key,
-                    "mmlu_average": on_cluster(space.resources, score_original, model_dir, data_root, evaluation),
-                }
-                _keep(shared, entry)
-        _keep(kept, entry)
-    return entry["mmlu_average"]
+    return baseline(model_dir, data_root, evaluation, kept=output, score=on_the_cluster)
 
 
 def mmlu_threshold(model_dir: Path, data_root: Path, space: SearchSpace, output: Path, limit: int | None) -> float:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError
+from unlearn_search.methods.base import declared, setting
 
 RANGE_FILE = "lr_range.json"  # in the search's output: the curve, the onset and the fitted range
 RANGE_RUN = "lr_range"  # the Ray Train run's name, under the search's output
@@ -45,41 +46,35 @@ FLOOR = 1e-6  # nats: an NLL the ratio is taken against at least (a start of exa
 class RangeTest:
     """A space's ``lr_range_test`` block: how the test runs and how its curve becomes a range."""
 
-    steps: int = 48  # optimizer steps of the test
-    low: float = 1.0e-6  # the lr of its first step: a space's params.lr low
-    high: float = 1.0e-1  # the lr of its last step: a space's params.lr high
-    probe_every: int = 4  # steps between two probes of the fixed items
-    probe_items: int = 8  # forget items and retain items each probe scores
-    rise: float = 1.0  # ln(NLL / NLL at the start) at which the forget NLL has risen (the onset)
-    below: float = 1.0  # decades the searched range reaches below the onset
-    above: float = 0.5  # decades it reaches above the onset (capped by a retain rise or a divergence)
+    steps: int = setting(48, "optimizer steps of the test", low=2)
+    low: float = setting(1.0e-6, "the lr of its first step: a space's params.lr low", positive=True)
+    high: float = setting(1.0e-1, "the lr of its last step: a space's params.lr high", positive=True)
+    probe_every: int = setting(4, "steps between two probes of the fixed items (1 to steps)", low=1)
+    probe_items: int = setting(8, "forget items and retain items each probe scores (token-mean NLL)", low=1)
+    rise: float = setting(
+        1.0,
+        "the onset is the first lr where the forget NLL has grown `e**rise`-fold (two probes in a row)",
+        positive=True,
+    )
+    below: float = setting(1.0, "decades the searched lr range reaches below the onset", low=0)
+    above: float = setting(
+        0.5,
+        "decades it reaches above the onset (capped where the retain NLL rose as much, or the run diverged)",
+        low=0,
+    )
 
     def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 2,
-            "low": self.low > 0,
-            "high": self.high > self.low,
-            "probe_every": 1 <= self.probe_every <= self.steps,
-            "probe_items": self.probe_items >= 1,
-            "rise": self.rise > 0,
-            "below": self.below >= 0,
-            "above": self.above >= 0 and self.below + self.above > 0,
-        }
-        expected = {
-            "steps": "an integer >= 2",
-            "low": "a value > 0",
-            "high": f"a value > low ({self.low})",
-            "probe_every": f"an integer from 1 to steps ({self.steps})",
-            "probe_items": "an integer >= 1",
-            "rise": "a value > 0",
-            "below": "a value >= 0",
-            "above": "a value >= 0, with below above 0 in all",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise UnlearnSearchError(
-                    f"lr_range_test.{name}: expected {expected[name]} (got {getattr(self, name)!r})"
-                )
+        # Each field against its declaration, then the rules between fields.
+        expected = {name: knob.problem(getattr(self, name)) for name, knob in declared(RangeTest).items()}
+        if not expected["high"] and self.high <= self.low:
+            expected["high"] = f"a value > low ({self.low})"
+        if not expected["probe_every"] and self.probe_every > self.steps:
+            expected["probe_every"] = f"an integer from 1 to steps ({self.steps})"
+        if not expected["above"] and self.below + self.above <= 0:
+            expected["above"] = "a value >= 0, with below above 0 in all"
+        for name, words in expected.items():
+            if words:
+                raise UnlearnSearchError(f"lr_range_test.{name}: expected {words} (got {getattr(self, name)!r})")
 
     def lr_at(self, step: int) -> float:
         """The lr of step ``step`` (0-based)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_search.errors import UnlearnSearchError, one_of
-from unlearn_search.evaluation.evaluate import MIA_ATTACK_METRICS
+from unlearn_search.evaluation.evaluate import EVAL_SPLITS, MIA_ATTACK_METRICS
 from unlearn_search.methods.base import Knob, declared, setting
 from unlearn_search.search.lr_range import RangeTest
 from unlearn_search.training.config import setting_type
@@ -26,7 +26,6 @@ DISTRIBUTIONS = ("float", "int", "categorical")
 RENAMED_DISTRIBUTIONS = {"uniform": "float", "loguniform": "float, log: true"}  # names Optuna deprecated
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 PRUNERS = ("asha", "median", "none")
-EVAL_SPLITS = ("train", "validation", "all")
 # What a finished trial reports (``evaluation.evaluate.metric_values``), and every boundary estimates;
 # any can be an objective.
 OBJECTIVE_METRICS = (
@@ -364,6 +363,8 @@ def _param(name: str, raw: Any, known: set[str]) -> Param:
 
 
 def _distribution(distribution: Any, path: str) -> str:
+    if not isinstance(distribution, str):  # a list or mapping is no name (and cannot be looked up)
+        raise _fail(f"{path}.distribution", f"one of {', '.join(DISTRIBUTIONS)}", distribution)
     if distribution in RENAMED_DISTRIBUTIONS:
         raise UnlearnSearchError(
             f"{path}.distribution: {distribution!r} is a name Optuna deprecated "

@@ -943,6 +943,8 @@ def evaluate_loaded(model, tokenizer, original_dir, data_root, evaluation, outpu
     from unlearn_search.models import read_target_manifest
 
     if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None:
+        from unlearn_search.evaluation.baseline import original_mmlu
+
         evaluation = dataclasses.replace(evaluation, original_mmlu=original_mmlu(original_dir, data_root, evaluation))
     from unlearn_search.evaluation.reference import original_nll
 
@@ -962,54 +964,3 @@ def export_and_evaluate(
     if evaluation is None:
         return None
     return evaluate_loaded(model, load_tokenizer(model_path), original_dir, data_root, evaluation, output)
-
-
-def reported_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -> float | None:
-    """The target's MMLU from its own report (``unlearn-search target build``) when that scored
-    ``evaluation``'s questions with the same shots; None otherwise."""
-    from unlearn_search.data.locate import paths_from_root
-    from unlearn_search.data.mmlu import load_mmlu
-    from unlearn_search.evaluation import EvalConfig
-    from unlearn_search.evaluation.mmlu import PROMPT_FORMAT
-    from unlearn_search.models import TARGET_EVALUATION
-
-    report = Path(original_dir) / TARGET_EVALUATION
-    if not report.exists() or evaluation.mmlu_shots != EvalConfig().mmlu_shots:  # the shots a target build uses
-        return None
-    saved = json.loads(report.read_text())
-    # The first n questions of each subject: the same count is the same questions.
-    same = saved.get("mmlu_questions") == len(load_mmlu(paths_from_root(data_root).mmlu, "test", evaluation.mmlu_limit))
-    same = same and saved.get("mmlu_prompt_format") == PROMPT_FORMAT
-    return saved["mmlu_average"] if same else None
-
-
-def original_mmlu(original_dir: str | Path, data_root: str | Path, evaluation) -> float:
-    """The original model's MMLU on ``evaluation``'s questions, for its utility threshold: the
-    target's report when it scored them, else scored now."""
-    reported = reported_mmlu(original_dir, data_root, evaluation)
-    if reported is not None:
-        return reported
-    e = evaluation
-    return score_mmlu(original_dir, data_root, e.mmlu_shots, e.mmlu_limit, e.batch_size, e.dtype, e.progress)
-
-
-def score_mmlu(
-    model_path: str | Path,
-    data_root: str | Path,
-    shots: int,
-    limit: int | None,
-    batch_size: int,
-    dtype: str = "auto",
-    progress: bool = False,
-) -> float:
-    """A checkpoint's MMLU average (``limit`` questions per subject, all if None), on this
-    process's device in ``dtype``; ``progress`` shows a bar (all of MMLU takes minutes)."""
-    from unlearn_search.data.locate import paths_from_root
-    from unlearn_search.evaluation.mmlu import evaluate_mmlu
-    from unlearn_search.models import load_model, load_tokenizer
-    from unlearn_search.models.loading import default_device
-
-    model = load_model(model_path, dtype, device=default_device())
-    tokenizer = load_tokenizer(model_path)
-    mmlu = paths_from_root(data_root).mmlu
-    return evaluate_mmlu(model, tokenizer, mmlu, shots, limit, batch_size, progress)["average"]
