@@ -163,6 +163,31 @@ def test_encode_keeps_the_prompt_a_prefix_and_masks_it(gpt2_like_tokenizer):
     assert len(encode(tok, prompt, answer, max_length=4).input_ids) == 4
 
 
+def test_encodings_are_kept_once_and_read_back_without_the_tokenizer(gpt2_like_tokenizer, tmp_path):
+    """A search's workers read a set's encodings from the cache instead of tokenizing it again;
+    the key holds the tokenizer's definition, the length cap and the texts."""
+    from unlearn_search.data.tokenize import encode_all
+
+    tok = gpt2_like_tokenizer
+    prompts, answers = ["He has also", "He", ""], ["led the teams", "has", "developed MRI systems."]
+    direct = [encode(tok, p, a, 16) for p, a in zip(prompts, answers)]
+    assert encode_all(tok, prompts, answers, 16) == direct  # no cache: nothing written
+    assert encode_all(tok, prompts, answers, 16, tmp_path) == direct
+    (saved,) = tmp_path.iterdir()
+
+    class Refusing(type(tok)):  # the same definition, but any tokenization is an error
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("tokenized again")
+
+    refusing = Refusing(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
+    assert encode_all(refusing, prompts, answers, 16, tmp_path) == direct
+    # Another cap or text is another entry (so the refusing tokenizer is called, and refuses).
+    for changed in ((prompts, answers, 8), (prompts, [*answers[:2], "other"], 16)):
+        with pytest.raises(AssertionError, match="tokenized again"):
+            encode_all(refusing, *changed, tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".partial")] == [saved.name]
+
+
 def test_collate_pads_right_and_ignores_padding(gpt2_like_tokenizer):
     tok = gpt2_like_tokenizer
     batch = collate([encode(tok, "He", "has", 32), encode(tok, "He has also", "led the teams", 32)], tok.pad_token_id)

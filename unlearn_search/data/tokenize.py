@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,6 +47,67 @@ def encode(tokenizer, prompt: str, answer: str, max_length: int, mask_prompt: bo
     if mask_prompt:
         labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
     return Encoded(ids, labels, n_prompt)
+
+
+def _encode_row(row: dict, tokenizer, max_length: int) -> dict:
+    encoded = encode(tokenizer, row["prompt"], row["answer"], max_length)
+    return {"input_ids": encoded.input_ids, "labels": encoded.labels, "prompt_length": encoded.prompt_length}
+
+
+def encodings_key(tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int) -> str | None:
+    """What the encodings depend on: the tokenizer's whole definition (a fast tokenizer's JSON),
+    its end token, the length cap and every text; None for a tokenizer without a definition to hash."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256(f"encodings:1:{max_length}:{tokenizer.eos_token_id}:".encode())
+    digest.update(backend.to_str().encode())
+    for prompt, answer in zip(prompts, answers, strict=True):
+        digest.update(repr((prompt, answer)).encode())
+    return digest.hexdigest()[:20]
+
+
+def encode_all(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], max_length: int, cache: str | Path | None = None
+) -> list[Encoded]:
+    """``encode`` of every (prompt, answer) pair, as a ``datasets`` map. With a ``cache`` folder,
+    the encodings are saved there once (an Arrow dataset named by ``encodings_key``) and read back,
+    memory-mapped, by every later call on the same texts: every worker of every trial of a search
+    reads them instead of tokenizing again."""
+    import datasets
+
+    key = encodings_key(tokenizer, prompts, answers, max_length) if cache is not None else None
+    saved = Path(cache) / f"encodings-{key}" if key else None
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # the trial's own progress is what a worker shows
+    try:
+        if saved is not None and saved.is_dir():
+            table = datasets.load_from_disk(str(saved))
+        else:
+            table = datasets.Dataset.from_dict({"prompt": list(prompts), "answer": list(answers)}).map(
+                _encode_row,
+                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+                remove_columns=["prompt", "answer"],
+                new_fingerprint=key or "unsaved",  # named by us: datasets need not hash the tokenizer
+            )
+            if saved is not None:
+                _save(table, saved)
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+    columns = (table["input_ids"], table["labels"], table["prompt_length"])
+    return [Encoded(list(ids), list(labels), int(n)) for ids, labels, n in zip(*columns)]
+
+
+def _save(table, saved: Path) -> None:
+    """Written beside, then renamed: a worker never reads a half-written folder, and of two
+    writing the same encodings at once one keeps its copy."""
+    partial = saved.with_name(f"{saved.name}.{os.getpid()}.partial")
+    try:
+        table.save_to_disk(str(partial))
+        partial.rename(saved)
+    except OSError:  # another process saved the same encodings first, or the cache is not writable
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def length_bucketed_batches(

@@ -12,14 +12,15 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from unlearn_search.data import Encoded, collate, encode
+from unlearn_search.data import Encoded, collate
 from unlearn_search.data.benchmark import Item
-from unlearn_search.data.tokenize import IGNORE_INDEX
+from unlearn_search.data.tokenize import IGNORE_INDEX, encode_all
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods.base import Batch, Method, Reference, StepInputs
 from unlearn_search.methods.schedules import Step
@@ -157,10 +158,12 @@ def alternative_answers(
 
 
 def encode_items(
-    tokenizer, items: Sequence[Item], max_length: int, answers: Sequence[str] | None = None
+    tokenizer, items: Sequence[Item], max_length: int, answers: Sequence[str] | None = None, cache: Path | None = None
 ) -> list[Encoded]:
+    """Each item's prompt with its answer (or ``answers``' substitute), encoded; ``cache``: a
+    folder where the encodings are kept for the next call (``data.tokenize.encode_all``)."""
     answers = answers if answers is not None else [i.output for i in items]
-    return [encode(tokenizer, item.input, answer, max_length) for item, answer in zip(items, answers)]
+    return encode_all(tokenizer, [i.input for i in items], answers, max_length, cache)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from unlearn_search.data import DataPaths, load_benchmark
+from unlearn_search.data.locate import cache_root
 from unlearn_search.data.refusals import load_refusals
 from unlearn_search.errors import UnlearnSearchError
 from unlearn_search.methods import Method, Reference, get_method, get_schedule
@@ -60,11 +61,12 @@ def prepare(model_dir: Path, paths: DataPaths, config: TrialConfig) -> Prepared:
         method.params.get("random_source", "retain"),
         config.seed,
     )
+    cache = cache_root() / "tokenized"  # a search's workers tokenize each set once, not each
     data = TrainData(
-        forget=encode_items(tokenizer, forget, config.max_length),
-        retain=encode_items(tokenizer, retain, config.max_length),
+        forget=encode_items(tokenizer, forget, config.max_length, cache=cache),
+        retain=encode_items(tokenizer, retain, config.max_length, cache=cache),
         pad_token_id=tokenizer.pad_token_id,
-        alternative=encode_items(tokenizer, forget, config.max_length, answers) if answers else None,
+        alternative=encode_items(tokenizer, forget, config.max_length, answers, cache) if answers else None,
     )
     steps = schedule.plan(len(forget), len(retain), config.batch_size, config.epochs, config.seed)
     return Prepared(tokenizer, data, steps, method)
