@@ -109,11 +109,16 @@ def test_search_end_to_end_killed_and_resumed_with_mlflow_server_and_dashboard(
     # Constraints every finished trial meets: they reach the trials and their results, and change
     # nothing else; an lr range test before the trials; a signal beside the objective for the sampler.
     space = tmp_path / "tiny_gd.yaml"
+    # One epoch per trial (one boundary each): the kill and resume are between trials.
     space.write_text(
-        SPACE.read_text().replace(
+        SPACE.read_text()
+        .replace(
             "objective: {metric: aggregate, mode: max}",
             "objective: {metric: aggregate, mode: max, signal: forget_signal}",
         )
+        .replace("  epochs: {distribution: int, low: 1, high: 2}\n", "")
+        .replace("epochs: 2, forget_weight", "forget_weight")
+        .replace("  batch_size: 8\n", "  batch_size: 8\n  epochs: 1\n")
         + "constraints: [{metric: retain_utility, min: 0.0}, {metric: mmlu, max: 1.0}]\n"
         + "lr_range_test: {steps: 8, probe_every: 4, probe_items: 4}\n"
     )
@@ -405,7 +410,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
                 storage_path=str(tmp_path),
                 callbacks=[tracker],
                 verbose=0,
-                stop=TimeBudget(40, tmp_path / BUDGET_FILE),
+                stop=TimeBudget(30, tmp_path / BUDGET_FILE),
             ),
         )
         rows = trial_rows(tuner.fit(), space)
@@ -450,7 +455,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     ids = {lr: row["trial_id"] for lr, row in by_lr.items()}
     assert states() == {ids[0.9]: ("COMPLETE", 0.9), ids[0.1]: ("PRUNED", None), ids[0.95]: ("RUNNING", None)}
     # The budget says it ran out (what the driver checks before ending them): an interrupt would not.
-    assert json.loads((tmp_path / BUDGET_FILE).read_text()) == {"time_budget_s": 40}
+    assert json.loads((tmp_path / BUDGET_FILE).read_text()) == {"time_budget_s": 30}
     assert end_stopped_trials(storage, "budget", rows) == 1
     assert states()[ids[0.95]] == ("FAIL", None)
     assert end_stopped_trials(storage, "budget", rows) == 0

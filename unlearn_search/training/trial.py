@@ -677,11 +677,6 @@ def run_trial(
     initialized (a local instance or a cluster). Ray Train continues a run it finds under the
     same storage and name; without ``resume`` an earlier run there is removed first.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from unlearn_search.evaluation.evaluate import EvalConfig
-    from unlearn_search.evaluation.quick import quick_config
     from unlearn_search.training.config import check_output_dir, trial_config
 
     config = trial_config(settings)  # refuse bad settings before any worker starts
@@ -689,59 +684,30 @@ def run_trial(
     output = check_output_dir(output, model_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    import torch
-
     storage = Path(storage or output / "ray").resolve()
     log = output / "metrics.jsonl"
     if not resume:
         shutil.rmtree(storage / name, ignore_errors=True)
         log.unlink(missing_ok=True)
-    callbacks = [metrics_log_callback(log)]
-    if in_tune_trial():  # a search: intermediate metrics go to Tune, which may prune on them
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
     teacher_cache = None
     if config.teacher == "cached":
         path = build_teacher_cache(model_dir, data_root, config, Path(teacher_cache_dir or output / "teacher_cache"))
         teacher_cache = str(path) if path else None
-    use_gpu = resources.gpus_per_worker > 0
     if evaluation is not None:  # the trial's model is scored in the dtype it was trained in
         evaluation = dataclasses.replace(evaluation, dtype=config.dtype)
     submitted = time.time()  # the workers' start-up is counted from here
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "settings": settings,
-            "model_dir": str(Path(model_dir).resolve()),
-            "data": str(Path(data_root).resolve()),
-            "resources": dataclasses.asdict(resources),
-            "teacher_cache": teacher_cache,
-            "submitted_at": submitted,
-            # The final evaluation's settings with the quick limits: an estimate of the result.
-            "quick_evaluation": dataclasses.asdict(
-                quick_config(evaluation or EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit)
-            ),
-        },
-        scaling_config=scaling,
-        torch_config=TorchConfig(backend="nccl" if use_gpu and torch.cuda.is_available() else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=resources.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=resources.checkpoints_to_keep),
-            callbacks=callbacks,
-        ),
-    )
-    result = trainer.fit()
+    loop_config = {
+        "settings": settings,
+        "model_dir": str(Path(model_dir).resolve()),
+        "data": str(Path(data_root).resolve()),
+        "resources": dataclasses.asdict(resources),
+        "teacher_cache": teacher_cache,
+        "submitted_at": submitted,
+        "quick_evaluation": _quick_evaluation(evaluation, resources),
+    }
+    result = _trainer(loop_config, scaling, resources, name, storage, log).fit()
     fit_ended = time.time()
-    if result.error is not None:
-        raise result.error
-    history = read_metrics_log(log)
-    if history and history[-1].get("diverged"):
-        from unlearn_search.training.loop import DivergedError
-
-        raise DivergedError(history[-1]["diverged"])
+    history = _finished(result, log)
     trained = output / TRAINED_DIR
     with result.checkpoint.as_directory() as directory:
         if trained.exists():
@@ -759,6 +725,56 @@ def run_trial(
         "evaluation_seconds": time.time() - copied,
     }
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started, timing)
+
+
+def _quick_evaluation(evaluation, resources: Resources) -> dict:
+    """The final evaluation's settings with the quick limits: each boundary's estimate of the result."""
+    from unlearn_search.evaluation.evaluate import EvalConfig
+    from unlearn_search.evaluation.quick import quick_config
+
+    quick = quick_config(evaluation or EvalConfig(), resources.eval_max_new_tokens, resources.eval_mmlu_limit)
+    return dataclasses.asdict(quick)
+
+
+def _trainer(loop_config: dict, scaling, resources: Resources, name: str, storage: Path, log: Path):
+    """Ray Train's ``TorchTrainer`` over ``train_worker``: its metrics logged to ``log`` (and
+    reported to Tune inside a search), its checkpoints and retries as ``resources`` say."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    callbacks = [metrics_log_callback(log)]
+    if in_tune_trial():  # a search: intermediate metrics go to Tune, which may prune on them
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    nccl = resources.gpus_per_worker > 0 and torch.cuda.is_available()
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        torch_config=TorchConfig(backend="nccl" if nccl else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=resources.checkpoints_to_keep),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def _finished(result, log: Path) -> list[dict]:
+    """The trial's metrics history once Ray Train ended it; its error, or the divergence its
+    workers reported, raised."""
+    if result.error is not None:
+        raise result.error
+    history = read_metrics_log(log)
+    if history and history[-1].get("diverged"):
+        from unlearn_search.training.loop import DivergedError
+
+        raise DivergedError(history[-1]["diverged"])
+    return history
 
 
 def time_spent(result: TrialResult) -> dict[str, float]:
