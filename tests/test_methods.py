@@ -212,6 +212,18 @@ def test_a_layer_probe_keeps_the_hidden_states_the_model_reports_for_that_layer(
         LayerProbe(model, 4)
 
 
+def test_a_run_of_a_method_that_reads_hidden_states_needs_its_probe(tiny_target, data_paths):
+    from unlearn_search.training.loop import TorchBackend, run
+    from unlearn_search.training.unlearn import prepare
+
+    prepared = prepare(tiny_target, data_paths, trial_config({"method": "rmu"}))
+    backend = TorchBackend(load_model(tiny_target), 1e-3)
+    with pytest.raises(
+        UnlearnSearchError, match=r"^method rmu reads one layer's hidden states: run needs its LayerProbe$"
+    ):
+        run(prepared.method, prepared.steps, prepared.data, backend)
+
+
 def test_rmu_loss_is_the_steering_and_retain_distances_by_hand():
     """gamma * d(h_forget, c u) + alpha * d(h_retain, h0_retain), d the mean over a row's answer
     tokens of the squared difference's mean over the hidden size, then over the rows."""

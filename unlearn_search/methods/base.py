@@ -276,6 +276,7 @@ class Method:
     needs_retain: ClassVar[bool] = False
     needs_reference: ClassVar[bool] = False
     alternative: ClassVar[str | None] = None  # "refusal" or "random" substitute answers
+    reads_hidden: ClassVar[bool] = False  # one layer's hidden states (``probed_layer``), not only logits
 
     def __init__(self, **params: Any):
         self.params = check_params(f"method {self.name}", self.knobs, params)

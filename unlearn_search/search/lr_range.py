@@ -254,7 +254,7 @@ def range_worker(cfg: dict[str, Any]) -> None:
     test = RangeTest(**cfg["test"])
     worker = start_worker(cfg)
     engine = build_student(worker)
-    reference, _ = build_reference(worker, engine, cfg.get("teacher_cache"))
+    reference, _, probe = build_reference(worker, engine, cfg.get("teacher_cache"))
     data = worker.prepared.data
     planned = ramp(worker.prepared.steps, test)
     forget, retain = probe_items(planned, len(data.retain), test.probe_items)
@@ -272,6 +272,7 @@ def range_worker(cfg: dict[str, Any]) -> None:
             worker.config.forget_loss_bound,
             prober,
             progress=worker.rank == 0,
+            probe=probe,
         )
     except DivergedError as error:
         diverged_at = error.step

@@ -299,6 +299,8 @@ def run(
 ) -> TrainResult:
     """Run ``steps[start_step:]``; ``on_boundary`` returning True stops the run (pruning). ``probe``
     keeps the student's hidden states at the layer the method reads (``Method.probed_layer``)."""
+    if method.reads_hidden and probe is None:  # at once, not at the first step on every worker
+        raise UnlearnSearchError(f"method {method.name} reads one layer's hidden states: run needs its LayerProbe")
     losses: list[dict[str, float]] = []
     reports: list[Report] = []
     window: list[dict[str, float]] = []

@@ -273,29 +273,32 @@ def build_student(worker: Worker):
     return engine
 
 
-def build_reference(worker: Worker, engine, teacher_cache: str | None, probe=None):
-    """``(reference, teacher parameters loaded for it)``: the cache of the teacher's outputs, a
-    LoRA student's own base with the adapters off (through the student's ``probe``), or the
-    frozen teacher as a ZeRO-3 engine; none when the method needs no reference."""
+def build_reference(worker: Worker, engine, teacher_cache: str | None):
+    """``(reference, teacher parameters loaded for it, probe)``: the cache of the teacher's
+    outputs, a LoRA student's own base with the adapters off, or the frozen teacher as a ZeRO-3
+    engine (none when the method needs no reference); ``probe`` keeps the student's hidden states
+    at the layer the method reads (None: it reads none), for ``loop.run``."""
     import deepspeed
 
     from unlearn_search.training.distributed import adapter_reference, full_numel, teacher_config, teacher_reference
+    from unlearn_search.training.unlearn import method_probe
 
     method = worker.prepared.method
+    probe = method_probe(engine.module, method)
     if not method.uses_reference():
-        return None, 0
+        return None, 0, probe
     if teacher_cache:
         from unlearn_search.training.teacher_cache import TeacherCache
 
-        return TeacherCache.load(Path(teacher_cache)), 0
+        return TeacherCache.load(Path(teacher_cache)), 0, probe
     if worker.config.trainable == "lora":
-        return adapter_reference(engine, probe), 0
+        return adapter_reference(engine, probe), 0, probe
     teacher = load_for(worker, teacher_config(dtype=worker.dtype))
     teacher.requires_grad_(False)
     parameters = sum(full_numel(p) for p in teacher.parameters())
     teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_config(dtype=worker.dtype))
     teacher_engine.eval()
-    return teacher_reference(teacher_engine, probe.layer if probe is not None else None), parameters
+    return teacher_reference(teacher_engine, probe.layer if probe is not None else None), parameters, probe
 
 
 @dataclass
@@ -488,7 +491,6 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     from unlearn_search.training.distributed import DeepSpeedBackend, shard_steps
     from unlearn_search.training.loop import DivergedError, run
-    from unlearn_search.training.unlearn import method_probe
 
     entered = time.time()
     worker = start_worker(cfg)
@@ -496,8 +498,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
     started = time.time()
     engine = build_student(worker)
     worker.record("student")
-    probe = method_probe(engine.module, worker.prepared.method)
-    reference, teacher_parameters = build_reference(worker, engine, cfg.get("teacher_cache"), probe)
+    reference, teacher_parameters, probe = build_reference(worker, engine, cfg.get("teacher_cache"))
     worker.record("teacher")
     worker.timing = {
         "worker_start_seconds": entered - cfg["submitted_at"],

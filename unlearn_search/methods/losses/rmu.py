@@ -43,6 +43,7 @@ class RMU(Method):
     )
     needs_retain = True
     needs_reference = True
+    reads_hidden = True
 
     def student_batches(self) -> tuple[str, ...]:
         return ("forget", "retain")  # hidden states only; the logits of the same pass go unread
