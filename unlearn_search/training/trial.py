@@ -185,23 +185,9 @@ class Worker:
         self.memory[f"peak_rss_{phase}_mb"] = peak_rss_mb()
 
     def trainable(self, model):
+        from unlearn_search.training.unlearn import trainable_student
+
         return trainable_student(model, self.config, self.prepared.method)
-
-
-def trainable_student(model, config, method):
-    """``model`` with the parameters ``config`` (a TrialConfig) trains: full, LoRA, last_k, or the
-    modules ``method`` names."""
-    from unlearn_search.models.trainable import prepare_trainable
-
-    return prepare_trainable(
-        model,
-        config.trainable,
-        config.last_k,
-        config.lora_rank,
-        config.lora_alpha,
-        config.lora_dropout,
-        method_modules=method.trained_modules,
-    )
 
 
 def start_worker(cfg: dict[str, Any]) -> Worker:
@@ -894,6 +880,8 @@ def export_model(
     config, device = trial_config(settings), device or default_device()
     method = get_method(config.method, **config.method_params)
     model = load_model(original_dir, resolve_dtype(config.dtype, device), device=device)
+    from unlearn_search.training.unlearn import trainable_student
+
     model = trainable_student(model, config, method)
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     found = set()

@@ -72,6 +72,19 @@ def prepare(model_dir: Path, paths: DataPaths, config: TrialConfig) -> Prepared:
     return Prepared(tokenizer, data, steps, method)
 
 
+def trainable_student(model: torch.nn.Module, config: TrialConfig, method: Method) -> torch.nn.Module:
+    """``model`` with the parameters ``config`` trains: full, LoRA, last_k, or the modules ``method`` names."""
+    return prepare_trainable(
+        model,
+        config.trainable,
+        config.last_k,
+        config.lora_rank,
+        config.lora_alpha,
+        config.lora_dropout,
+        method_modules=method.trained_modules,
+    )
+
+
 def live_reference(teacher: torch.nn.Module, layer: int | None = None) -> Callable:
     """The frozen ``teacher``'s outputs on a batch; with ``layer``, its hidden states there too."""
     probe = probe_layer(teacher, layer)
@@ -113,15 +126,7 @@ def unlearn(
     torch.manual_seed(config.seed)
     prepared = prepare(model_dir, paths, config)
     method = prepared.method
-    student = prepare_trainable(
-        load_model(model_dir),
-        config.trainable,
-        config.last_k,
-        config.lora_rank,
-        config.lora_alpha,
-        config.lora_dropout,
-        method_modules=method.trained_modules,
-    )
+    student = trainable_student(load_model(model_dir), config, method)
     reference = None
     if method.uses_reference():
         teacher = load_model(model_dir)
