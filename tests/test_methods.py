@@ -682,7 +682,18 @@ def test_restart_and_lr_scale_reach_the_optimizer_inside_a_zero_engine(tmp_path,
     import torch.multiprocessing as mp
 
     mp.spawn(_restart_on_zero, args=(stage, str(tmp_path / "init"), str(tmp_path)), nprocs=1)
-    assert (tmp_path / "done").exists()
+    # On CPU, torch's AdamW steps (no FusedAdam extension to compile and load in each worker).
+    assert (tmp_path / "done").read_text() == "AdamW"
+
+
+def test_only_offload_keeps_deepspeed_cpu_adam_on_cpu():
+    """Offloaded optimizer states need DeepSpeedCPUAdam; every other CPU config takes torch's AdamW."""
+    from unlearn_search.training.distributed import deepspeed_config
+
+    for stage in (0, 2, 3):
+        assert deepspeed_config(stage, False, 0.1, 0.0, 1.0, 2)["optimizer"]["params"]["torch_adam"] is True
+    for stage in (2, 3):
+        assert "torch_adam" not in deepspeed_config(stage, True, 0.1, 0.0, 1.0, 2)["optimizer"]["params"]
 
 
 def test_output_may_not_be_the_input_model(tiny_target, data_paths):

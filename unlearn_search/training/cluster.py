@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+    # Ray Train's controller moves a trial's worker group through its start-up states and sees
+    # the training end only on its health check (every 2 s by default): each check is one
+    # cheap call per worker, and a shorter interval takes seconds off every trial's start and end.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 def init_ray(

@@ -50,7 +50,16 @@ def deepspeed_config(
         for key in ("offload_optimizer", "offload_param"):
             if key in config["zero_optimization"]:
                 config["zero_optimization"][key]["pin_memory"] = False
+        if not offloaded(config):
+            # torch's AdamW, not DeepSpeed's FusedAdam: on the CPU accelerator that is a C++ extension
+            # compiled on first use (minutes) and loaded by every worker of every trial (seconds).
+            config["optimizer"]["params"]["torch_adam"] = True
     return config
+
+
+def offloaded(config: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config moves the optimizer's states to host memory (DeepSpeedCPUAdam's job)."""
+    return "offload_optimizer" in config["zero_optimization"]
 
 
 def teacher_config(
