@@ -776,7 +776,7 @@ RETAIN_TOLERANCE = {"ga": 0.4, "undial": 0.4, "flat": 0.65, "adversarial": 0.25,
 # fits it to a model. A run that forgets too little doubles it, one that costs the retain set too
 # much halves it; once both sides are known, their geometric mean. The method must pass within
 # LR_TRIES runs.
-LR_TRIES = 4
+LR_TRIES = 6
 
 
 # MMLU 0-shot: these tests read the forget and retain scores only.
