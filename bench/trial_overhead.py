@@ -72,6 +72,7 @@ def main() -> None:
             Path(scratch) / "trial",
             space.resources,
             _trial_evaluation(space, threshold),
+            export=False,  # as a search's trial: only the best one is exported
         )
         wall = time.time() - started
     spent = time_spent(result)

@@ -331,10 +331,12 @@ def test_search_end_to_end_killed_and_resumed_with_mlflow_server_and_dashboard(
     # The input model directory is never written.
     assert _tree_digest(tiny_target) == before
 
-    # The best trial's export fails (its checkpoint is gone): the trials are still written, the
-    # earlier export is left as it was, and the error says how to retry.
+    # Only the best trial was exported as a model; the others keep their trained parameters.
+    assert not any((output / "trials" / r["trial_id"] / "model").exists() for r in rows)
+    # The best trial's export fails (its trained parameters are gone): the trials are still
+    # written, the earlier export is left as it was, and the error says how to retry.
     exported = _tree_digest(best)
-    (Path(best_row["trial_output"]) / "model").rename(tmp_path / "moved-model")
+    (Path(best_row["trial_output"]) / "trained").rename(tmp_path / "moved-trained")
     for name in ("trials.json", "summary.txt"):
         (output / name).unlink()
     failed = subprocess.run(resume, capture_output=True, text=True, cwd=tmp_path, timeout=900)

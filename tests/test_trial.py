@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
 
@@ -15,7 +16,7 @@ from unlearn_search.cli import main
 from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
 from unlearn_search.evaluation.quick import quick_config, quick_data, quick_scores
 from unlearn_search.models import load_model, load_tokenizer, read_target_manifest
-from unlearn_search.training.trial import Resources, read_metrics_log, run_trial, time_spent
+from unlearn_search.training.trial import Resources, evaluate_checkpoint, read_metrics_log, run_trial, time_spent
 
 pytestmark = pytest.mark.slow
 SPACE = Path(__file__).resolve().parent / "spaces" / "tiny_gd.yaml"
@@ -78,6 +79,19 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
     assert read_target_manifest(out / "model") == read_target_manifest(tiny_target)  # scored on the same items
     assert (out / "mia_results" / "nonmember_0.csv").exists()  # the official scorer's MIA input
     assert "aggregate-score" in capsys.readouterr().out
+    # The last boundary is the trial's evaluation, run by the two workers on the model they
+    # trained (each its share of the batches): it scores what the exported checkpoint scores in
+    # one process, item by item.
+    assert "eval_seconds" not in boundaries[-1] and boundaries[-1]["evaluation_seconds"] > 0
+    assert boundaries[-1]["aggregate"] == pytest.approx(results["aggregate-score"], abs=1e-9)
+    config = EvalConfig(split="train", mmlu_limit=1, mmlu_shots=1, mmlu_threshold=results["mmlu_threshold"])
+    again = evaluate_checkpoint(out / "model", tiny_target, data_paths.root, config, tmp_path / "again")
+    for name in ("forget_0.csv", "retain_0.csv"):
+        ours, theirs = pd.read_csv(out / name), pd.read_csv(tmp_path / "again" / name)
+        assert ours.model_output.fillna("").tolist() == theirs.model_output.fillna("").tolist(), name
+        assert ours.nll.tolist() == pytest.approx(theirs.nll.tolist(), rel=1e-4), name
+    for key in ("aggregate-score", "harmonic-mean-task-aggregate", "mia_loss_acc", "mmlu_average"):
+        assert results[key] == pytest.approx(again[key], abs=1e-6), key
 
 
 def test_the_quick_evaluation_on_the_gathered_student_equals_the_sharded_one(
@@ -183,7 +197,7 @@ def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_clus
             "checkpoints",
             "models and DeepSpeed initialization",
             "Ray Train and worker start-up",
-            "full evaluation (with the model's export)",
+            "full evaluation",
         )
     )
     assert 0 <= spent["other"] < 0.2 * result.seconds, spent

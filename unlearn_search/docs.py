@@ -713,11 +713,12 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
         (f"{TRIALS_DIR}/", "one folder per trial", None),
         (trial_dir, "a trial's own files", None),
         (
-            f"{trial_dir}{MODEL_DIR}/",
-            f"the unlearned model, a Hugging Face checkpoint (with `{TARGET_MANIFEST}`)",
+            f"{trial_dir}{TRAINED_DIR}/",
+            "its trained parameters (LoRA adapters, the last k layers or every weight), as the last checkpoint "
+            "held them: with the original, its model (the best trial's is exported to "
+            f"`{BEST_DIR}/{MODEL_DIR}/`)",
             None,
         ),
-        (f"{trial_dir}{TRAINED_DIR}/", "its trained parameters, as the last checkpoint held them", None),
         (
             f"{trial_dir}ray/",
             "the trial's Ray Train run: the boundary checkpoints a restarted worker resumes from",
@@ -727,7 +728,7 @@ def output_entries() -> list[tuple[str, str, tuple[str, str] | None]]:
         (f"{trial_dir}{RESULT_FILE}", "its final metrics (a resumed search reports them again)", None),
         *[(trial_dir + path, meaning, None) for path, meaning in evaluation_files()],
         (best, "the best trial, re-evaluated on the train and validation items and all of MMLU", None),
-        (f"{best}{MODEL_DIR}/", "its model", None),
+        (f"{best}{MODEL_DIR}/", f"its model, a Hugging Face checkpoint (with `{TARGET_MANIFEST}`)", None),
         (f"{best}trial.json", "its row of trials.json", (driver, "trial.json")),
         (f"{best}...", "the evaluation files, as in a trial's folder", None),
         (f"{ORIGINAL_DIR}/", "the original model scored as the best trial was (its MMLU from the cache)", None),

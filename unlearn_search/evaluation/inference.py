@@ -36,7 +36,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+def batches_of(order: Sequence[int], size: int) -> list[list[int]]:
+    """``order`` cut into consecutive batches of at most ``size`` rows. Shared over ranks, into as
+    many batches as the ranks can take in equal numbers (a multiple of the ranks, each a little
+    smaller than ``size`` where needed): a quick evaluation's 32 documents in one batch of 32
+    would leave one of two ranks repeating it for nothing; in two of 16 each rank scores half."""
+    _, world = _world()
+    if world > 1 and order:
+        count = world * -(-len(order) // (world * size))
+        size = -(-len(order) // count)
     return [list(order[start : start + size]) for start in range(0, len(order), size)]
 
 
@@ -98,7 +106,7 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: (min(expected_tokens[i], max_new_tokens), len(encoded[i])))
     outputs: dict[int, str] = {}
     pad = tokenizer.pad_token_id
-    for rows, kept in tqdm(dealt(_batches(order, batch_size)), desc="generating", disable=not progress):
+    for rows, kept in tqdm(dealt(batches_of(order, batch_size)), desc="generating", disable=not progress):
         width = max(len(encoded[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -154,7 +162,7 @@ def token_statistics(
     """
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     result: dict[int, TokenStatistics] = {}
-    for rows, kept in tqdm(dealt(_batches(order, batch_size)), desc="scoring", disable=not progress):
+    for rows, kept in tqdm(dealt(batches_of(order, batch_size)), desc="scoring", disable=not progress):
         width = max(len(sequences[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unlearn_search.data.mmlu import CHOICES, Question, load_mmlu, load_questions
-from unlearn_search.evaluation.inference import dealt, max_length, merged
+from unlearn_search.evaluation.inference import batches_of, dealt, max_length, merged
 
 
 def format_question(question: Question, with_answer: bool) -> str:
@@ -76,8 +76,7 @@ def evaluate_mmlu(
     order = sorted(range(len(questions)), key=lambda i: len(encoded[i]))
     right: dict[int, bool] = {}
     pad = tokenizer.pad_token_id
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    for rows, kept in tqdm(dealt(batches), desc="MMLU", disable=not progress):
+    for rows, kept in tqdm(dealt(batches_of(order, batch_size)), desc="MMLU", disable=not progress):
         width = max(len(encoded[i]) for i in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -72,13 +72,18 @@ def quick_config(config: EvalConfig, max_new_tokens: int, mmlu_limit: int) -> Ev
 
 
 @torch.no_grad()
-def quick_scores(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig) -> dict[str, float]:
-    """Every metric a finished trial reports (same names), estimated on ``data``."""
+def scored(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig) -> tuple[dict, dict]:
+    """``score`` with the model in eval mode and no gradients (a training model is put back in
+    training mode after): the evaluation a trial's workers run on the model they train."""
     was_training = model.training
     model.eval()
     try:
-        results, _ = score(model, tokenizer, data, mmlu_dir, config)
+        return score(model, tokenizer, data, mmlu_dir, config)
     finally:
         if was_training:
             model.train()
-    return metric_values(results)
+
+
+def quick_scores(model, tokenizer, data: EvalData, mmlu_dir: str | Path, config: EvalConfig) -> dict[str, float]:
+    """Every metric a finished trial reports (same names), estimated on ``data``."""
+    return metric_values(scored(model, tokenizer, data, mmlu_dir, config)[0])

@@ -138,6 +138,7 @@ def search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         storage=output / "ray",
         resume=True,
         teacher_cache_dir=Path(context["output"]) / "teacher_cache",
+        export=False,  # the best trial alone is exported, after the search (export_best)
     )
     metrics = with_constraints(final_metrics(result.evaluation), context["constraints"])
     objectives = context["objectives"]
@@ -600,11 +601,16 @@ def built_aside(directory: Path) -> Iterator[Path]:
 
 
 def export_best(best: dict, config, model_dir: Path, data_root: Path, resources, output: Path) -> tuple[Path, dict]:
-    """Re-evaluate the best trial with the full evaluation (``config``) and export it as a checkpoint."""
-    from unlearn_search.training.trial import MODEL_DIR, evaluate_on_cluster
+    """Export the best trial as a Hugging Face checkpoint, from the original and the trial's
+    trained parameters, and re-evaluate it with the full evaluation (``config``)."""
+    from unlearn_search.training.trial import MODEL_DIR, TRAINED_DIR, evaluate_on_cluster, export_model, on_cluster
 
+    trained = Path(best[TRIAL_OUTPUT]) / TRAINED_DIR
+    if not trained.is_dir():
+        raise UnlearnSearchError(f"{trained}: the trial's trained parameters are gone")
     with built_aside(output / BEST_DIR) as partial:
-        shutil.copytree(Path(best[TRIAL_OUTPUT]) / MODEL_DIR, partial / MODEL_DIR)
+        settings = best.get("settings", {})
+        on_cluster(resources, export_model, trained, model_dir, settings, partial / MODEL_DIR, None, False)
         # On the cluster, like a trial's evaluation: the head node may have no GPU (or no CPU to spare).
         evaluation = evaluate_on_cluster(partial / MODEL_DIR, model_dir, data_root, config, partial, resources)
         (partial / "trial.json").write_text(json.dumps(best, indent=2, default=str))

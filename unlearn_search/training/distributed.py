@@ -292,13 +292,16 @@ def _glibc():
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
-def return_large_frees(threshold_bytes: int = 1 << 20) -> None:
+def return_large_frees(threshold_bytes: int = 8 << 20) -> None:
     """Have host allocations of ``threshold_bytes`` and more mapped apart, so that freeing one gives
     its memory back to the system (glibc only; elsewhere nothing).
 
-    Building and stepping a ZeRO-3 model allocates each layer whole and frees it again: tensors
-    of a few MB, under glibc's adaptive mmap threshold (up to 32 MB), whose pages would otherwise
-    stay in the heap, fragmented: measured on OLMo-1B, 1 to 2 GB more per worker.
+    Building and stepping a ZeRO-3 model allocates each layer whole and frees it again: weight
+    matrices of 8 MiB and more from OLMo-1B up (in bfloat16), under glibc's adaptive mmap threshold
+    (up to 32 MiB), whose pages would otherwise stay in the heap, fragmented: measured on OLMo-1B,
+    1 to 2 GB more per worker. Not lower: a mapped allocation is page-faulted and zeroed afresh each
+    time, and the evaluation's and the steps' activations (a few MiB each) come and go at every
+    call (a threshold of 1 MiB made the evaluation 1.34x slower on ``small``; docs/results.md).
     """
     libc = _glibc()
     if libc is not None:

@@ -350,6 +350,7 @@ class BoundaryReporter:
         steps_total: int,
         teacher_parameters: int,
         quick_evaluation: dict,
+        evaluation: dict | None = None,
     ):
         from unlearn_search.evaluation.evaluate import EvalConfig, load_eval_data
         from unlearn_search.evaluation.quick import quick_data
@@ -368,6 +369,9 @@ class BoundaryReporter:
         # estimate NaN); loading the original on every worker to score it would cost its memory.
         reference = cached_original_nll(worker.model_dir, worker.paths, self.quick, str(engine.device))
         self.data = quick_data(dataclasses.replace(data, reference_nll=reference), r.eval_items, r.eval_documents)
+        # The trial's own (full) evaluation, run here on the trained model when training ends.
+        self.evaluation = EvalConfig(**evaluation) if evaluation else None
+        self.evaluated: Evaluated | None = None
 
     def estimates(self) -> dict[str, Any]:
         """The quick scores, each rank computing its share of them in step (ZeRO-3 forwards are
@@ -390,6 +394,19 @@ class BoundaryReporter:
         shared = [scores]
         dist.broadcast_object_list(shared, src=0, device=self.engine.device)  # one decision for keep_best
         return shared[0]
+
+    def evaluates_in_place(self, step: int) -> bool:
+        """Whether this boundary reports the trial's full evaluation instead of a quick estimate:
+        the last one, when nothing compares it with earlier estimates (no keep_best)."""
+        return step >= self.steps_total and self.evaluation is not None and self.kept is None
+
+    def full_evaluation(self) -> Evaluated:
+        """The trial's evaluation of the model the workers hold, each rank scoring its share of
+        the batches on the gathered student (as the quick evaluation): no export, no reload, no
+        second process. Run once; every rank must call it."""
+        if self.evaluated is None:
+            self.evaluated = evaluate_in_workers(self.worker, self.engine, self.evaluation)
+        return self.evaluated
 
     def __call__(self, report) -> None:
         import ray.train
@@ -419,7 +436,7 @@ class BoundaryReporter:
             "trained": False,
             "node_id": ray.get_runtime_context().get_node_id(),
             "peak_rss_before_estimates_mb": before_estimates,
-            **self.estimates(),
+            **(self.full_evaluation().metrics() if self.evaluates_in_place(report.step) else self.estimates()),
             "gathered_parameters": 0,
         }
         if self.kept is not None:
@@ -437,13 +454,63 @@ class BoundaryReporter:
         self.checkpoint_seconds += time.time() - saving  # this report's, in the next one
 
 
+@dataclass
+class Evaluated:
+    """The trial's evaluation as its workers ran it: the results and the frames behind them."""
+
+    results: dict
+    frames: dict
+    seconds: float
+
+    def metrics(self) -> dict[str, Any]:
+        from unlearn_search.evaluation.evaluate import metric_values
+
+        where = {"eval_device": self.results["model_device"], "eval_dtype": self.results["model_dtype"]}
+        return {**metric_values(self.results), **where, EVALUATION_SECONDS: self.seconds}
+
+
+EVALUATION_DIR = "evaluation"  # in a trial's final checkpoint: the evaluation its workers ran
+EVALUATION_SECONDS = "evaluation_seconds"  # the workers' full evaluation, in their reports
+
+
+def evaluate_in_workers(worker: Worker, engine, evaluation) -> Evaluated:
+    """``evaluation`` (an ``EvalConfig``) of the engine's student on the original's item subset,
+    every rank scoring its share on the gathered model; all ranks return the whole result. The
+    threshold and the original's document NLLs were settled before the workers started
+    (``run_trial``), so no worker loads the original."""
+    import torch
+
+    from unlearn_search.evaluation.evaluate import load_eval_data
+    from unlearn_search.evaluation.inference import shared_over_ranks
+    from unlearn_search.evaluation.quick import scored
+    from unlearn_search.evaluation.reference import cached_original_nll
+    from unlearn_search.models import read_target_manifest
+
+    started = time.time()
+    evaluation = dataclasses.replace(evaluation, progress=evaluation.progress and worker.rank == 0)
+    data = load_eval_data(worker.paths, evaluation, read_target_manifest(worker.model_dir))
+    reference = cached_original_nll(worker.model_dir, worker.paths, evaluation, str(engine.device))
+    data = dataclasses.replace(data, reference_nll=reference)
+    with torch.no_grad(), shared_over_ranks(), gathered_for_evaluation(engine, worker.resources):
+        results, frames = scored(engine.module, worker.prepared.tokenizer, data, worker.paths.mmlu, evaluation)
+    return Evaluated(results, frames, time.time() - started)
+
+
 def export_trained(
-    worker: Worker, engine, kept: KeptBoundary | None, steps: int, resumed: Resumed, checkpoint_seconds: float = 0.0
+    worker: Worker,
+    engine,
+    kept: KeptBoundary | None,
+    steps: int,
+    resumed: Resumed,
+    checkpoint_seconds: float = 0.0,
+    evaluated: Evaluated | None = None,
 ) -> None:
     """The run's result as a checkpoint of its trained parameters (the kept boundary's with
-    keep_best): the full model is put together later, by the evaluation, from the original."""
+    keep_best) and, where the workers ran it, the trial's evaluation: the full model is put
+    together later, from the original, where someone needs it."""
     import ray.train
 
+    from unlearn_search.evaluation.evaluate import write_results
     from unlearn_search.training.distributed import gather_trained
 
     started, ending = time.time(), {"step": steps}
@@ -452,9 +519,13 @@ def export_trained(
         ending["kept_step"] = kept.step
     else:
         state = gather_trained(engine.module, worker.rank)
+    if evaluated is not None:
+        ending[EVALUATION_SECONDS] = evaluated.seconds
     with tempfile.TemporaryDirectory() as directory:
         if worker.rank == 0:
             write_tensors(state, Path(directory) / TRAINED_DIR)
+            if evaluated is not None:
+                write_results(evaluated.results, evaluated.frames, Path(directory) / EVALUATION_DIR)
             (Path(directory) / PROGRESS_FILE).write_text(json.dumps({**ending, "final": True}))
         # "trained", not "done": Tune reads a "done" key as the end of the trial, before its evaluation.
         ray.train.report(
@@ -507,7 +578,7 @@ def train_worker(cfg: dict[str, Any]) -> None:
         return
     steps = shard_steps(worker.prepared.steps, worker.rank, worker.world, worker.prepared.data)
     on_boundary = BoundaryReporter(
-        worker, engine, kept, resumed, len(steps), teacher_parameters, cfg["quick_evaluation"]
+        worker, engine, kept, resumed, len(steps), teacher_parameters, cfg["quick_evaluation"], cfg.get("evaluation")
     )
     try:
         result = run(
@@ -526,7 +597,10 @@ def train_worker(cfg: dict[str, Any]) -> None:
         # Deterministic: a retry would diverge again. End the run cleanly and write no model.
         ray.train.report({"diverged": str(error), "trained": True})
         return
-    export_trained(worker, engine, kept, result.steps, resumed, on_boundary.checkpoint_seconds)
+    evaluated = None
+    if on_boundary.evaluation is not None and (kept is None or kept.step == result.steps):
+        evaluated = on_boundary.full_evaluation()  # else the driver scores the kept boundary's export
+    export_trained(worker, engine, kept, result.steps, resumed, on_boundary.checkpoint_seconds, evaluated)
 
 
 def write_tensors(state: dict, directory: Path, shard_bytes: int = 2 * 2**30) -> None:
@@ -657,10 +731,14 @@ def run_trial(
     storage: str | Path | None = None,
     resume: bool = False,
     teacher_cache_dir: str | Path | None = None,
+    export: bool = True,
 ) -> TrialResult:
-    """Train one trial on Ray Train, copy its model into ``output``, and evaluate it there.
+    """Train one trial on Ray Train, evaluate it, and keep its trained parameters in ``output``.
 
-    ``evaluation`` is an ``EvalConfig`` (None skips the full evaluation). Ray must be
+    ``evaluation`` is an ``EvalConfig`` (None skips the evaluation). The workers run it on the
+    model they trained, unless keep_best kept an earlier boundary: then the kept parameters are
+    exported and scored on the cluster. ``export`` writes the student as a Hugging Face
+    checkpoint into ``output/model`` (a search exports only its best trial). Ray must be
     initialized (a local instance or a cluster). Ray Train continues a run it finds under the
     same storage and name; without ``resume`` an earlier run there is removed first.
     """
@@ -680,8 +758,10 @@ def run_trial(
     if config.teacher == "cached":
         path = build_teacher_cache(model_dir, data_root, config, Path(teacher_cache_dir or output / "teacher_cache"))
         teacher_cache = str(path) if path else None
+    settling = time.time()
     if evaluation is not None:  # the trial's model is scored in the dtype it was trained in
         evaluation = dataclasses.replace(evaluation, dtype=config.dtype)
+        evaluation = settled_for_workers(evaluation, model_dir, data_root, resources)
     submitted = time.time()  # the workers' start-up is counted from here
     loop_config = {
         "settings": settings,
@@ -691,27 +771,76 @@ def run_trial(
         "teacher_cache": teacher_cache,
         "submitted_at": submitted,
         "quick_evaluation": _quick_evaluation(evaluation, resources),
+        "evaluation": None if evaluation is None else dataclasses.asdict(evaluation),
     }
     result = _trainer(loop_config, scaling, resources, name, storage, log).fit()
     fit_ended = time.time()
     history = _finished(result, log)
     trained = output / TRAINED_DIR
+    evaluation_results = None
     with result.checkpoint.as_directory() as directory:
         if trained.exists():
             shutil.rmtree(trained)
         shutil.copytree(Path(directory) / TRAINED_DIR, trained)
+        if evaluation is not None and (Path(directory) / EVALUATION_DIR).is_dir():
+            evaluation_results = kept_evaluation(Path(directory) / EVALUATION_DIR, output)
     model_path = output / MODEL_DIR
     copied = time.time()
-    evaluation_results = on_cluster(
-        resources, export_and_evaluate, trained, model_dir, settings, model_path, data_root, evaluation, output
-    )
+    scored_after = evaluation is not None and evaluation_results is None  # keep_best kept an earlier boundary
+    if scored_after:
+        evaluation_results = on_cluster(
+            resources, export_and_evaluate, trained, model_dir, settings, model_path, data_root, evaluation, output
+        )
+    elif export:
+        on_cluster(resources, export_model, trained, model_dir, settings, model_path, None, False)
     timing = {
-        "before_fit_seconds": submitted - started,
+        "before_fit_seconds": submitted - started - (submitted - settling),
+        "settle_seconds": submitted - settling,
         "fit_ended_at": fit_ended,
         "copy_seconds": copied - fit_ended,
-        "evaluation_seconds": time.time() - copied,
+        "after_fit_seconds": time.time() - copied,
+        "scored_after_fit": scored_after,
     }
     return TrialResult(output, model_path, history, evaluation_results, time.time() - started, timing)
+
+
+def settled_for_workers(evaluation, model_dir, data_root, resources: Resources):
+    """``evaluation`` with what its workers cannot score themselves settled first, on the cluster
+    and once per user cache: the original's MMLU (for the default threshold) and its MIA document
+    NLLs (the reference attack's baseline). A worker never loads the original beside its shards."""
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.evaluation.reference import cached_original_nll
+
+    if evaluation.original_mmlu is None and evaluation.mmlu_threshold is None:
+        evaluation = dataclasses.replace(
+            evaluation, original_mmlu=on_cluster(resources, _original_mmlu, model_dir, data_root, evaluation)
+        )
+    device = "cuda" if resources.gpus_per_worker > 0 else "cpu"
+    if cached_original_nll(model_dir, paths_from_root(data_root), evaluation, device) is None:
+        on_cluster(resources, _score_original_nll, model_dir, data_root, evaluation)
+    return evaluation
+
+
+def _original_mmlu(model_dir, data_root, evaluation) -> float:
+    from unlearn_search.evaluation.baseline import original_mmlu
+
+    return original_mmlu(model_dir, data_root, evaluation)
+
+
+def _score_original_nll(model_dir, data_root, evaluation) -> None:
+    from unlearn_search.data.locate import paths_from_root
+    from unlearn_search.evaluation.reference import original_nll
+
+    original_nll(model_dir, paths_from_root(data_root), evaluation)
+
+
+def kept_evaluation(directory: Path, output: Path) -> dict:
+    """The workers' evaluation files (``EVALUATION_DIR`` of the final checkpoint) copied into the
+    trial's ``output``, as ``evaluate`` writes them; returns the results."""
+    from unlearn_search.evaluation.evaluate import RESULTS_FILE
+
+    shutil.copytree(directory, output, dirs_exist_ok=True)
+    return json.loads((directory / RESULTS_FILE).read_text())
 
 
 def _quick_evaluation(evaluation, resources: Resources) -> dict:
@@ -767,28 +896,34 @@ def _finished(result, log: Path) -> list[dict]:
 def time_spent(result: TrialResult) -> dict[str, float]:
     """Where a trial's wall time went, in seconds, for a trial that ran once (not resumed).
 
-    From its reports' timings: Ray Train starting the workers and each worker's set-up, building
-    the models and DeepSpeed engines, the optimizer steps, the quick evaluations, the boundaries'
-    checkpoints (saved, sent and registered), the export of the trained parameters, Ray Train's
-    shutdown, and the export and full evaluation after it. ``other`` is what none of them covers.
+    From its reports' timings: Ray Train starting the workers and each worker's set-up, the
+    original's MMLU and document NLLs where no cache had them, building the models and DeepSpeed
+    engines, the optimizer steps, the quick evaluations, the boundaries' checkpoints (saved, sent
+    and registered), the full evaluation (in the workers, or exported and scored after them), the
+    export of the trained parameters, Ray Train's shutdown, and the Hugging Face export. ``other``
+    is what none of them covers.
     """
     history = result.metrics_history
     boundaries = [r for r in history if "boundary" in r]
     first, final, timing = (boundaries or history)[0], history[-1], result.timing
+    after_fit = timing["after_fit_seconds"]
+    scored_after = timing["scored_after_fit"]
     spent = {
         "Ray Train and worker start-up": timing["before_fit_seconds"]
         + first["worker_start_seconds"]
         + first["setup_seconds"],
+        "the original's MMLU and MIA NLLs (once per cache)": timing["settle_seconds"],
         "models and DeepSpeed initialization": first["build_seconds"],
         "training steps": boundaries[-1]["train_seconds"] if boundaries else 0.0,
         "quick evaluations": sum(r.get("eval_seconds", 0.0) for r in boundaries),
         "checkpoints": final.get("checkpoint_seconds", 0.0),
+        "full evaluation": final.get(EVALUATION_SECONDS, 0.0) + (after_fit if scored_after else 0.0),
         "export of the trained parameters": final.get("export_seconds", 0.0)
         + final[LOGGED_AT]
         - final[READY_AT]
         + timing["copy_seconds"],
         "Ray Train shutdown": timing["fit_ended_at"] - final[LOGGED_AT],
-        "full evaluation (with the model's export)": timing["evaluation_seconds"],
+        "Hugging Face checkpoint": 0.0 if scored_after else after_fit,
     }
     spent["other"] = result.seconds - sum(spent.values())
     return spent
@@ -860,9 +995,15 @@ def _cluster_task(function, *args):
 
 
 def export_model(
-    trained: Path, original_dir: str | Path, settings: dict[str, Any], model_path: Path, device: str | None = None
+    trained: Path,
+    original_dir: str | Path,
+    settings: dict[str, Any],
+    model_path: Path,
+    device: str | None = None,
+    returned: bool = True,
 ):
-    """The trained student as a plain Hugging Face checkpoint in ``model_path``, and the model.
+    """The trained student as a plain Hugging Face checkpoint in ``model_path``, and the model
+    (None without ``returned``: a Ray task's caller needs only the files).
 
     Built from the original (loaded in the trial's dtype, straight onto ``device``) and the
     trial's trained parameters: LoRA adapters are merged, the last k layers or every weight
@@ -906,7 +1047,7 @@ def export_model(
     model.save_pretrained(model_path)
     load_tokenizer(original_dir).save_pretrained(model_path)
     copy_target_manifest(original_dir, model_path)
-    return model
+    return model if returned else None
 
 
 def evaluate_on_cluster(
