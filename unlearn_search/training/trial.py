@@ -794,7 +794,7 @@ def run_trial(
     elif export:
         on_cluster(resources, export_model, trained, model_dir, settings, model_path, None, False)
     timing = {
-        "before_fit_seconds": submitted - started - (submitted - settling),
+        "before_fit_seconds": settling - started,
         "settle_seconds": submitted - settling,
         "fit_ended_at": fit_ended,
         "copy_seconds": copied - fit_ended,
