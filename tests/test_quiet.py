@@ -123,3 +123,40 @@ def test_tunes_missing_result_files_line_is_silenced_and_other_failures_still_sh
     finally:
         ray.shutdown()
     assert all(line.source and line.why for line in KNOWN_LOG_LINES)
+
+
+def test_ray_trains_checkpoint_line_is_silenced_at_its_source(tmp_path):
+    """Ray Train's own storage persists a checkpoint, as each worker's report does: the line is
+    logged there with the text the entry matches, and dropped once the filters are set."""
+    import logging
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from unlearn_search.quiet import KNOWN_LOG_LINES, _DropKnownLine
+
+    known = next(line for line in KNOWN_LOG_LINES if line.logger.startswith("ray.train"))
+    logger = logging.getLogger(known.logger)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    (tmp_path / "step").mkdir()
+    (tmp_path / "step" / "state.pt").write_bytes(b"0")
+    storage = StorageContext(str(tmp_path / "storage"), "trial")
+    try:
+        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
+            logger.removeFilter(f)
+        storage.persist_current_checkpoint(Checkpoint.from_directory(tmp_path / "step"), "checkpoint_0")
+        assert [r.getMessage() for r in records][-1].startswith("Checkpoint successfully created at: Checkpoint(")
+        shown = len(records)
+        silence_known_warnings()
+        storage.persist_current_checkpoint(Checkpoint.from_directory(tmp_path / "step"), "checkpoint_1")
+        assert len(records) == shown
+        logger.info("Checkpoint saved elsewhere")  # another line of the same logger still shows
+        assert records[-1].getMessage() == "Checkpoint saved elsewhere"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -369,6 +370,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
         end_stopped_trials,
         trial_rows,
     )
+    from unlearn_search.search.progress import TrialLines
     from unlearn_search.search.results import OBJECTIVE, TRIAL_OUTPUT, summary_table
     from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
     from unlearn_search.search.searcher import make_searcher
@@ -401,6 +403,8 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     uri = default_tracking_uri(tmp_path)
     tracker = MLflowTracker(uri, "unlearn-search/budget", tmp_path, "budget", {"space": "budget"})
+    printed: list[str] = []
+    lines = TrialLines(["lr"], space.objectives, budget_s=30, write=printed.append)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(num_cpus=2)
     try:
@@ -415,7 +419,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=str(tmp_path),
-                callbacks=[tracker],
+                callbacks=[tracker, lines],
                 verbose=0,
                 stop=TimeBudget(30, tmp_path / BUDGET_FILE),
             ),
@@ -440,6 +444,22 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     assert by_lr[0.1]["pruned_at"] == 50.0 and "pruned_at" not in by_lr[0.95]
     table = summary_table(rows, ["lr"], None)
     assert "stopped" in table and "pruned" in table
+    # The terminal: one line per trial event, the three ends told apart as the results tell them.
+    ends = [re.sub(r"completed in \d+ s", "completed in N s", line) for line in printed]
+    assert all(re.match(r"\[ *[0-9.]+ of 0.5 min\] ", line) for line in ends), printed
+    ends = [line.split("] ", 1)[1] for line in ends]
+    ids = {lr: row["trial_id"] for lr, row in by_lr.items()}
+    assert ends == [
+        f"trial 1 ({ids[0.9]}) started: lr=0.9",
+        f"trial 1 ({ids[0.9]}) at 50% of training: aggregate 0.900 (estimate)",
+        f"trial 1 ({ids[0.9]}) completed in N s: aggregate 0.9000 (best so far)",
+        f"trial 2 ({ids[0.1]}) started: lr=0.1",
+        f"trial 2 ({ids[0.1]}) at 50% of training: aggregate 0.100 (estimate)",
+        f"trial 2 ({ids[0.1]}) pruned at 50% of training",
+        f"trial 3 ({ids[0.95]}) started: lr=0.95",
+        f"trial 3 ({ids[0.95]}) at 50% of training: aggregate 0.950 (estimate)",
+        f"trial 3 ({ids[0.95]}) stopped by the time budget or an interrupt",
+    ], printed
 
     client = MlflowClient(tracking_uri=uri)
     runs = {
@@ -459,7 +479,6 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
         study = optuna.load_study(study_name="budget", storage=storage)
         return {t.user_attrs[TUNE_TRIAL_ATTR]: (t.state.name, t.value) for t in study.trials}
 
-    ids = {lr: row["trial_id"] for lr, row in by_lr.items()}
     assert states() == {ids[0.9]: ("COMPLETE", 0.9), ids[0.1]: ("PRUNED", None), ids[0.95]: ("RUNNING", None)}
     # The budget says it ran out (what the driver checks before ending them): an interrupt would not.
     assert json.loads((tmp_path / BUDGET_FILE).read_text()) == {"time_budget_s": 30}

@@ -679,8 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         choices=[0, 1, 2],
-        help="Ray Tune's output: 0 silent, 1 status updates, 2 also each result; 0 also hides the "
-        "best trial's re-evaluation progress",
+        help="the search's output: 0 silent (also hides the best trial's re-evaluation progress), 1 one line "
+        "per trial start, estimate and end, 2 also Ray Tune's status tables and each result",
     )
     _add_data(search)
     search.set_defaults(func=cmd_search)

@@ -58,6 +58,12 @@ KNOWN_LOG_LINES = (
         r"Failed to fetch metrics for \d+ trial\(s\):"
         r"(\n- [^\n]*: FileNotFoundError\('Could not fetch metrics for [^\n]*)+",
     ),
+    KnownLogLine(
+        "Ray Train, in each worker, at every checkpoint a report carries",
+        "the trial's own progress line says where it is; the checkpoints are the trial's to keep or drop",
+        "ray.train.v2._internal.execution.storage",
+        r"Checkpoint successfully created at: Checkpoint\(filesystem=[^\n]*\)",
+    ),
 )
 
 

@@ -48,6 +48,9 @@ RETRAINED_DIR = "retrained"  # the retrained gold standard's, where one was buil
 ORIGINAL_KEY_FILE = "settings.json"  # what the original's evaluation in ORIGINAL_DIR was scored on
 RESULT_FILE = "result.json"  # a finished trial's final metrics, in its own directory
 TRIAL_DRIVER_MEMORY = 512 * 2**20
+# Ray Tune's verbosity at each of the search's: 1 shows our one line per trial event
+# (``progress.TrialLines``) without Tune's tables; 2 adds Tune's status tables and each result.
+TUNE_VERBOSITY = {0: 0, 1: 0, 2: 2}
 
 
 @dataclass
@@ -453,6 +456,7 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: dict, output: Pa
     import ray.tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
 
+    from unlearn_search.search.progress import TrialLines
     from unlearn_search.search.schedulers import BUDGET_FILE, TimeBudget
     from unlearn_search.search.searcher import make_searcher
 
@@ -483,6 +487,8 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: dict, output: Pa
         max_concurrent_trials=options.max_concurrent or space.search.max_concurrent,
     )
     budget = options.time_budget_s or space.search.time_budget_s
+    if options.verbose > 0:
+        callbacks = [*(callbacks or []), TrialLines([p.name for p in space.params], space.objectives, budget_s=budget)]
     run_config = RunConfig(
         name=TUNE_DIR,
         storage_path=str(output),
@@ -490,7 +496,7 @@ def _tuner(space: SearchSpace, options: SearchOptions, context: dict, output: Pa
         stop=TimeBudget(budget, output / BUDGET_FILE) if budget else None,
         failure_config=FailureConfig(max_failures=0),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
-        verbose=options.verbose,
+        verbose=TUNE_VERBOSITY[options.verbose],
     )
     return Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
