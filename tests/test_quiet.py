@@ -160,3 +160,36 @@ def test_ray_trains_checkpoint_line_is_silenced_at_its_source(tmp_path):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def test_ray_trains_report_line_is_silenced_on_the_logger_that_logs_it():
+    """Ray Train's worker context logs each report on a logger named by its module's file (a
+    private module: this fails when it moves or renames its logger). A line as a worker logged it
+    in a search is dropped; another line of that logger still shows."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from unlearn_search.quiet import KNOWN_LOG_LINES
+
+    known = next(line for line in KNOWN_LOG_LINES if "Reporting training result" in line.message)
+    assert logging.getLogger(known.logger_name()) is context.logger
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    context.logger.addHandler(handler)
+    level = context.logger.level
+    context.logger.setLevel(logging.INFO)
+    try:
+        silence_known_warnings()
+        context.logger.info(
+            "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, "
+            "path=/tmp/sugd/ray/lr_range/checkpoint_2026-12-06_09-11-15.424691), metrics={'probes': 13}, "
+            "validation=False) from rank 0"
+        )
+        context.logger.info("Reporting training result 2: TrainingReport(checkpoint=None) from rank 1")
+        context.logger.info("Reporting the workers' state")
+    finally:
+        context.logger.removeHandler(handler)
+        context.logger.setLevel(level)
+    assert [r.getMessage() for r in records] == ["Reporting the workers' state"]

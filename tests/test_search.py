@@ -387,6 +387,7 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
         tune.report({"progress": 50.0, "aggregate": config["lr"]})
         if config["lr"] > 0.92:
             time.sleep(300)  # cut by the search's time budget
+        tune.report({"progress": 100.0, "aggregate": config["lr"]})  # the last boundary, as the workers report it
         tune.report({"progress": 100.0, "aggregate": config["lr"], OBJECTIVE: config["lr"], TRIAL_OUTPUT: "-"})
 
     # One at a time, in this order: 0.9 finishes; 0.1 falls below the rung 0.9 set and is pruned
@@ -444,7 +445,8 @@ def test_a_trial_cut_by_the_time_budget_is_stopped_not_pruned(tmp_path):
     assert by_lr[0.1]["pruned_at"] == 50.0 and "pruned_at" not in by_lr[0.95]
     table = summary_table(rows, ["lr"], None)
     assert "stopped" in table and "pruned" in table
-    # The terminal: one line per trial event, the three ends told apart as the results tell them.
+    # The terminal: one line per trial event, the three ends told apart as the results tell them;
+    # the last boundary's report is the trial's evaluation, which its end line gives.
     ends = [re.sub(r"completed in \d+ s", "completed in N s", line) for line in printed]
     assert all(re.match(r"\[ *[0-9.]+ of 0.5 min\] ", line) for line in ends), printed
     ends = [line.split("] ", 1)[1] for line in ends]

@@ -44,8 +44,19 @@ KNOWN_WARNINGS = (
 class KnownLogLine:
     source: str  # who logs it, and when
     why: str  # why a user need not see it
-    logger: str  # the logger's name
+    logger: str  # the logger's name, or FILE_OF + a module whose logger is named by its file
     message: str  # a regular expression the whole record's text must match
+
+    def logger_name(self) -> str:
+        if not self.logger.startswith(FILE_OF):
+            return self.logger
+        import importlib.util
+
+        spec = importlib.util.find_spec(self.logger.removeprefix(FILE_OF))
+        return spec.origin if spec is not None else self.logger
+
+
+FILE_OF = "the file of "  # a logger made by logging.getLogger(__file__)
 
 
 KNOWN_LOG_LINES = (
@@ -64,13 +75,19 @@ KNOWN_LOG_LINES = (
         "ray.train.v2._internal.execution.storage",
         r"Checkpoint successfully created at: Checkpoint\(filesystem=[^\n]*\)",
     ),
+    KnownLogLine(
+        "Ray Train, in each worker, at every report (each boundary's metrics)",
+        "the repr of what the worker reported, once per rank; the trial's own line and MLflow show the metrics",
+        FILE_OF + "ray.train.v2._internal.execution.context",
+        r"Reporting training result \d+: TrainingReport\(.*\) from rank \d+",
+    ),
 )
 
 
 class _DropKnownLine(logging.Filter):
     def __init__(self, known: KnownLogLine):
         super().__init__()
-        self.pattern = re.compile(known.message)
+        self.pattern = re.compile(known.message, re.DOTALL)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.pattern.fullmatch(record.getMessage()) is None
@@ -82,6 +99,6 @@ def silence_known_warnings() -> None:
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.message, category=known.category)
     for line in KNOWN_LOG_LINES:
-        logger = logging.getLogger(line.logger)
+        logger = logging.getLogger(line.logger_name())
         if not any(isinstance(f, _DropKnownLine) and f.pattern.pattern == line.message for f in logger.filters):
             logger.addFilter(_DropKnownLine(line))

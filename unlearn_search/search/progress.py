@@ -10,7 +10,7 @@ from typing import Any
 from ray.tune import Callback
 
 from unlearn_search.search.results import evaluated, feasible, trial_status
-from unlearn_search.search.schedulers import pruned_record
+from unlearn_search.search.schedulers import TRAINED, pruned_record
 from unlearn_search.search.space import PROGRESS, Objective
 
 # A finished trial's line names these besides its objectives: the SemEval aggregate's three parts.
@@ -65,7 +65,8 @@ class TrialLines(Callback):
         self._line(f"{self._name(trial)} started: {values}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if evaluated(result):  # its end says it
+        # The end of training is the trial's evaluation (in its workers), which its end line gives.
+        if evaluated(result) or result.get(PROGRESS, 0.0) >= TRAINED:
             return
         estimates = ", ".join(
             f"{o.metric} {result[o.metric]:.3f}" for o in self.objectives if isinstance(result.get(o.metric), float)
