@@ -166,7 +166,7 @@ def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_clus
         data_paths.root,
         settings,
         out,
-        Resources(workers=2, eval_max_new_tokens=16),
+        Resources(workers=2, eval_items=8, eval_documents=4, eval_max_new_tokens=16),
         EvalConfig(mmlu_limit=1, mmlu_shots=1, max_new_tokens=32),
     )
     adapters = {
