@@ -54,6 +54,8 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
             "1",
             "--mmlu-shots",
             "1",
+            "--max-new-tokens",
+            "64",
             "--data",
             str(data_paths.root),
             "--output",
@@ -84,7 +86,9 @@ def test_two_worker_zero3_trial_with_teacher(ray_cluster, tiny_target, data_path
     # one process, item by item.
     assert "eval_seconds" not in boundaries[-1] and boundaries[-1]["evaluation_seconds"] > 0
     assert boundaries[-1]["aggregate"] == pytest.approx(results["aggregate-score"], abs=1e-9)
-    config = EvalConfig(split="train", mmlu_limit=1, mmlu_shots=1, mmlu_threshold=results["mmlu_threshold"])
+    config = EvalConfig(
+        split="train", max_new_tokens=64, mmlu_limit=1, mmlu_shots=1, mmlu_threshold=results["mmlu_threshold"]
+    )
     again = evaluate_checkpoint(out / "model", tiny_target, data_paths.root, config, tmp_path / "again")
     for name in ("forget_0.csv", "retain_0.csv"):
         ours, theirs = pd.read_csv(out / name), pd.read_csv(tmp_path / "again" / name)
@@ -212,7 +216,7 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, tiny_target
     # last_k: keep_best copies only the trained layers, and the written model must still be the kept one.
     settings = {"method": "gd", "lr": 3e-4, "epochs": 4, "keep_best": True, "trainable": "last_k", "last_k": 2}
     # Every boundary evaluated and checkpointed: 4 boundaries, 1/4 of training apart.
-    resources = Resources(workers=2, eval_every=0, eval_items=8, eval_max_new_tokens=16)
+    resources = Resources(workers=2, eval_every=0, eval_items=8, eval_documents=4, eval_max_new_tokens=16)
     outcome = {}
 
     def run():
