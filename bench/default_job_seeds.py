@@ -24,15 +24,22 @@ from pathlib import Path
 TARGET = 0.30  # the full re-evaluation's aggregate a search must reach by its own sampling
 
 
-def search_trials(output: Path) -> list[dict]:
-    """The search's finished trials in the order they started: Tune id, aggregate, whether it was a start."""
+def study_of(output: Path):
+    """The Optuna study of the search in ``output``: the one it kept there, wherever it was moved."""
     import optuna
 
     state = json.loads((output / "search.json").read_text())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    local = output / "optuna.db"  # the study the search kept in its output, wherever it was moved
+    local = output / "optuna.db"
     storage = f"sqlite:///{local.resolve()}" if local.is_file() else state["storage"]
-    study = optuna.load_study(study_name=state["study"], storage=storage)
+    return optuna.load_study(study_name=state["study"], storage=storage)
+
+
+def search_trials(output: Path) -> list[dict]:
+    """The search's finished trials in the order they started: Tune id, aggregate, whether it was a start."""
+    import optuna
+
+    study = study_of(output)
     return [
         {
             "trial_id": t.user_attrs.get("tune_trial_id"),

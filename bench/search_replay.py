@@ -38,15 +38,11 @@ GOOD = 0.30
 def finished_trials(output: Path) -> list[dict]:
     """A search's finished trials: parameters, the study's value, aggregate and seconds."""
     import optuna
+    from default_job_seeds import study_of  # bench/, beside this script
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = {r["trial_id"]: r for r in json.loads((output / "trials.json").read_text())}
-    state = json.loads((output / "search.json").read_text())
-    local = output / "optuna.db"
-    storage = f"sqlite:///{local.resolve()}" if local.is_file() else state["storage"]
-    study = optuna.load_study(study_name=state["study"], storage=storage)
     found = []
-    for t in study.trials:
+    for t in study_of(output).trials:
         row = rows.get(t.user_attrs.get("tune_trial_id"))
         if t.state == optuna.trial.TrialState.COMPLETE and row and row.get("seconds"):
             found.append(
@@ -116,14 +112,6 @@ def leave_one_out(space, trials: list[dict]) -> float:
     return float(spearmanr(predicted, [t["aggregate"] for t in trials]).statistic)
 
 
-def sampled(space, trial) -> dict:
-    values: dict = {}
-    for p in space.params:
-        if p.active(values):
-            values[p.name] = p.suggest(trial)
-    return values
-
-
 def replay(space, surrogate: Surrogate, sampler_name: str, seed: int, trials: int) -> list[dict]:
     """One search of ``trials`` trials against the surrogate: per trial, its aggregate and seconds."""
     import optuna
@@ -138,7 +126,7 @@ def replay(space, surrogate: Surrogate, sampler_name: str, seed: int, trials: in
     history = []
     for _ in range(trials):
         trial = study.ask()
-        scores = surrogate(sampled(space, trial))
+        scores = surrogate(space.define_by_run()(trial))
         study.tell(trial, scores["value"])
         history.append({**scores, "start": len(history) < len(space.starts)})
     return history
@@ -161,7 +149,7 @@ def best_known(space, surrogate: Surrogate, count: int = 20000) -> float:
     configurations = []
     for _ in range(count):
         trial = study.ask()
-        configurations.append(sampled(space, trial))
+        configurations.append(space.define_by_run()(trial))
         study.tell(trial, 0.0)
     return max(scores["aggregate"] for scores in surrogate.many(configurations))
 
