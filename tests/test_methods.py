@@ -750,7 +750,7 @@ def test_a_trial_refuses_an_output_that_holds_its_input_model(tmp_path, data_pat
 # losses differ in scale (NPO sums token log-probs, GA/GD average them).
 RUNS = {
     "ga": {"lr": 1.5e-4, "epochs": 6},
-    "gd": {"lr": 3e-4, "epochs": 5},
+    "gd": {"lr": 2.12e-4, "epochs": 5},
     "ga_kl": {"lr": 5e-4, "epochs": 5},
     "npo": {"lr": 2e-4, "epochs": 4},
     "simnpo": {"lr": 5e-4, "epochs": 5},
@@ -759,23 +759,25 @@ RUNS = {
     "flat": {"lr": 2.2e-4, "epochs": 4},
     "adversarial": {"lr": 3e-4, "epochs": 5},
     "wga": {"lr": 3e-4, "epochs": 5},
-    "undial": {"lr": 3e-4, "epochs": 5},
+    # With the authors' alpha 0 (no retain term) the retain set follows the forget set down on the
+    # tiny target, and no lr keeps it: UNDIAL is asked to keep retain through its cross-entropy term.
+    "undial": {"lr": 4e-4, "epochs": 5, "retain_loss": "ce"},
     "satimp": {"lr": 3e-3, "epochs": 5},
     "idk_dpo": {"lr": 2e-3, "epochs": 5},
     # Every weight: with the authors' few MLP projections (trainable=method) the tiny target's small
     # activations move too slowly towards a steering vector of norm 300.
-    "rmu": {"lr": 3e-3, "epochs": 5, "trainable": "full"},
-    "sugd": {"method": "gd", "schedule": "sugd", "lr": 5e-4, "chunk_size": 8, "epochs_per_chunk": 3},
+    "rmu": {"lr": 2.12e-3, "epochs": 5, "trainable": "full"},
+    "sugd": {"method": "gd", "schedule": "sugd", "lr": 1e-3, "chunk_size": 8, "epochs_per_chunk": 3},
     "agad": {"method": "gd", "schedule": "agad", "lr": 1e-3, "chunk_size": 8, "epochs": 3},
 }
-# Methods without a retain term (GA, FLAT, UNDIAL at its authors' alpha 0) drag the retain set along
+# Methods without a retain term (GA, FLAT) drag the retain set along
 # on a 2M-parameter model.
-RETAIN_TOLERANCE = {"ga": 0.4, "undial": 0.4, "flat": 0.65, "adversarial": 0.25, "sugd": 0.25}
+RETAIN_TOLERANCE = {"ga": 0.4, "flat": 0.65, "adversarial": 0.25, "sugd": 0.25}
 # The tiny target is not bit-reproducible across CPUs or thread counts, and where a method's
 # forgetting sets in moves with the build: the lr is fitted to the target at hand, as the search
-# fits it to a model. A run that forgets too little doubles it, one that costs the retain set too
-# much halves it; once both sides are known, their geometric mean. The method must pass within
-# LR_TRIES runs.
+# fits it to a model. Each run above starts where it passes on the CI machine's build. A run that
+# forgets too little doubles it, one that costs the retain set too much halves it; once both sides
+# are known, their geometric mean. The method must pass within LR_TRIES runs.
 LR_TRIES = 6
 
 

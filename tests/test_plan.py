@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -86,11 +84,15 @@ def test_plan_reads_a_local_checkpoint(tiny_target):
     assert counts.parameters == sum(p.numel() for p in load_model(tiny_target).parameters())
 
 
-def test_plan_command_and_its_errors(tmp_path):
-    def plan(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "unlearn_search.cli", "plan", *args], capture_output=True, text=True, timeout=300
-        )
+def test_plan_command_and_its_errors(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from unlearn_search.cli import main
+
+    def plan(*args):  # the CLI's main, in this process: its exit code and what it printed
+        code = main(["plan", *args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
     done = plan(
         "--model-size",

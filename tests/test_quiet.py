@@ -1,5 +1,6 @@
 """The known third-party warnings are silenced at their real sources, and nothing else is."""
 
+import re
 import warnings
 
 import pytest
@@ -193,3 +194,87 @@ def test_ray_trains_report_line_is_silenced_on_the_logger_that_logs_it():
         context.logger.removeHandler(handler)
         context.logger.setLevel(level)
     assert [r.getMessage() for r in records] == ["Reporting the workers' state"]
+
+
+def test_deepspeeds_shm_op_print_is_dropped_and_every_other_line_passes(capsys, caplog):
+    """DeepSpeed's torch backend prints that its shared-memory all-reduce op loaded (a bare
+    ``print``, in every worker of every trial). Raised from its real source, as a plain print and
+    through Ray Train's print patch (which a worker runs: it logs the print on the root logger and
+    also writes it to a redirected stdout): the line is dropped both ways, ours around it kept,
+    in order, a partial last line included."""
+    import builtins
+    import logging
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+    from ray.train.v2._internal.logging.patch_print import patch_print_function  # private: a Ray Train worker's
+
+    from unlearn_search.quiet import known_prints_dropped
+
+    original = builtins.print
+    silence_known_warnings()
+    get_accelerator()  # its one-time choice is logged first
+    capsys.readouterr()
+    try:
+        with caplog.at_level(logging.INFO), known_prints_dropped():
+            print("before")
+            assert build_shm_op() is not None, "DeepSpeed's shared-memory op did not load: its print is not raised"
+            patch_print_function()
+            build_shm_op()
+            print("DeepSpeed built successfully, said by someone else")
+            builtins.print = original
+            print("no newline", end="")
+    finally:
+        builtins.print = original
+    assert capsys.readouterr().out == "before\nDeepSpeed built successfully, said by someone else\nno newline"
+    assert [r.getMessage() for r in caplog.records if r.name == "root"] == [
+        "DeepSpeed built successfully, said by someone else"
+    ]
+    build_shm_op()  # outside the context it prints: the line the entry names is DeepSpeed's own
+    assert capsys.readouterr().out == "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully\n"
+
+
+def test_ray_trains_cleaner_line_is_silenced_in_every_process_of_the_job():
+    """Without Ray's dashboard there is no state API: Ray Train's placement-group cleaner, run
+    here in this process against a real local instance, warns at each check. The job's setup
+    hook sets the filters in every Ray process, Ray's own actors included (a plain task shows it)."""
+    import logging
+    import time
+
+    import ray
+    from ray.train.v2._internal.execution.controller.placement_group_cleaner import PlacementGroupCleaner
+
+    from unlearn_search.quiet import KNOWN_LOG_LINES, _DropKnownLine
+    from unlearn_search.training.cluster import init_ray
+
+    known = next(line for line in KNOWN_LOG_LINES if "placement-group cleaner" in line.source)
+    logger = logging.getLogger(known.logger)
+
+    def watched(seconds: float) -> list[str]:
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logger.addHandler(handler)
+        cleaner = PlacementGroupCleaner("ffffffffffffffffffffffff01000000", 0.05, 1, 5)
+        try:
+            cleaner.start_monitoring()
+            time.sleep(seconds)
+        finally:
+            cleaner._stop_event.set()
+            logger.removeHandler(handler)
+        return [r.getMessage() for r in records if "Controller actor state" in r.getMessage()]
+
+    def filtered(name: str) -> list[str]:  # the patterns dropped on logger ``name``, in the calling process
+        return [f.pattern.pattern for f in logging.getLogger(name).filters if isinstance(f, _DropKnownLine)]
+
+    init_ray(num_cpus=1)
+    try:
+        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
+            logger.removeFilter(f)
+        unfiltered = watched(3)
+        assert unfiltered and all(re.fullmatch(known.message, m) for m in unfiltered), unfiltered
+        silence_known_warnings()
+        assert watched(3) == []
+        assert known.message in ray.get(ray.remote(filtered).remote(known.logger))  # a Ray process set it as it started
+    finally:
+        ray.shutdown()

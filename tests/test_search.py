@@ -7,6 +7,7 @@ client and the Optuna storage.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -241,6 +242,7 @@ def test_search_end_to_end_killed_and_resumed_with_mlflow_server_and_dashboard(
     from unlearn_search.evaluation.mmlu import evaluate_mmlu
     from unlearn_search.models import load_model, load_tokenizer
 
+    @functools.cache
     def original(limit):
         model, tokenizer = load_model(tiny_target), load_tokenizer(tiny_target)
         return evaluate_mmlu(model, tokenizer, data_paths.mmlu, 5, limit, 32)["average"]

@@ -110,8 +110,9 @@ def test_the_quick_evaluation_on_the_gathered_student_equals_the_sharded_one(
         resources = Resources(
             workers=2, zero_stage=3, eval_gather=gather, eval_items=8, eval_documents=4, eval_max_new_tokens=16
         )
-        run_trial(tiny_target, data_paths.root, settings, tmp_path / f"gather_{gather}", resources, None, name="g")
-        reports = read_metrics_log(tmp_path / f"gather_{gather}" / "metrics.jsonl")
+        out = tmp_path / f"gather_{gather}"
+        run_trial(tiny_target, data_paths.root, settings, out, resources, None, name="g", export=False)
+        reports = read_metrics_log(out / "metrics.jsonl")
         runs[gather] = [r for r in reports if not r["trained"]]
     assert [r["boundary"] for r in runs[True]] == [r["boundary"] for r in runs[False]] == ["epoch 1", "epoch 2"]
     names = ("aggregate", "forget_regurgitation", "retain_regurgitation", "mia_auc", "mmlu", "forget_nll")
@@ -164,14 +165,15 @@ def test_a_bf16_lora_trial_gathers_only_its_adapters_and_scores_in_bf16(ray_clus
         "lora_rank": 8,
         "keep_best": True,
         "dtype": "bfloat16",
+        "max_length": 64,  # bf16 runs some 20x slower than fp32 on CPUs without bf16 units
     }
     result = run_trial(
         tiny_target,
         data_paths.root,
         settings,
         out,
-        Resources(workers=2, eval_items=8, eval_documents=4, eval_max_new_tokens=16),
-        EvalConfig(mmlu_limit=1, mmlu_shots=1, max_new_tokens=32),
+        Resources(workers=2, eval_items=8, eval_documents=4, eval_max_new_tokens=8),
+        EvalConfig(mmlu_limit=1, mmlu_shots=0, max_new_tokens=16),
     )
     adapters = {
         name: p.numel()

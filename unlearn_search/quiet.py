@@ -1,17 +1,23 @@
-"""Known third-party warnings and log lines that tell our users nothing, silenced by name; every
-other warning and log line, ours included, still shows.
+"""Known third-party warnings, log lines and prints that tell our users nothing, silenced by
+name; every other warning, log line and print, ours included, still shows.
 
 Each entry names where the warning comes from and why it is safe to hide. The filters are set in
 the driver (``cli.main``) and in every Ray worker and task (``training.trial._worker_environment``),
-since each is its own process. ``tests/test_quiet.py`` raises each from its real source, so an
+since each is its own process. A known print is dropped from stdout around the call that prints
+it (``known_prints_dropped``), and from the root logger, where Ray Train's print patch also sends
+a worker's prints. ``tests/test_quiet.py`` raises each from its real source, so an
 entry whose text changes upstream fails there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -57,6 +63,7 @@ class KnownLogLine:
 
 
 FILE_OF = "the file of "  # a logger made by logging.getLogger(__file__)
+ROOT_LOGGER = ""
 
 
 KNOWN_LOG_LINES = (
@@ -81,24 +88,92 @@ KNOWN_LOG_LINES = (
         FILE_OF + "ray.train.v2._internal.execution.context",
         r"Reporting training result \d+: TrainingReport\(.*\) from rank \d+",
     ),
+    KnownLogLine(
+        "Ray Train's placement-group cleaner (a detached actor per trial), every second, where Ray's "
+        "state API is absent: a local instance started without its dashboard (the `trial` command)",
+        "it keeps watching and says so each time; the trial's placement group is still removed "
+        "when its controller ends, and only a controller killed outright would leave it behind",
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+        r"Failed to query Ray Train Controller actor state\. State API may be temporarily "
+        r"unavailable\. Continuing to monitor\.",
+    ),
 )
 
 
-class _DropKnownLine(logging.Filter):
-    def __init__(self, known: KnownLogLine):
+@dataclass(frozen=True)
+class KnownPrint:
+    source: str  # who prints it, and on whose call
+    why: str  # why a user need not see it
+    message: str  # a regular expression a whole printed line must match
+
+
+KNOWN_PRINTS = (
+    KnownPrint(
+        "DeepSpeed's torch backend, in each worker as it joins the process group (deepspeed.init_distributed)",
+        "a bare print that its shared-memory all-reduce op loaded, once per worker per trial; an op "
+        "that fails to load still raises",
+        r"DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
+    ),
+)
+
+
+class _DropKnownPrints(io.TextIOBase):
+    """A text stream passing every line on to ``stream`` but those ``KNOWN_PRINTS`` match."""
+
+    def __init__(self, stream):
         super().__init__()
-        self.pattern = re.compile(known.message, re.DOTALL)
+        self.stream, self.pending = stream, ""
+        self.patterns = [re.compile(known.message) for known in KNOWN_PRINTS]
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if not any(p.fullmatch(line) for p in self.patterns):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close_pending(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def known_prints_dropped() -> Iterator[None]:
+    """Within it, lines printed to stdout that ``KNOWN_PRINTS`` match are dropped; every other
+    line passes as written (a partial last line too, on leaving)."""
+    stream = _DropKnownPrints(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        stream.close_pending()
+
+
+class _DropKnownLine(logging.Filter):
+    def __init__(self, message: str):
+        super().__init__()
+        self.pattern = re.compile(message, re.DOTALL)
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.pattern.fullmatch(record.getMessage()) is None
 
 
 def silence_known_warnings() -> None:
-    """Ignore each of ``KNOWN_WARNINGS`` and ``KNOWN_LOG_LINES`` in this process (idempotent:
-    filters are not duplicated)."""
+    """Ignore each of ``KNOWN_WARNINGS`` and ``KNOWN_LOG_LINES``, and ``KNOWN_PRINTS`` logged
+    through the root logger, in this process (idempotent: filters are not duplicated)."""
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.message, category=known.category)
-    for line in KNOWN_LOG_LINES:
-        logger = logging.getLogger(line.logger_name())
-        if not any(isinstance(f, _DropKnownLine) and f.pattern.pattern == line.message for f in logger.filters):
-            logger.addFilter(_DropKnownLine(line))
+    dropped = [(line.logger_name(), line.message) for line in KNOWN_LOG_LINES]
+    dropped += [(ROOT_LOGGER, known.message) for known in KNOWN_PRINTS]  # Ray Train's print patch logs there
+    for name, message in dropped:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownLine) and f.pattern.pattern == message for f in logger.filters):
+            logger.addFilter(_DropKnownLine(message))

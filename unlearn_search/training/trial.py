@@ -200,10 +200,12 @@ def start_worker(cfg: dict[str, Any]) -> Worker:
 
     from unlearn_search.data.locate import paths_from_root
     from unlearn_search.models.loading import resolve_dtype
+    from unlearn_search.quiet import known_prints_dropped
     from unlearn_search.training.config import trial_config
     from unlearn_search.training.unlearn import prepare
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    with known_prints_dropped():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     config = trial_config(cfg["settings"])
     model_dir, paths = Path(cfg["model_dir"]), paths_from_root(cfg["data"])
     torch.manual_seed(config.seed)
