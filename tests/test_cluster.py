@@ -117,24 +117,21 @@ class Log(ray.train.UserCallback):  # runs in the Train controller: it writes wh
             handle.writelines(m["node_id"] + "\\n" for m in metrics)
 
 ray.init(address=%(address)r, log_to_driver=False)
-nodes = {}
-for placement in ("spread", "pack"):
-    log = %(storage)r + "/" + placement + ".nodes"
-    trainer = TorchTrainer(where, scaling_config=scaling_config(Resources(workers=2, placement=placement)),
-                           run_config=ray.train.RunConfig(name=placement, storage_path=%(storage)r,
-                                                          callbacks=[Log(log)]))
-    trainer.fit()
-    nodes[placement] = open(log).read().split()
-print(json.dumps(nodes))
+log = %(storage)r + "/spread.nodes"
+trainer = TorchTrainer(where, scaling_config=scaling_config(Resources(workers=2, placement="spread")),
+                       run_config=ray.train.RunConfig(name="spread", storage_path=%(storage)r, callbacks=[Log(log)]))
+trainer.fit()
+print(json.dumps(open(log).read().split()))
 """
 
 
 @pytest.mark.slow
-def test_placement_spreads_or_packs_a_trials_workers(two_node_cluster, tmp_path):
+def test_placement_spreads_a_trials_workers(two_node_cluster, tmp_path):
+    """``placement: spread`` puts a trial's two workers on two nodes (``pack``, the search's below,
+    on one)."""
     address, nodes = two_node_cluster
     placed = json.loads(_python(SPREAD_PROBE % {"address": address, "storage": str(tmp_path)}).strip().splitlines()[-1])
-    assert sorted(placed["spread"]) == sorted(nodes), placed  # one worker on each node
-    assert len(placed["pack"]) == 2 and len(set(placed["pack"])) == 1, placed  # both on one node
+    assert sorted(placed) == sorted(nodes), placed  # one worker on each node
 
 
 @pytest.mark.slow

@@ -271,10 +271,10 @@ def test_ray_trains_cleaner_line_is_silenced_in_every_process_of_the_job():
     try:
         for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
             logger.removeFilter(f)
-        unfiltered = watched(3)
+        unfiltered = watched(2)
         assert unfiltered and all(re.fullmatch(known.message, m) for m in unfiltered), unfiltered
         silence_known_warnings()
-        assert watched(3) == []
+        assert watched(2) == []
         assert known.message in ray.get(ray.remote(filtered).remote(known.logger))  # a Ray process set it as it started
     finally:
         ray.shutdown()

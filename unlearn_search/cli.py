@@ -503,6 +503,7 @@ def _positive_int(text: str) -> int:
 # The Resources fields `unlearn-search trial` takes as options (`--zero-stage` for zero_stage), each
 # with its declaration's default, type, choices and help; a space's `resources` block takes them all.
 TRIAL_RESOURCES = ("workers", "cpus_per_worker", "gpus_per_worker", "zero_stage", "offload", "placement")
+TRIAL_RESOURCES += ("eval_every", "eval_items", "eval_documents", "eval_mmlu_limit", "eval_max_new_tokens")
 
 
 def _option(name: str, options: dict[str, str] | None = None) -> str:
