@@ -10,12 +10,9 @@ WORKER_ENV = {
     # cheap call per worker, and a shorter interval takes seconds off every trial's start and end.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
-WORKER_RUNTIME_ENV = {
-    "env_vars": WORKER_ENV,
-    # Every process of the job, Ray's own actors too (Ray Train's controller and placement-group
-    # cleaner), silences the known third-party lines as it starts (quiet.py).
-    "worker_process_setup_hook": "unlearn_search.quiet.silence_known_warnings",
-}
+# Every process of the job, Ray's own actors too (Ray Train's controller and placement-group
+# cleaner), silences the known third-party lines as it starts.
+SETUP_HOOK = "unlearn_search.quiet.silence_known_warnings"
 
 
 def init_ray(
@@ -36,7 +33,9 @@ def init_ray(
         return ray.get_runtime_context()
     # No DS_ACCELERATOR here: the driver's devices say nothing of the workers' (a CPU head node
     # submits to GPU workers). Each trial worker decides from its own (trial.accelerator_environment).
-    kwargs = {"runtime_env": WORKER_RUNTIME_ENV, "log_to_driver": True}
+    # A new dict each time: ray.init writes the hook into the runtime environment's env_vars.
+    runtime_env = {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": SETUP_HOOK}
+    kwargs = {"runtime_env": runtime_env, "log_to_driver": True}
     if address:
         return ray.init(address=address, **kwargs)
     kwargs.update(
