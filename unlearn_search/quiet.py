@@ -57,9 +57,15 @@ class KnownLogLine:
         if not self.logger.startswith(FILE_OF):
             return self.logger
         import importlib.util
+        from pathlib import Path
 
-        spec = importlib.util.find_spec(self.logger.removeprefix(FILE_OF))
-        return spec.origin if spec is not None else self.logger
+        # From the top-level package's folder: finding the module's own spec would import its
+        # parent packages (ray.train: 2 s) in every process this runs in, a Ray task's included.
+        top, *inner = self.logger.removeprefix(FILE_OF).split(".")
+        spec = importlib.util.find_spec(top)
+        if spec is None or spec.origin is None:
+            return self.logger
+        return str(Path(spec.origin).parent.joinpath(*inner).with_suffix(".py"))
 
 
 FILE_OF = "the file of "  # a logger made by logging.getLogger(__file__)
