@@ -46,3 +46,19 @@ def test_zero3_parameters_carry_their_full_size():
 
     source = inspect.getsource(Init)
     assert "ds_numel" in source and "ds_tensor" in source, "ZeRO-3 parameters no longer carry ds_numel/ds_tensor"
+
+
+def test_ray_train_reads_the_switches_the_job_sets():
+    """``training.cluster.WORKER_ENV`` sets Ray Train's environment switches by name (Ray Train reads
+    them from its private constants; no public option sets them)."""
+    from ray.train.v2._internal import constants
+
+    from unlearn_search.training.cluster import WORKER_ENV
+
+    read = {
+        constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+        constants.ENABLE_PRINT_PATCH_ENV_VAR,
+        constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+    }
+    set_by_us = {name for name in WORKER_ENV if name.startswith("RAY_TRAIN_")}
+    assert set_by_us == read, f"Ray Train reads {sorted(read)}; the job sets {sorted(set_by_us)}"

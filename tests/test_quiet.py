@@ -196,42 +196,87 @@ def test_ray_trains_report_line_is_silenced_on_the_logger_that_logs_it():
     assert [r.getMessage() for r in records] == ["Reporting the workers' state"]
 
 
-def test_deepspeeds_shm_op_print_is_dropped_and_every_other_line_passes(capsys, caplog):
+def test_deepspeeds_shm_op_print_is_dropped_and_every_other_line_passes(capsys):
     """DeepSpeed's torch backend prints that its shared-memory all-reduce op loaded (a bare
-    ``print``, in every worker of every trial). Raised from its real source, as a plain print and
-    through Ray Train's print patch (which a worker runs: it logs the print on the root logger and
-    also writes it to a redirected stdout): the line is dropped both ways, ours around it kept,
-    in order, a partial last line included."""
-    import builtins
-    import logging
-
+    ``print``, in every worker of every trial). Raised from its real source: the line is dropped,
+    ours around it kept, in order, a partial last line included."""
     from deepspeed.accelerator import get_accelerator
     from deepspeed.comm.torch import build_shm_op
-    from ray.train.v2._internal.logging.patch_print import patch_print_function  # private: a Ray Train worker's
 
     from unlearn_search.quiet import known_prints_dropped
 
-    original = builtins.print
     silence_known_warnings()
     get_accelerator()  # its one-time choice is logged first
     capsys.readouterr()
-    try:
-        with caplog.at_level(logging.INFO), known_prints_dropped():
-            print("before")
-            assert build_shm_op() is not None, "DeepSpeed's shared-memory op did not load: its print is not raised"
-            patch_print_function()
-            build_shm_op()
-            print("DeepSpeed built successfully, said by someone else")
-            builtins.print = original
-            print("no newline", end="")
-    finally:
-        builtins.print = original
+    with known_prints_dropped():
+        print("before")
+        assert build_shm_op() is not None, "DeepSpeed's shared-memory op did not load: its print is not raised"
+        print("DeepSpeed built successfully, said by someone else")
+        print("no newline", end="")
     assert capsys.readouterr().out == "before\nDeepSpeed built successfully, said by someone else\nno newline"
-    assert [r.getMessage() for r in caplog.records if r.name == "root"] == [
-        "DeepSpeed built successfully, said by someone else"
-    ]
     build_shm_op()  # outside the context it prints: the line the entry names is DeepSpeed's own
     assert capsys.readouterr().out == "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully\n"
+
+
+def test_ray_trains_print_patch_would_show_what_a_library_captures(caplog, capsys):
+    """Why the job turns Ray Train's print patch off (``training.cluster.WORKER_ENV``): datasets
+    fingerprints a new table with dill, which disassembles a function into a captured stdout;
+    under the patch (Ray Train's own, private) each captured line is also logged on the root
+    logger, which a worker's terminal shows. Without it nothing is printed."""
+    import builtins
+    import logging
+
+    import datasets
+    from ray.train.v2._internal.logging.patch_print import patch_print_function
+
+    original = builtins.print
+    try:
+        with caplog.at_level(logging.INFO):
+            datasets.Dataset.from_dict({"prompt": ["a question"], "answer": ["an answer"]})
+            unpatched = [r.getMessage() for r in caplog.records if r.name == "root"]
+            patch_print_function()
+            datasets.Dataset.from_dict({"prompt": ["another question"], "answer": ["an answer"]})
+            patched = [r.getMessage() for r in caplog.records if r.name == "root"]
+    finally:
+        builtins.print = original
+    assert unpatched == [] and capsys.readouterr().out == ""
+    assert any("LOAD_GLOBAL" in m for m in patched), patched
+
+
+def test_a_trial_workers_terminal_shows_its_prints_and_no_third_party_lines(capfd, tmp_path):
+    """A real Ray Train run on the job's cluster (``init_ray``): a worker that builds a datasets
+    table and prints a line of its own. The driver's terminal shows that line, none of dill's
+    bytecode, and no preemption watcher was started (Ray's core logs a line as one starts)."""
+    import time
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from unlearn_search.training.cluster import init_ray
+
+    def train() -> None:
+        import datasets
+
+        datasets.Dataset.from_dict({"prompt": ["a question"], "answer": ["an answer"]})
+        print("the worker's own line")
+
+    init_ray(num_cpus=1)
+    shown = ""
+    try:
+        capfd.readouterr()
+        run = RunConfig(name="quiet", storage_path=str(tmp_path))
+        TorchTrainer(train, scaling_config=ScalingConfig(num_workers=1), run_config=run).fit()
+        deadline = time.monotonic() + 30  # Ray forwards a worker's output to the driver as it polls
+        while "the worker's own line" not in shown and time.monotonic() < deadline:
+            time.sleep(0.5)
+            shown += "".join(capfd.readouterr())
+        time.sleep(1)
+        shown += "".join(capfd.readouterr())
+    finally:
+        ray.shutdown()
+    assert "the worker's own line" in shown, shown[-3000:]
+    assert "LOAD_GLOBAL" not in shown and "PreemptionWatcher" not in shown, shown[-3000:]
 
 
 def test_ray_trains_cleaner_line_is_silenced_in_every_process_of_the_job():
@@ -278,3 +323,48 @@ def test_ray_trains_cleaner_line_is_silenced_in_every_process_of_the_job():
         assert known.message in ray.get(ray.remote(filtered).remote(known.logger))  # a Ray process set it as it started
     finally:
         ray.shutdown()
+
+
+def test_deepspeeds_cpu_accelerator_line_is_silenced_at_its_source(monkeypatch):
+    """DeepSpeed picks its accelerator once per process (a private module global, reset here: this
+    fails when it moves) and, finding no GPU and no DS_ACCELERATOR, warns that it could not detect
+    one. Raised from that real source: dropped with the filters set, shown without them; another
+    line of DeepSpeed's logger still shows."""
+    import logging
+
+    from deepspeed.accelerator import get_accelerator, real_accelerator
+
+    from unlearn_search.quiet import _DropKnownLine
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    logger = logging.getLogger("DeepSpeed")
+    assert real_accelerator.accel_logger is logger
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    filters = [f for f in logger.filters if isinstance(f, _DropKnownLine)]
+    try:
+        for f in filters:
+            logger.removeFilter(f)
+        monkeypatch.setattr(real_accelerator, "ds_accelerator", None)
+        assert get_accelerator()._name == "cpu"
+        raised = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        assert raised == [
+            "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+        ]
+
+        records.clear()
+        silence_known_warnings()
+        monkeypatch.setattr(real_accelerator, "ds_accelerator", None)
+        get_accelerator()
+        logger.warning("Setting accelerator to CPU for another reason")
+        assert [r.getMessage() for r in records if r.levelno == logging.WARNING] == [
+            "Setting accelerator to CPU for another reason"
+        ]
+    finally:
+        logger.removeHandler(handler)
+        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
+            logger.removeFilter(f)
+        for f in filters:
+            logger.addFilter(f)

@@ -4,9 +4,9 @@ name; every other warning, log line and print, ours included, still shows.
 Each entry names where the warning comes from and why it is safe to hide. The filters are set in
 the driver (``cli.main``) and in every Ray worker and task (``training.trial._worker_environment``),
 since each is its own process. A known print is dropped from stdout around the call that prints
-it (``known_prints_dropped``), and from the root logger, where Ray Train's print patch also sends
-a worker's prints. ``tests/test_quiet.py`` raises each from its real source, so an
-entry whose text changes upstream fails there.
+it (``known_prints_dropped``; the job turns Ray Train's print patch off, so a worker's prints stay
+prints: ``training.cluster.WORKER_ENV``). ``tests/test_quiet.py`` raises each from its real
+source, so an entry whose text changes upstream fails there.
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class KnownLogLine:
 
 
 FILE_OF = "the file of "  # a logger made by logging.getLogger(__file__)
-ROOT_LOGGER = ""
 
 
 KNOWN_LOG_LINES = (
@@ -102,6 +101,15 @@ KNOWN_LOG_LINES = (
         "ray.train.v2._internal.execution.controller.placement_group_cleaner",
         r"Failed to query Ray Train Controller actor state\. State API may be temporarily "
         r"unavailable\. Continuing to monitor\.",
+    ),
+    KnownLogLine(
+        "DeepSpeed, on its import (transformers imports it to save a model), in a process that has no "
+        "GPU and no DS_ACCELERATOR: the driver building a target or a Ray task exporting one",
+        "those processes run no DeepSpeed engine, so its choice there does not matter (on a CPU head "
+        "node the GPU it says it could not find is not the workers'); a trial worker's accelerator is "
+        "decided from its own devices before DeepSpeed is imported (accelerator_environment)",
+        "DeepSpeed",
+        r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it\.",
     ),
 )
 
@@ -173,13 +181,11 @@ class _DropKnownLine(logging.Filter):
 
 
 def silence_known_warnings() -> None:
-    """Ignore each of ``KNOWN_WARNINGS`` and ``KNOWN_LOG_LINES``, and ``KNOWN_PRINTS`` logged
-    through the root logger, in this process (idempotent: filters are not duplicated)."""
+    """Ignore each of ``KNOWN_WARNINGS`` and ``KNOWN_LOG_LINES`` in this process (idempotent:
+    filters are not duplicated)."""
     for known in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=known.message, category=known.category)
-    dropped = [(line.logger_name(), line.message) for line in KNOWN_LOG_LINES]
-    dropped += [(ROOT_LOGGER, known.message) for known in KNOWN_PRINTS]  # Ray Train's print patch logs there
-    for name, message in dropped:
+    for name, message in [(line.logger_name(), line.message) for line in KNOWN_LOG_LINES]:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownLine) and f.pattern.pattern == message for f in logger.filters):
             logger.addFilter(_DropKnownLine(message))

@@ -9,6 +9,16 @@ WORKER_ENV = {
     # the training end only on its health check (every 2 s by default): each check is one
     # cheap call per worker, and a shorter interval takes seconds off every trial's start and end.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Ray Train's print patch sends each print of a worker to the root logger, also from inside a
+    # library's capture of stdout: datasets fingerprints a table with dill, which disassembles a
+    # function into a captured stdout to read its globals, and the bytecode reached the terminal.
+    # Off, a worker's prints go to its stdout as in any Ray process, and Ray forwards them.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # The preemption watcher is one more actor per trial that watches for node drains and logs
+    # them for `ray.train.get_preemption_info`, which trials do not read (a worker lost with its
+    # node restarts from the last checkpoint, as any lost worker does: `max_failures`); Ray's core
+    # logs an error line as it starts.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 # Every process of the job, Ray's own actors too (Ray Train's controller and placement-group
 # cleaner), silences the known third-party lines as it starts.
