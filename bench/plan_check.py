@@ -53,7 +53,9 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="nccl")
     config = model_config(args.model_size)
     counts = count_parameters(config, f"OLMo {args.model_size}", args.trainable, lora_rank=args.lora_rank)
-    planned = {s.stage: s for s in plan_trial(counts, 1, 80, args.trainable, args.teacher, 1, args.seq_len).stages}
+    # Steps only: the plan without the whole student that evaluation gathers (this bench runs none).
+    stages = plan_trial(counts, 1, 80, args.trainable, args.teacher, 1, args.seq_len, eval_gather=False).stages
+    planned = {s.stage: s for s in stages}
 
     # Built on the GPU, as a trial's loaded checkpoint would be handed to DeepSpeed; on one GPU
     # ZeRO-3 keeps every shard there.

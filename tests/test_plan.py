@@ -47,15 +47,35 @@ def test_full_fine_tuning_on_8_gpus_by_hand(counts_7b):
     assert rows["ZeRO-3 + CPU offload"].cpu_per_node_gib * GIB == pytest.approx(18 * P7B * 1.5, rel=1e-9)
     activations = 2 * (34 * 512 * 4096 * 32 + 10 * 512 * 50304)
     teacher = 2 * P7B / 8 + 4 * EMBED + 4 * 512 * 50304
+    # Under ZeRO-3 (no offload) every GPU gathers the whole bf16 student to evaluate it, after the
+    # step's activations are freed: the larger of the two counts.
+    evaluation = {"ZeRO-3": 2 * P7B}
     for row in plan.stages:
         assert row.activations_gib * GIB == pytest.approx(activations)
+        assert row.evaluation_gib * GIB == pytest.approx(evaluation.get(row.stage, 0))
         assert row.teacher_gib * GIB == pytest.approx(teacher)
-        assert row.total_gib == pytest.approx(
-            row.student_states_gib + row.frozen_gib + activations / GIB + teacher / GIB
+        assert row.total_gib * GIB == pytest.approx(
+            (row.student_states_gib + row.frozen_gib) * GIB + max(activations, evaluation.get(row.stage, 0)) + teacher
         )
         assert row.fits == (row.total_gib <= 0.9 * 80)
     assert [s.fits for s in plan.stages] == [False, True, True, True]  # 135.5 GiB unpartitioned
     assert plan.recommended.stage == "ZeRO-2" and plan.trials_at_once == 8
+    shards_only = P.plan_trial(counts_7b["full"], 8, 80, "full", "live", eval_gather=False)
+    zero3 = {s.stage: s for s in shards_only.stages}["ZeRO-3"]
+    assert zero3.evaluation_gib == 0 and zero3.total_gib * GIB == pytest.approx(
+        rows["ZeRO-3"].total_gib * GIB - 2 * P7B + activations
+    )
+
+
+def test_evaluation_copy_decides_whether_zero3_fits(counts_7b):
+    """A LoRA 7B trial on 8 GPUs of 16 GiB: its training fits under ZeRO-3 (shards, 4.7 GiB of
+    activations), its evaluation's whole bf16 student (12.8 GiB) beside the shards does not, unless
+    the trial evaluates on its shards (`eval_gather: false`)."""
+    gathered = P.plan_trial(counts_7b["lora"], 8, 16, "lora", "cached")
+    on_shards = P.plan_trial(counts_7b["lora"], 8, 16, "lora", "cached", eval_gather=False)
+    zero3 = {s.stage: s for s in gathered.stages}["ZeRO-3"]
+    assert zero3.evaluation_gib * GIB == pytest.approx(2 * (P7B + LORA16))
+    assert not zero3.fits and {s.stage: s for s in on_shards.stages}["ZeRO-3"].fits
 
 
 def test_lora_and_cached_teacher(counts_7b):

@@ -473,6 +473,7 @@ def cmd_plan(args) -> None:
         args.gpus_per_node,
         args.cluster_gpus,
         args.device,
+        eval_gather=args.eval_gather,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -486,6 +487,7 @@ def cmd_plan(args) -> None:
         args.seq_len,
         args.gpus_per_node,
         limit=max(64, args.gpus_per_trial),
+        eval_gather=args.eval_gather,
     )
     print(report(plan, smallest))
 
@@ -729,6 +731,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["gpu", "cpu"],
         default="gpu",
         help="cpu: plan CPU workers (--gpus-per-trial workers, --gpu-mem GiB of host memory each, fp32)",
+    )
+    plan.add_argument(
+        "--no-eval-gather",
+        dest="eval_gather",
+        action="store_false",
+        help="plan a trial with `resources.eval_gather: false`: under ZeRO-3 evaluation runs on the "
+        "engine's shards and nothing is gathered (slower generation, no whole copy per GPU)",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--docs", action="store_true", help="print docs/memory_plan.md (the 7B figures)")

@@ -4,7 +4,8 @@ Model states (parameters, gradients, optimizer) come from DeepSpeed's own estima
 parameter counts come from the model itself, built on the ``meta`` device (no memory), and the
 trainable part from the same ``prepare_trainable`` a trial uses. What DeepSpeed does not
 estimate is written out here: frozen weights (LoRA, last-k), the frozen teacher's ZeRO-3
-shards, and activations of one micro-batch.
+shards, activations of one micro-batch, and the whole student that evaluation gathers on every
+GPU under ZeRO-3 (``Resources.eval_gather``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class StagePlan:
     fits: bool
     host_per_worker_gib: float = 0.0  # peak host memory of one worker (rank 0: it reads the checkpoint)
     host_per_node_gib: float = 0.0
+    evaluation_gib: float = 0.0  # the whole student, gathered on every GPU to evaluate it (ZeRO-3)
 
 
 @dataclass(frozen=True)
@@ -176,9 +178,14 @@ def plan_trial(
     gpus_per_node: int | None = None,
     cluster_gpus: int | None = None,
     device: str = "gpu",
+    eval_gather: bool = True,
 ) -> Plan:
     """Memory per GPU of one trial under each ZeRO stage, whether it fits, and host memory per
     worker and per node.
+
+    Under ZeRO-3 without offload, with ``eval_gather`` (the trial's default), every rank gathers
+    the whole student to evaluate it, beside its partitions and the teacher's; the training step's
+    activations are freed by then, so a GPU holds the larger of the two.
 
     ``device="cpu"`` plans CPU workers (``gpus_per_trial`` workers, ``gpu_mem_gib`` of host
     memory each): weights in float32 (the trial's ``dtype: auto`` there), everything in host memory.
@@ -214,10 +221,11 @@ def plan_trial(
     logprobs = 4 * micro_batch * seq_len * counts.vocab
     shards = 0 if trainable == "lora" else weight * counts.parameters / n + gathered
     teacher_bytes = {"live": shards + logprobs, "cached": 0, "none": 0}[teacher]
+    whole_student = weight * (counts.parameters + (counts.trainable if trainable == "lora" else 0))
 
     rows = []
     for stage in STAGES:
-        cpu_node = 0.0
+        cpu_node, evaluation = 0.0, 0.0
         if stage == "ZeRO-0":  # nothing partitioned: DeepSpeed's stage-2 estimate on one GPU
             _, states = estimate_zero2_model_states_mem_needs(counts.trainable, 1, 1, cpu_offload=False)
             frozen_bytes = weight * frozen
@@ -229,6 +237,7 @@ def plan_trial(
                 counts.trainable, counts.largest_layer, per_node, nodes, cpu_offload=False, zero_init=True
             )
             frozen_bytes = weight * frozen / n
+            evaluation = whole_student if eval_gather else 0.0
         else:
             cpu_node, states, _ = estimate_zero3_model_states_mem_needs(
                 counts.trainable,
@@ -241,7 +250,7 @@ def plan_trial(
             )
             frozen_bytes = 0.0
             cpu_node += weight * frozen / nodes
-        total = states + frozen_bytes + activations + teacher_bytes
+        total = states + frozen_bytes + teacher_bytes + max(activations, evaluation)
         on_device = total if device == "cpu" else 0.0
         host_worker = WORKER_BASE_GIB[device] * GIB + on_device + FP32 * counts.largest_layer + cpu_node / per_node
         host_node = per_node * (WORKER_BASE_GIB[device] * GIB + on_device) + FP32 * counts.largest_layer + cpu_node
@@ -257,6 +266,7 @@ def plan_trial(
                 total <= USABLE_FRACTION * gpu_mem_gib * GIB,
                 host_worker / GIB,
                 host_node / GIB,
+                evaluation / GIB,
             )
         )
     return Plan(
@@ -295,6 +305,7 @@ def _cells(s: StagePlan) -> list[str]:
                 s.student_states_gib,
                 s.frozen_gib,
                 s.activations_gib,
+                s.evaluation_gib,
                 s.teacher_gib,
                 s.total_gib,
                 s.cpu_per_node_gib,
@@ -308,16 +319,16 @@ def _cells(s: StagePlan) -> list[str]:
 
 def markdown_table(plan: Plan) -> str:
     lines = [
-        "| stage | student states | frozen weights | activations | teacher | total per GPU | offloaded per node "
-        "| host per worker | host per node | fits |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| stage | student states | frozen weights | activations | evaluation | teacher | total per GPU "
+        "| offloaded per node | host per worker | host per node | fits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     return "\n".join(lines + ["| " + " | ".join(_cells(s)) + " |" for s in plan.stages])
 
 
 def text_table(plan: Plan) -> str:
-    widths = (22, 9, 9, 9, 9, 9, 10, 10, 10)
-    header = ["stage", "states", "frozen", "activ.", "teacher", "total", "offload/n", "host/wkr", "host/node"]
+    widths = (22, 9, 9, 9, 9, 9, 9, 10, 10, 10)
+    header = ["stage", "states", "frozen", "activ.", "eval", "teacher", "total", "offload/n", "host/wkr", "host/node"]
 
     def line(cells: list[str]) -> str:
         return (
@@ -349,11 +360,14 @@ def smallest_fit(
     seq_len: int,
     gpus_per_node: int | None = None,
     limit: int = 64,
+    eval_gather: bool = True,
 ) -> Plan | None:
     """The plan with the fewest GPUs per trial (1, 2, 4, ...) that fits: the most trials at once."""
     n = 1
     while n <= limit:
-        plan = plan_trial(counts, n, gpu_mem_gib, trainable, teacher, micro_batch, seq_len, gpus_per_node)
+        plan = plan_trial(
+            counts, n, gpu_mem_gib, trainable, teacher, micro_batch, seq_len, gpus_per_node, eval_gather=eval_gather
+        )
         if plan.recommended:
             return plan
         n *= 2
@@ -397,6 +411,10 @@ def memory_plan_page(
         "  by ZeRO-3, offloaded with it;",
         "- **activations**: 34·s·b·h bytes per trained layer (fused attention, no recomputation) plus 10",
         "  bytes per logit, for the forget and the retain batch together;",
+        "- **evaluation**: under ZeRO-3 without offload, the whole student in bf16, which every GPU gathers",
+        "  to evaluate it at each boundary and at the end (`resources.eval_gather`, on by default: one",
+        "  all-gather instead of one per layer at every generated token). The step's activations are freed",
+        "  by then, so the total counts the larger of the two;",
         "- **teacher**: the frozen original as a ZeRO-3 inference engine (bf16 shards, one gathered layer,",
         "  fp32 log-probs of a batch); for a LoRA student the student's own base with its adapters off",
         "  (the log-probs alone); 0 with the teacher-output cache (`teacher: cached`);",
@@ -439,7 +457,8 @@ def memory_plan_page(
         "",
         "`python bench/plan_check.py --model-size SIZE --trainable T --teacher live|none` builds the model,",
         "wraps it as a trial does (ZeRO-3, bf16) and runs gradient-difference steps on one GPU; peak memory",
-        "PyTorch allocated, against this plan's ZeRO-3 total on one GPU (NVIDIA H200, 2026-11-26):",
+        "PyTorch allocated, against this plan's ZeRO-3 total on one GPU for the steps alone (no evaluation",
+        "column: the bench evaluates nothing) (NVIDIA H200, 2026-11-26):",
         "",
         "| model | trainable | teacher | planned GiB | measured GiB | measured / planned |",
         "|---|---|---|---:|---:|---:|",
@@ -456,7 +475,8 @@ def memory_plan_page(
         "## Not estimated",
         "",
         "Activation recomputation (it would cut the activations column), ZeRO-3 prefetch and bucket sizes",
-        "beyond the 10 % headroom, and the teacher-output cache's host and disk size (top-128 log-probs: about",
-        "1 KiB per token).",
+        "beyond the 10 % headroom, the teacher-output cache's host and disk size (top-128 log-probs: about",
+        "1 KiB per token), and the key/value cache that generation holds while evaluating (it grows with",
+        "`evaluation.batch_size` and the prompt and new tokens: about 0.5 MiB per token at 7B in bf16).",
     ]
     return "\n".join(parts) + "\n"
