@@ -65,8 +65,9 @@ class Resources:
     )
     eval_gather: bool = setting(
         True,
-        "quick evaluation under ZeRO-3 (no offload): each rank gathers the whole student once, not each layer at "
-        "every generated token (one full copy per rank while it runs: 14 GiB for a 7B model in bfloat16)",
+        "evaluation under ZeRO-3 (no offload), at each boundary and at the end: each rank gathers the whole "
+        "student once, not each layer at every generated token (one full copy per rank while it runs: 12.8 GiB "
+        "for a 7B model in bfloat16, which `unlearn-search plan` counts)",
     )
     placement: str = setting(
         "pack", "a trial's workers on as few nodes as fit, or across nodes", choices=tuple(PLACEMENTS)
