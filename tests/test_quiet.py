@@ -368,3 +368,40 @@ def test_deepspeeds_cpu_accelerator_line_is_silenced_at_its_source(monkeypatch):
             logger.removeFilter(f)
         for f in filters:
             logger.addFilter(f)
+
+
+def test_rouge_scores_tokenizer_line_is_silenced_at_its_source():
+    """rouge_score logs on absl's logger, at INFO, that a new scorer uses its default tokenizer
+    (a Ray Train worker shows INFO). Raised by building a real scorer: shown without the filters,
+    dropped with them; another absl line still shows."""
+    import logging
+
+    from rouge_score import rouge_scorer
+
+    from unlearn_search.quiet import _DropKnownLine
+
+    logger = logging.getLogger("absl")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    filters = [f for f in logger.filters if isinstance(f, _DropKnownLine)]
+    try:
+        for f in filters:
+            logger.removeFilter(f)
+        rouge_scorer.RougeScorer(["rougeL"])
+        assert [r.getMessage() for r in records] == ["Using default tokenizer."]
+        records.clear()
+        silence_known_warnings()
+        rouge_scorer.RougeScorer(["rougeL"])
+        logger.info("Using another tokenizer.")
+        assert [r.getMessage() for r in records] == ["Using another tokenizer."]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
+            logger.removeFilter(f)
+        for f in filters:
+            logger.addFilter(f)

@@ -111,6 +111,13 @@ KNOWN_LOG_LINES = (
         "DeepSpeed",
         r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it\.",
     ),
+    KnownLogLine(
+        "rouge_score, as each process builds its ROUGE scorer (once per trial worker), on absl's logger, "
+        "which a Ray Train worker's INFO level shows",
+        "its default tokenizer is the one the task's official scorer uses too; nothing to act on",
+        "absl",
+        r"Using default tokenizer\.",
+    ),
 )
 
 
