@@ -81,6 +81,9 @@ def dtype_table(results: dict[str, dict], dtypes: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the known third-party lines, as the command line does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--data")

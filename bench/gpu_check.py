@@ -88,6 +88,9 @@ def kill_after_first_checkpoint(log: Path, stop: threading.Event, killed: list) 
 
 
 def main() -> int:
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the known third-party lines, as the command line does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=".gpu/data")
     parser.add_argument("--tokenizer", default=".gpu/tokenizer")

@@ -84,6 +84,9 @@ def bench_data(paths, root: Path, items: int, subject: str) -> dict:
 
 
 def main() -> None:
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the known third-party lines, as the command line does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="1B", choices=sorted(PRESETS))
     parser.add_argument("--workers", type=int, default=2)

@@ -146,6 +146,9 @@ def check_order(calls: list[dict]) -> list[str]:
 
 
 def main() -> None:
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the known third-party lines, as the command line does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", default=str(REPO / "tests" / "spaces" / "tiny_gd.yaml"))
     parser.add_argument("--model", default="tiny", help="a reference target preset or a checkpoint path")

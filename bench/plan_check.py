@@ -21,6 +21,9 @@ import torch
 
 
 def main() -> None:
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the known third-party lines, as the command line does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", default="1B")
     parser.add_argument("--trainable", default="full", choices=["full", "lora"])

@@ -25,6 +25,9 @@ from unlearn_search.models import load_model, load_tokenizer, read_target_manife
 
 
 def main() -> None:
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the known third-party lines, as the command line does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small")
     parser.add_argument("--data")

@@ -24,6 +24,9 @@ from pathlib import Path
 
 
 def main() -> None:
+    from unlearn_search.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the known third-party lines, as the command line does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", default="search_spaces/sugd.yaml")
     parser.add_argument("--start", type=int, default=1, help="which of the space's start points (1 = the first)")
