@@ -1,7 +1,7 @@
 """The same KL trial with a live ZeRO-3 teacher and with the teacher-output cache, in one run.
 
     python bench/teacher_cache.py --model tiny [--method ga_kl] [--epochs 3] [--workers 2] [--repeats 1]
-        [--set trainable=last_k ...] [--layers N] [--eval-items 64] [--eval-max-new-tokens 64]
+        [--set trainable=last_k ...] [--layers N] [--eval-items 64] [--eval-max-new-tokens 64] [--bound-only]
 
 Both are real Ray Train trials (DeepSpeed ZeRO-3 student; the live one also hosts a frozen
 ZeRO-3 teacher). Prints the mean step time; the peak resident memory of a worker (rank 0) and
@@ -75,6 +75,7 @@ def main() -> None:
         "--layers", type=int, help="run on the model's architecture with this many layers and random weights"
     )
     parser.add_argument("--bound-steps", type=int, default=4, help="steps whose FLOPs give the compute bound")
+    parser.add_argument("--bound-only", action="store_true", help="print the compute bound alone: no trials run")
     parser.add_argument(
         "--eval-items",
         type=int,
@@ -94,6 +95,9 @@ def main() -> None:
             model_dir = with_layers(model_dir, args.layers, scratch / f"layers{args.layers}")
         settings = {"method": args.method, "lr": args.lr, "epochs": args.epochs, **extra}
         flops = step_flops(model_dir, paths, trial_config(settings), args.bound_steps)
+        if args.bound_only:
+            print_bound(args, trial_config(settings).trainable, flops)
+            return
         init_ray(None)
         resources = Resources(
             workers=args.workers, eval_items=args.eval_items, eval_max_new_tokens=args.eval_max_new_tokens
@@ -155,17 +159,25 @@ def main() -> None:
         for teacher in ("live", "cached"):
             each = ", ".join(f"{run['step_seconds']:.3f}" for run in runs[teacher])
             print(f"{teacher} mean step time of each trial (s): {each}  (figures above: medians of {args.repeats})")
-    bound = flops["live"] / flops["cached"]
-    print(
-        f"matmul GFLOPs of the first {args.bound_steps} steps: live {flops['live'] / 1e9:.2f}, "
-        f"cached {flops['cached'] / 1e9:.2f}: compute bound on the speed-up {bound:.2f}x"
-    )
+    bound = print_bound(args, trial_config(settings).trainable, flops)
     ratio = live["step_seconds"] / cached["step_seconds"]
     print(
         f"step speed-up: {ratio:.2f}x "
         f"({live['steady_step_seconds'] / cached['steady_step_seconds']:.2f}x after the first boundary; "
         f"{ratio / bound:.0%} of the compute bound; target >= 1.7x)"
     )
+
+
+def print_bound(args, trainable: str, flops: dict[str, int]) -> float:
+    """The speed-up's compute bound: matrix-multiply FLOPs of whole steps with a live teacher over
+    those with stored teacher outputs."""
+    bound = flops["live"] / flops["cached"]
+    depth = f"{args.layers} layers" if args.layers else args.model
+    print(
+        f"{args.method}, {trainable}, {depth}: matmul GFLOPs of the first {args.bound_steps} steps: live "
+        f"{flops['live'] / 1e9:.2f}, cached {flops['cached'] / 1e9:.2f}: compute bound on the speed-up {bound:.2f}x"
+    )
+    return bound
 
 
 def with_layers(model_dir: Path, layers: int, directory: Path) -> Path:
