@@ -1,12 +1,42 @@
 """The known third-party warnings are silenced at their real sources, and nothing else is."""
 
+import contextlib
+import logging
 import re
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from unlearn_search.quiet import KNOWN_WARNINGS, silence_known_warnings
+
+
+@contextlib.contextmanager
+def _unfiltered_records(logger: logging.Logger) -> Iterator[list[logging.LogRecord]]:
+    """The records ``logger`` passes at INFO and above, with our filters taken off it for the
+    while (``silence_known_warnings`` inside puts them back on); level, handlers and filters are
+    as before on leaving."""
+    from unlearn_search.quiet import _DropKnownLine
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    ours = [f for f in logger.filters if isinstance(f, _DropKnownLine)]
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    for f in ours:
+        logger.removeFilter(f)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
+            logger.removeFilter(f)
+        for f in ours:
+            logger.addFilter(f)
 
 
 def _raised(call) -> list[str]:
@@ -330,23 +360,12 @@ def test_deepspeeds_cpu_accelerator_line_is_silenced_at_its_source(monkeypatch):
     fails when it moves) and, finding no GPU and no DS_ACCELERATOR, warns that it could not detect
     one. Raised from that real source: dropped with the filters set, shown without them; another
     line of DeepSpeed's logger still shows."""
-    import logging
-
     from deepspeed.accelerator import get_accelerator, real_accelerator
-
-    from unlearn_search.quiet import _DropKnownLine
 
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     logger = logging.getLogger("DeepSpeed")
     assert real_accelerator.accel_logger is logger
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    filters = [f for f in logger.filters if isinstance(f, _DropKnownLine)]
-    try:
-        for f in filters:
-            logger.removeFilter(f)
+    with _unfiltered_records(logger) as records:
         monkeypatch.setattr(real_accelerator, "ds_accelerator", None)
         assert get_accelerator()._name == "cpu"
         raised = [r.getMessage() for r in records if r.levelno == logging.WARNING]
@@ -362,46 +381,19 @@ def test_deepspeeds_cpu_accelerator_line_is_silenced_at_its_source(monkeypatch):
         assert [r.getMessage() for r in records if r.levelno == logging.WARNING] == [
             "Setting accelerator to CPU for another reason"
         ]
-    finally:
-        logger.removeHandler(handler)
-        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
-            logger.removeFilter(f)
-        for f in filters:
-            logger.addFilter(f)
 
 
 def test_rouge_scores_tokenizer_line_is_silenced_at_its_source():
     """rouge_score logs on absl's logger, at INFO, that a new scorer uses its default tokenizer
     (a Ray Train worker shows INFO). Raised by building a real scorer: shown without the filters,
     dropped with them; another absl line still shows."""
-    import logging
-
     from rouge_score import rouge_scorer
 
-    from unlearn_search.quiet import _DropKnownLine
-
-    logger = logging.getLogger("absl")
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    filters = [f for f in logger.filters if isinstance(f, _DropKnownLine)]
-    try:
-        for f in filters:
-            logger.removeFilter(f)
+    with _unfiltered_records(logging.getLogger("absl")) as records:
         rouge_scorer.RougeScorer(["rougeL"])
         assert [r.getMessage() for r in records] == ["Using default tokenizer."]
         records.clear()
         silence_known_warnings()
         rouge_scorer.RougeScorer(["rougeL"])
-        logger.info("Using another tokenizer.")
+        logging.getLogger("absl").info("Using another tokenizer.")
         assert [r.getMessage() for r in records] == ["Using another tokenizer."]
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        for f in [f for f in logger.filters if isinstance(f, _DropKnownLine)]:
-            logger.removeFilter(f)
-        for f in filters:
-            logger.addFilter(f)
